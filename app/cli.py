@@ -1,0 +1,159 @@
+"""The command line: flags over config.json, checks that fail fast, and the launch of 1..N processes.
+
+Everything a user can get wrong is checked here, before any process starts or any file is written, and
+reported as one line naming the file, key, flag or path (exit 2 for config and flags, 1 otherwise).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any, NoReturn, Optional, Sequence
+
+import ignite.distributed as idist
+import torch
+
+from app.config import Config, load_config, override
+from app.data import ensure_dataset
+from app.errors import ConfigError, UserError
+from app.runs import LATEST, RunPlan, check_training_checkpoint, new_run, resume_run, saved_config, unsafe_changes
+from handlers.loss_buffer import LossNotFinite
+
+EXIT_DIVERGED = 3
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"{self.prog}: {message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m app", description="Train a CIFAR ResNet18 on CIFAR-100 (PyTorch-Ignite).")
+    p.add_argument("--config", default="config.json", help="JSON config with every setting (default: config.json)")
+    p.add_argument("--lr", type=float, help="peak learning rate of the one-cycle schedule (optimizer.lr)")
+    p.add_argument("--batch-size", type=int, help="global batch of one optimizer step, split over processes "
+                                                   "(train.batch_size)")
+    p.add_argument("--epochs", type=int, help="number of epochs (train.epochs)")
+    p.add_argument("--resume", nargs="?", const=LATEST, metavar="PATH",
+                   help="continue a run: alone, the latest run under the output folder; or a run folder or a "
+                        "training checkpoint file")
+    p.add_argument("--data-root", help="folder that holds cifar-100-python/ (data.root)")
+    p.add_argument("--output-dir", help="folder that holds run folders (logging.output_dir, default runs/)")
+    p.add_argument("--run-name", help="name of the new run folder (default: a timestamp)")
+    p.add_argument("--nproc-per-node", type=int, help="spawn this many processes on this machine "
+                                                       "(distributed.nproc_per_node)")
+    p.add_argument("--backend", choices=["nccl", "gloo"], help="torch.distributed backend (distributed.backend; "
+                                                              "default nccl on GPUs, gloo on CPUs)")
+    p.add_argument("--seed", type=int, help="random seed (seed)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to train (train.device)")
+    return p
+
+
+_FLAG_KEYS = {"lr": "optimizer.lr", "batch_size": "train.batch_size", "epochs": "train.epochs",
+              "data_root": "data.root", "output_dir": "logging.output_dir", "run_name": "logging.run_name",
+              "nproc_per_node": "distributed.nproc_per_node", "backend": "distributed.backend",
+              "seed": "seed", "device": "train.device"}
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    cfg = load_config(args.config)
+    updates = {key: getattr(args, flag) for flag, key in _FLAG_KEYS.items() if getattr(args, flag) is not None}
+    if not updates:
+        return cfg
+    try:
+        return override(cfg, updates, "command line")
+    except ConfigError as e:
+        flags = {v: "--" + k.replace("_", "-") for k, v in _FLAG_KEYS.items()}
+        message = str(e)
+        for key, flag in flags.items():
+            message = message.replace(f"command line: {key} ", f"{flag}: ")
+        raise ConfigError(message) from None
+
+
+def _torchrun_world_size() -> Optional[int]:
+    return int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ and "RANK" in os.environ else None
+
+
+def launch_settings(cfg: Config) -> tuple[Optional[str], Optional[int], int]:
+    """(backend, nproc_per_node to spawn, world size), checked against the machine."""
+    torchrun = _torchrun_world_size()
+    nproc = cfg.distributed.nproc_per_node
+    if torchrun is not None and nproc > 1:
+        raise ConfigError("--nproc-per-node: not with torchrun, which starts the processes itself "
+                          "(use torchrun's --nproc_per_node)")
+    world = torchrun if torchrun is not None else nproc
+    wants_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA GPU is available here (use --device cpu)")
+    backend = cfg.distributed.backend or ("nccl" if wants_cuda else "gloo")
+    if backend == "nccl" and not wants_cuda:
+        raise ConfigError("--backend nccl: needs CUDA GPUs; use --backend gloo on CPUs")
+    if wants_cuda and torchrun is None and nproc > torch.cuda.device_count():
+        raise ConfigError(f"--nproc-per-node {nproc}: only {torch.cuda.device_count()} GPUs here")
+    if cfg.train.batch_size % world:
+        raise ConfigError(f"train.batch_size {cfg.train.batch_size} does not divide evenly over {world} processes")
+    if world == 1 and torchrun is None:
+        return None, None, 1
+    return backend, (nproc if torchrun is None else None), world
+
+
+def plan_run(cfg: Config, resume: Optional[str]) -> tuple[RunPlan, bool]:
+    """The run folder and checkpoint to use, and whether the run is already finished."""
+    if resume is None:
+        return new_run(cfg), False
+    plan = resume_run(cfg, resume, warn=lambda m: print(f"warning: {m}", file=sys.stderr))
+    changes = unsafe_changes(saved_config(plan.run_dir), cfg)
+    if changes:
+        raise ConfigError(f"{plan.run_dir}/config.json: cannot resume with settings that change the run: "
+                          + "; ".join(changes))
+    trainer = check_training_checkpoint(plan.checkpoint)["trainer"]
+    finished = int(trainer["iteration"]) >= int(trainer["epoch_length"]) * cfg.train.epochs
+    return plan, finished
+
+
+def _run_process(local_rank: int, cfg: Config, plan: RunPlan) -> None:
+    """Entry point of each process: a user error or divergence becomes one line and an exit code."""
+    from app.training import training  # imported here: keeps `--help` and config errors fast
+
+    try:
+        training(local_rank, cfg, plan)
+    except UserError as e:
+        if idist.get_rank() == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
+    except LossNotFinite as e:
+        if idist.get_rank() == 0:
+            print(f"error: {e}; training stopped, checkpoints saved before it are untouched",
+                  file=sys.stderr, flush=True)
+        sys.exit(EXIT_DIVERGED)
+
+
+def train(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = resolve_config(args)
+    backend, spawn, _ = launch_settings(cfg)
+    plan, finished = plan_run(cfg, args.resume)
+    if finished:
+        print(f"{plan.run_dir} is finished ({cfg.train.epochs} epochs); nothing to do")
+        return 0
+    ensure_dataset(cfg.data.root, cfg.data.download)
+    logging.getLogger("ignite.engine").setLevel(logging.CRITICAL)  # we report failures ourselves
+    parallel = idist.Parallel(backend=backend, nproc_per_node=spawn)
+    parallel.logger.setLevel(logging.WARNING)
+    with parallel:
+        parallel.run(_run_process, cfg, plan)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        return train(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except torch.multiprocessing.ProcessExitedException as e:
+        return e.exit_code or 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

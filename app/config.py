@@ -1,0 +1,235 @@
+"""The run's settings: one typed, validated object loaded once from JSON and the command line.
+
+Every setting of the recipe lives in `config.json`; the loader refuses unknown keys, wrong types and
+out-of-range values with a message that names the file and the key, so that a typo can never silently
+fall back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from app.errors import ConfigError
+
+
+def _positive(v: Any) -> Optional[str]:
+    return None if v > 0 else "must be > 0"
+
+
+def _non_negative(v: Any) -> Optional[str]:
+    return None if v >= 0 else "must be >= 0"
+
+
+def _unit_open(v: Any) -> Optional[str]:
+    return None if 0 < v < 1 else "must be between 0 and 1 (exclusive)"
+
+
+def _unit_closed(v: Any) -> Optional[str]:
+    return None if 0 <= v <= 1 else "must be between 0 and 1"
+
+
+def _check(fn) -> Any:
+    return {"check": fn}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str = "data"
+    download: bool = True
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: Literal["resnet18"] = "resnet18"
+    num_classes: int = field(default=100, metadata=_check(_positive))
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    name: Literal["sgd"] = "sgd"
+    lr: float = field(default=0.1, metadata=_check(_positive))
+    momentum: float = field(default=0.9, metadata=_check(_unit_closed))
+    weight_decay: float = field(default=5e-4, metadata=_check(_non_negative))
+    nesterov: bool = False
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    name: Literal["onecycle"] = "onecycle"
+    pct_start: float = field(default=0.3, metadata=_check(_unit_open))
+    anneal_strategy: Literal["cos", "linear"] = "cos"
+    div_factor: float = field(default=25.0, metadata=_check(_positive))
+    final_div_factor: float = field(default=1e4, metadata=_check(_positive))
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    crop_padding: int = field(default=4, metadata=_check(_non_negative))
+    hflip: bool = True
+    rotation: float = field(default=15.0, metadata=_check(_non_negative))
+    brightness: float = field(default=0.2, metadata=_check(_unit_closed))
+    contrast: float = field(default=0.2, metadata=_check(_unit_closed))
+    saturation: float = field(default=0.2, metadata=_check(_unit_closed))
+    mean: tuple[float, float, float] = (0.5071, 0.4865, 0.4409)
+    std: tuple[float, float, float] = (0.2673, 0.2564, 0.2762)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = field(default=100, metadata=_check(_positive))
+    batch_size: int = field(default=128, metadata=_check(_positive))
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    channels_last: bool = True
+    compile: bool = False
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    batch_size: int = field(default=500, metadata=_check(_positive))
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    keep_last: int = field(default=2, metadata=_check(_positive))
+    every_iters: int = field(default=0, metadata=_check(_non_negative))
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    output_dir: str = "runs"
+    run_name: Optional[str] = None
+    log_every_iters: int = field(default=20, metadata=_check(_positive))
+    progress_bar: Literal["auto", "on", "off"] = "auto"
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    backend: Optional[Literal["nccl", "gloo"]] = None
+    nproc_per_node: int = field(default=1, metadata=_check(_positive))
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int = field(default=0, metadata=_check(_non_negative))
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    augment: AugmentConfig = AugmentConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
+    distributed: DistributedConfig = DistributedConfig()
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(json.dumps(a) for a in typing.get_args(tp))
+    if origin is typing.Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"a list of {len(typing.get_args(tp))} numbers"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+            type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Return `value` as type `tp`, or raise ConfigError naming `where`."""
+    origin = typing.get_origin(tp)
+    ok = False
+    if origin is Literal:
+        ok = value in typing.get_args(tp) and not isinstance(value, bool)
+    elif origin is typing.Union:
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                continue
+    elif origin is tuple:
+        args = typing.get_args(tp)
+        if isinstance(value, (list, tuple)) and len(value) == len(args):
+            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    elif tp is type(None):
+        ok = value is None
+    elif tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif tp is str:
+        ok = isinstance(value, str)
+    if not ok:
+        raise ConfigError(f"{where} must be {_type_name(tp)}, got {json.dumps(value)}")
+    return value
+
+
+def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {prefix or 'the top level'} must be an object")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"{source}: unknown key '{prefix}{unknown[0]}'")
+    kwargs = {}
+    for name, value in raw.items():
+        key = f"{prefix}{name}"
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, f"{key}.", source)
+            continue
+        try:
+            value = _coerce(value, tp, key)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+        check = fields[name].metadata.get("check")
+        problem = check(value) if check and value is not None else None
+        if problem:
+            raise ConfigError(f"{source}: {key} {problem}, got {json.dumps(value)}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def config_from_dict(raw: Any, source: str = "config") -> Config:
+    """Validate a plain dict (as read from JSON) into a Config; `source` names it in errors."""
+    return _build(Config, raw, "", source)
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file ({e.strerror})") from None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    return config_from_dict(raw, str(path))
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def override(cfg: Config, updates: dict[str, Any], source: str = "command line") -> Config:
+    """Return a copy of `cfg` with dotted keys replaced (e.g. {"train.epochs": 3}), re-validated."""
+    raw = to_dict(cfg)
+    for dotted, value in updates.items():
+        section = raw
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            section = section[p]
+        section[leaf] = value
+    return config_from_dict(raw, source)

@@ -1,0 +1,208 @@
+"""The story of one training run, from the config to results.json.
+
+`training` runs in every process (one, spawned, or started by torchrun). Everything every process must
+do is in `training`; everything only rank 0 does (files, TensorBoard, progress, the summary line) is in
+`attach_rank0_outputs`, the one place that decides it.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import ignite.distributed as idist
+import torch
+from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint, LRScheduler
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from app.augment import BatchAugment, normalize
+from app.config import Config, to_dict
+from app.data import load_cifar100
+from app.engines import Precision, create_evaluator, create_trainer
+from app.loader import ShardedBatches
+from app.model import build_model, count_parameters
+from app.runs import RunPlan, load_checkpoint
+from handlers.checkpoints import attach_training_checkpoint, best_model_checkpoint
+from handlers.epoch_summary import EpochSummary
+from handlers.loss_buffer import LossBuffer
+from handlers.progress import attach_progress_bar
+from handlers.results import RunResults, write_json_atomic
+from handlers.tensorboard import TensorBoardLogging
+
+
+class RunMeta:
+    """What a checkpoint must carry besides weights: the config it was trained with and the class names.
+    Stored as JSON text, so that loading needs nothing but weights_only=True."""
+
+    def __init__(self, cfg: Config, classes: tuple[str, ...]) -> None:
+        self.config, self.classes = to_dict(cfg), list(classes)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"config": json.dumps(self.config), "classes": json.dumps(self.classes)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass  # informational: the running config is authoritative, and checked against the run's
+
+
+@dataclass
+class Run:
+    """The objects of one process's run, as the handlers need them."""
+
+    cfg: Config
+    plan: RunPlan
+    device: torch.device
+    trainer: Engine
+    evaluator: Engine
+    model: nn.Module
+    train_batches: ShardedBatches
+    to_save: dict[str, Any]
+
+
+def resolve_device(name: str, local_rank: int) -> torch.device:
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def _tune_backends(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def build_optimizer(cfg: Config, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    o = cfg.optimizer
+    fused = device.type == "cuda"
+    return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                           nesterov=o.nesterov, fused=fused or None, foreach=None if fused else True)
+
+
+def build_run(cfg: Config, plan: RunPlan, local_rank: int) -> Run:
+    rank, world = idist.get_rank(), idist.get_world_size()
+    device = resolve_device(cfg.train.device, local_rank)
+    _tune_backends(device)
+    torch.manual_seed(cfg.seed)  # the same initial weights in every process
+
+    data = load_cifar100(cfg.data.root, cfg.model.num_classes)
+    train_batches = ShardedBatches(data.train.images.to(device), data.train.labels.to(device),
+                                   batch_size=cfg.train.batch_size, shuffle=True, seed=cfg.seed,
+                                   rank=rank, world_size=world)
+    test_batches = ShardedBatches(data.test.images.to(device), data.test.labels.to(device),
+                                  batch_size=cfg.eval.batch_size * world, shuffle=False,
+                                  rank=rank, world_size=world, drop_uneven=False)
+
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    model = build_model(cfg.model.name, cfg.model.num_classes).to(device, memory_format=memory_format)
+    optimizer = build_optimizer(cfg, model, device)
+    train_model: nn.Module = model
+    if world > 1:
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.train.compile:
+        train_model = torch.compile(train_model)
+
+    precision = Precision.resolve(cfg.train.amp, device)
+    scaler = torch.amp.GradScaler(device.type) if precision.scaler else None
+    a = cfg.augment
+    augment = BatchAugment(padding=a.crop_padding, hflip=a.hflip, rotation=a.rotation, brightness=a.brightness,
+                           contrast=a.contrast, saturation=a.saturation, mean=a.mean, std=a.std,
+                           generator=torch.Generator(device).manual_seed(cfg.seed * 7919 + rank))
+
+    trainer = create_trainer(train_model, optimizer, augment, device, precision, scaler, cfg.train.channels_last)
+    # Evaluation uses the plain module: no DDP collectives, so uneven shards cannot deadlock.
+    evaluator = create_evaluator(model, lambda x: normalize(x, a.mean, a.std), device, precision,
+                                 cfg.train.channels_last)
+
+    s = cfg.schedule
+    lr_scheduler = LRScheduler(torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=cfg.optimizer.lr, total_steps=cfg.train.epochs * len(train_batches),
+        pct_start=s.pct_start, anneal_strategy=s.anneal_strategy, div_factor=s.div_factor,
+        final_div_factor=s.final_div_factor))
+    trainer.add_event_handler(Events.ITERATION_STARTED, lr_scheduler)
+
+    @trainer.on(Events.EPOCH_STARTED)
+    def _choose_epoch(engine: Engine) -> None:
+        # After a resume from mid-epoch, skip the batches that epoch already trained on.
+        train_batches.set_epoch(engine.state.epoch, engine.state.iteration % len(train_batches))
+
+    LossBuffer(cfg.logging.log_every_iters, lambda: optimizer.param_groups[0]["lr"]).attach(trainer)
+
+    @trainer.on(Events.EPOCH_COMPLETED)
+    def _evaluate(_: Engine) -> None:
+        evaluator.run(test_batches)
+
+    to_save: dict[str, Any] = {"trainer": trainer, "model": model, "optimizer": optimizer,
+                               "lr_scheduler": lr_scheduler, "augment": augment,
+                               "meta": RunMeta(cfg, data.classes)}
+    if scaler is not None:
+        to_save["scaler"] = scaler
+    return Run(cfg, plan, device, trainer, evaluator, model, train_batches, to_save)
+
+
+def attach_rank0_outputs(run: Run, write: Callable[[str], None], resumed_iteration: int) -> TensorBoardLogging:
+    """Files, TensorBoard, progress and the per-epoch line: rank 0 only. Adds the objects whose state
+    must survive a resume (best-model tracker, results) to `run.to_save`."""
+    cfg, plan, trainer, evaluator = run.cfg, run.plan, run.trainer, run.evaluator
+    best = best_model_checkpoint(plan.checkpoints_dir, {"model": run.model, "meta": run.to_save["meta"]}, trainer)
+    evaluator.add_event_handler(Events.COMPLETED, best)
+    results = RunResults(plan.run_dir / "results.json").attach(trainer, evaluator)
+    run.to_save.update(best_checkpoint=best, results=results)
+
+    show_bar = cfg.logging.progress_bar == "on" or (cfg.logging.progress_bar == "auto" and sys.stderr.isatty())
+    if show_bar:
+        attach_progress_bar(trainer, cfg.logging.log_every_iters)
+    EpochSummary(evaluator, write, idist.get_world_size()).attach(trainer)
+
+    tb = TensorBoardLogging(plan.run_dir / "tb", resume_iteration=resumed_iteration,
+                            resume_epoch=resumed_iteration // len(run.train_batches)).attach(trainer, evaluator)
+
+    @trainer.on(Events.COMPLETED)
+    def _final_hparams(_: Engine) -> None:
+        hp = {"lr": cfg.optimizer.lr, "batch_size": cfg.train.batch_size, "epochs": cfg.train.epochs,
+              "momentum": cfg.optimizer.momentum, "weight_decay": cfg.optimizer.weight_decay,
+              "amp": cfg.train.amp, "seed": cfg.seed, "world_size": idist.get_world_size()}
+        metrics = {f"hparam/best_top1": results.best.get("top1", 0.0),
+                   f"hparam/final_top1": results.final.get("top1", 0.0),
+                   f"hparam/final_top5": results.final.get("top5", 0.0)}
+        tb.log_hparams(hp, metrics)
+
+    attach_training_checkpoint(trainer, plan.checkpoints_dir, run.to_save,
+                               keep_last=cfg.checkpoint.keep_last, every_iters=cfg.checkpoint.every_iters)
+    if plan.checkpoint is None:
+        tb.log_config(to_dict(cfg))
+    return tb
+
+
+def prepare_run_dir(cfg: Config, plan: RunPlan) -> None:
+    """Create the run folder and write the resolved config (rank 0, new runs)."""
+    plan.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(plan.run_dir / "config.json", to_dict(cfg))
+
+
+def training(local_rank: int, cfg: Config, plan: RunPlan) -> None:
+    rank = idist.get_rank()
+    run = build_run(cfg, plan, local_rank)
+    checkpoint = load_checkpoint(plan.checkpoint, map_location=run.device) if plan.checkpoint else None
+    write = print if rank == 0 else (lambda _: None)
+    tb = None
+    if rank == 0:
+        if checkpoint is None:
+            prepare_run_dir(cfg, plan)
+        tb = attach_rank0_outputs(run, write, int(checkpoint["trainer"]["iteration"]) if checkpoint else 0)
+    if checkpoint is not None:
+        Checkpoint.load_objects(to_load=run.to_save, checkpoint=checkpoint)
+        write(f"resuming {plan.run_dir} from {plan.checkpoint.name} "
+              f"(epoch {run.trainer.state.epoch}, iteration {run.trainer.state.iteration})")
+    else:
+        write(f"run {plan.run_dir}: ResNet18 with {count_parameters(run.model):,} parameters on "
+              f"{idist.get_world_size()} x {run.device.type}, batch {cfg.train.batch_size}, "
+              f"{len(run.train_batches)} iterations per epoch")
+    try:
+        run.trainer.run(run.train_batches, max_epochs=cfg.train.epochs)
+    finally:
+        if tb is not None:
+            tb.close()

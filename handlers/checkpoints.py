@@ -1,0 +1,73 @@
+"""Checkpoints: the best model by validation top-1, and the training state that resume needs.
+
+Both use Ignite's Checkpoint with an atomic DiskSaver: a file appears under its final name only once
+it is complete. Ignite's Checkpoint asks its saver to delete the file it replaces *before* writing the
+new one; SaveThenRemove reverses that, so a kill or a full disk mid-write never costs the last good file.
+Training checkpoints are numbered by iteration, so epoch-end and every-N-iteration saves sort together.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint, DiskSaver, global_step_from_engine
+
+TRAINING_PREFIX = "training"
+_TRAINING_FILE = re.compile(rf"^{TRAINING_PREFIX}_checkpoint_(\d+)\.pt$")
+
+
+class SaveThenRemove(DiskSaver):
+    """A DiskSaver that deletes replaced files only after the new file is complete on disk."""
+
+    def __init__(self, dirname: str | Path) -> None:
+        super().__init__(str(dirname), atomic=True, require_empty=False)
+        self._pending: list[str] = []
+
+    def remove(self, filename: str) -> None:
+        self._pending.append(filename)
+
+    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        super().__call__(checkpoint, filename, metadata)
+        pending, self._pending = self._pending, []
+        for old in pending:
+            if old != filename:
+                super().remove(old)
+
+
+def _iteration(engine: Engine) -> int:
+    return engine.state.iteration
+
+
+def best_model_checkpoint(folder: str | Path, to_save: Mapping[str, Any], trainer: Engine,
+                          metric: str = "top1") -> Checkpoint:
+    """A Checkpoint for the evaluator's COMPLETED event; keeps the single best file."""
+    return Checkpoint(
+        dict(to_save), SaveThenRemove(folder),
+        filename_prefix="best", score_function=Checkpoint.get_default_score_fn(metric), score_name=metric,
+        n_saved=1, global_step_transform=global_step_from_engine(trainer),
+    )
+
+
+def attach_training_checkpoint(trainer: Engine, folder: str | Path, to_save: Mapping[str, Any], *,
+                               keep_last: int, every_iters: int = 0) -> Checkpoint:
+    """Save at every epoch end and, if `every_iters` > 0, every that many iterations too."""
+    handler = Checkpoint(
+        dict(to_save), SaveThenRemove(folder),
+        filename_prefix=TRAINING_PREFIX, score_function=_iteration, n_saved=keep_last,
+    )
+    event = Events.EPOCH_COMPLETED
+    if every_iters:
+        event = event | Events.ITERATION_COMPLETED(every=every_iters)
+    trainer.add_event_handler(event, handler)
+    return handler
+
+
+def training_checkpoints(folder: str | Path) -> list[Path]:
+    """The training checkpoints in `folder`, newest (highest iteration) first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _TRAINING_FILE.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]

@@ -1,0 +1,63 @@
+"""Training loss without a host synchronisation every iteration.
+
+The loss stays on the device; every `every` iterations (and at the end of each epoch) the buffered
+values are copied to the host in one transfer. Then the engine fires LossEvents.LOSS_FLUSHED with
+`engine.state.flushed_losses` = [(iteration, loss, lr), ...] and `engine.state.running_loss` and `engine.state.lr` updated, for
+loggers to use. A NaN or infinite loss raises LossNotFinite there, before any later handler of the same
+event (a checkpoint, say) can save the diverged weights.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from ignite.engine import Engine, EventEnum, Events
+
+
+class LossEvents(EventEnum):
+    LOSS_FLUSHED = "loss_flushed"
+
+
+class LossNotFinite(RuntimeError):
+    def __init__(self, iteration: int, value: float) -> None:
+        super().__init__(f"training loss became {value} at iteration {iteration}")
+        self.iteration, self.value = iteration, value
+
+
+class LossBuffer:
+    def __init__(self, every: int, lr_fn: Callable[[], float], smoothing: float = 0.98) -> None:
+        self.every, self.lr_fn, self.smoothing = every, lr_fn, smoothing
+        self._losses: list[torch.Tensor] = []
+        self._steps: list[tuple[int, float]] = []
+        self.running_loss: float | None = None
+
+    def attach(self, engine: Engine) -> "LossBuffer":
+        engine.register_events(*LossEvents)
+        engine.state.flushed_losses = []
+        engine.state.running_loss = None
+        engine.state.lr = None
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.every), self.flush)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.flush)
+        return self
+
+    def _collect(self, engine: Engine) -> None:
+        # lr is read before the scheduler steps for the next iteration: the lr this step used.
+        self._losses.append(engine.state.output.detach().float().reshape(()))
+        self._steps.append((engine.state.iteration, self.lr_fn()))
+
+    def flush(self, engine: Engine) -> None:
+        if not self._losses:
+            return
+        values = torch.stack(self._losses).tolist()  # the one host synchronisation
+        steps, self._losses, self._steps = self._steps, [], []
+        for (iteration, _), value in zip(steps, values):
+            if not math.isfinite(value):
+                raise LossNotFinite(iteration, value)
+            a = self.smoothing
+            self.running_loss = value if self.running_loss is None else a * self.running_loss + (1 - a) * value
+        engine.state.flushed_losses = [(it, v, lr) for (it, lr), v in zip(steps, values)]
+        engine.state.running_loss = self.running_loss
+        engine.state.lr = steps[-1][1]
+        engine.fire_event(LossEvents.LOSS_FLUSHED)

@@ -1,0 +1,73 @@
+"""results.json: the run's outcome in one small file, rewritten atomically after every evaluation.
+
+Wall time and the best scores survive a resume: they are part of the training checkpoint through
+state_dict/load_state_dict.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ignite.engine import Engine, Events
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class RunResults:
+    def __init__(self, path: str | Path, metric: str = "top1") -> None:
+        self.path, self.metric = Path(path), metric
+        self.best: dict[str, float] = {}
+        self.final: dict[str, float] = {}
+        self.elapsed = 0.0  # seconds spent in earlier processes of this run
+        self._started = time.time()
+
+    def attach(self, trainer: Engine, evaluator: Engine) -> "RunResults":
+        evaluator.add_event_handler(Events.COMPLETED, self._record, trainer)
+        trainer.add_event_handler(Events.COMPLETED, self._write, "finished")
+        return self
+
+    def wall_time(self) -> float:
+        return self.elapsed + time.time() - self._started
+
+    def _record(self, evaluator: Engine, trainer: Engine) -> None:
+        m = {k: float(v) for k, v in evaluator.state.metrics.items() if isinstance(v, (int, float))}
+        self.final = {**m, "epoch": trainer.state.epoch}
+        if not self.best or m[self.metric] > self.best[self.metric]:
+            self.best = dict(self.final)
+        self._write(trainer, "running")
+
+    def _write(self, trainer: Engine, status: str) -> None:
+        write_json_atomic(self.path, {
+            "status": status,
+            "best": self.best,
+            "final": self.final,
+            "epochs": trainer.state.epoch,
+            "max_epochs": trainer.state.max_epochs,
+            "iterations": trainer.state.iteration,
+            "wall_time_seconds": round(self.wall_time(), 3),
+        })
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": json.dumps(self.best), "final": json.dumps(self.final), "elapsed": self.wall_time()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.final = json.loads(state["best"]), json.loads(state["final"])
+        self.elapsed, self._started = float(state["elapsed"]), time.time()
