@@ -1,0 +1,88 @@
+"""Bad input ends in one clear line, a non-zero exit, no traceback, and nothing under the output folder."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import run_app, write_config
+
+
+@pytest.fixture()
+def out(tmp_path: Path) -> Path:
+    return tmp_path / "runs"
+
+
+def _assert_clean_failure(result, code: int, *words: str, out: Path) -> None:
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == code, result.stderr
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    for w in words:
+        assert w in lines[0], lines[0]
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_invalid_json(tmp_path: Path, out: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"train": {"epochs": 3,}}')
+    _assert_clean_failure(run_app("--config", str(bad), "--output-dir", str(out)), 2, str(bad), "invalid JSON",
+                          out=out)
+
+
+def test_unknown_key(tmp_path: Path, out: Path, small_data: Path) -> None:
+    cfg = write_config(tmp_path / "c.json", train={"epochz": 3})
+    _assert_clean_failure(run_app("--config", str(cfg), "--output-dir", str(out)), 2, str(cfg),
+                          "unknown key 'train.epochz'", out=out)
+
+
+def test_wrong_type(tmp_path: Path, out: Path) -> None:
+    cfg = write_config(tmp_path / "c.json", train={"batch_size": "128"})
+    _assert_clean_failure(run_app("--config", str(cfg), "--output-dir", str(out)), 2, str(cfg),
+                          "train.batch_size must be an integer", out=out)
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--lr", "-0.1"], "--lr: must be > 0"),
+    (["--batch-size", "0"], "--batch-size: must be > 0"),
+    (["--epochs", "many"], "--epochs: invalid int value"),
+    (["--backend", "mpi"], "--backend: invalid choice"),
+    (["--batch-size", "127", "--nproc-per-node", "2"], "does not divide evenly over 2 processes"),
+])
+def test_bad_flag(tmp_path: Path, out: Path, small_data: Path, flags, words) -> None:
+    cfg = write_config(tmp_path / "c.json", data={"root": str(small_data), "download": False})
+    _assert_clean_failure(run_app("--config", str(cfg), "--output-dir", str(out), *flags), 2, words, out=out)
+
+
+def test_missing_config_file(tmp_path: Path, out: Path) -> None:
+    missing = tmp_path / "nope.json"
+    _assert_clean_failure(run_app("--config", str(missing), "--output-dir", str(out)), 2, str(missing),
+                          "not found", out=out)
+
+
+def test_missing_data_with_download_off_fails_fast_and_says_how(tmp_path: Path, out: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cfg = write_config(tmp_path / "c.json", data={"root": str(empty), "download": False})
+    started = time.monotonic()
+    result = run_app("--config", str(cfg), "--output-dir", str(out))
+    assert time.monotonic() - started < 30
+    _assert_clean_failure(result, 1, str(empty / "cifar-100-python"), "cifar-100-python.tar.gz", out=out)
+
+
+def test_bad_resume_path(tmp_path: Path, out: Path, small_data: Path) -> None:
+    cfg = write_config(tmp_path / "c.json", data={"root": str(small_data), "download": False})
+    nothing = tmp_path / "no_such_run"
+    _assert_clean_failure(run_app("--config", str(cfg), "--output-dir", str(out), "--resume", str(nothing)), 1,
+                          str(nothing), out=out)
+    _assert_clean_failure(run_app("--config", str(cfg), "--output-dir", str(out), "--resume"), 1,
+                          "no run with a training checkpoint", out=out)
+
+
+def test_help_documents_every_flag() -> None:
+    result = run_app("--help")
+    assert result.returncode == 0
+    for flag in ("--config", "--lr", "--batch-size", "--epochs", "--resume", "--data-root", "--output-dir",
+                 "--run-name", "--nproc-per-node", "--backend", "--seed", "--device"):
+        assert flag in result.stdout

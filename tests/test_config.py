@@ -1,0 +1,50 @@
+"""config.json is the recipe, and the loader rejects anything it does not understand."""
+import json
+from pathlib import Path
+
+import pytest
+
+from app.config import Config, config_from_dict, load_config, override, to_dict
+from app.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_config_json_is_the_recipe() -> None:
+    cfg = load_config(ROOT / "config.json")
+    assert cfg == Config()
+    assert (cfg.optimizer.lr, cfg.optimizer.momentum, cfg.optimizer.weight_decay) == (0.1, 0.9, 5e-4)
+    assert (cfg.train.batch_size, cfg.train.epochs, cfg.schedule.name) == (128, 100, "onecycle")
+    a = cfg.augment
+    assert (a.crop_padding, a.hflip, a.rotation, a.brightness, a.contrast, a.saturation) == (4, True, 15, .2, .2, .2)
+    assert a.mean == (0.5071, 0.4865, 0.4409) and a.std == (0.2673, 0.2564, 0.2762)
+
+
+@pytest.mark.parametrize("raw,message", [
+    ({"train": {"epochs": "ten"}}, "train.epochs must be an integer"),
+    ({"train": {"epochs": 2.5}}, "train.epochs must be an integer"),
+    ({"train": {"batch_size": 0}}, "train.batch_size must be > 0"),
+    ({"optimizer": {"lr": -0.1}}, "optimizer.lr must be > 0"),
+    ({"optimizer": {"momentum": 1.5}}, "optimizer.momentum must be between 0 and 1"),
+    ({"data": {"download": "yes"}}, "data.download must be true or false"),
+    ({"train": {"amp": "fp8"}}, 'train.amp must be one of "auto"'),
+    ({"augment": {"mean": [0.5, 0.5]}}, "augment.mean must be a list of 3 numbers"),
+    ({"optimiser": {}}, "unknown key 'optimiser'"),
+    ({"train": {"epoch": 3}}, "unknown key 'train.epoch'"),
+    ({"train": 3}, "train must be an object"),
+])
+def test_rejects_with_file_and_key(raw, message) -> None:
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(raw, "my.json")
+    assert str(e.value).startswith("my.json: ") and message in str(e.value)
+
+
+def test_partial_file_takes_defaults_and_overrides_revalidate(tmp_path: Path) -> None:
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"train": {"epochs": 3}}))
+    cfg = load_config(path)
+    assert cfg.train.epochs == 3 and cfg.train.batch_size == 128
+    assert override(cfg, {"optimizer.lr": 0.05}).optimizer.lr == 0.05
+    with pytest.raises(ConfigError, match="optimizer.lr must be > 0"):
+        override(cfg, {"optimizer.lr": 0.0})
+    assert config_from_dict(to_dict(cfg)) == cfg

@@ -1,0 +1,104 @@
+"""End to end: a real run on a few hundred images, its files, its TensorBoard scalars, and resume."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from app.runs import load_checkpoint
+from conftest import ROOT, run_app, write_config
+
+
+def _config(tmp_path: Path, data: Path, epochs: int = 2, **extra) -> Path:
+    return write_config(tmp_path / "c.json", data={"root": str(data), "download": False},
+                        train={"epochs": epochs, "batch_size": 48, **extra.pop("train", {})},
+                        logging={"output_dir": str(tmp_path / "runs"), "log_every_iters": 2}, **extra)
+
+
+def _scalars(folder: Path, tag: str) -> list[tuple[int, float]]:
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, small_data: Path):
+    tmp = tmp_path_factory.mktemp("e2e")
+    result = run_app("--config", str(_config(tmp, small_data)), "--run-name", "r1")
+    assert result.returncode == 0, result.stderr
+    return tmp / "runs" / "r1", result
+
+
+def test_prints_one_summary_line_per_epoch(finished_run) -> None:
+    _, result = finished_run
+    lines = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]
+    assert [line.split()[1] for line in lines] == ["1/2", "2/2"]
+    assert all("val top-1" in line and "top-5" in line and "img/s" in line for line in lines)
+
+
+def test_writes_config_results_and_checkpoints(finished_run) -> None:
+    run_dir, _ = finished_run
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["train"]["epochs"] == 2 and saved["optimizer"]["lr"] == 0.1
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["status"] == "finished" and results["epochs"] == 2
+    assert set(results["best"]) >= {"top1", "top5", "loss", "epoch"}
+    assert results["best"]["top1"] >= results["final"]["top1"] and results["wall_time_seconds"] > 0
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert ckpts == [f"best_checkpoint_{results['best']['epoch']}_top1={results['best']['top1']:.4f}.pt",
+                     "training_checkpoint_10.pt", "training_checkpoint_5.pt"]
+    ckpt = load_checkpoint(run_dir / "checkpoints" / "training_checkpoint_10.pt")
+    assert {"trainer", "model", "optimizer", "lr_scheduler", "augment", "best_checkpoint", "results"} <= set(ckpt)
+    assert ckpt["trainer"]["iteration"] == 10 and ckpt["trainer"]["epoch_length"] == 5
+
+
+def test_tensorboard_has_loss_lr_per_iteration_and_validation_per_epoch(finished_run) -> None:
+    run_dir, _ = finished_run
+    loss = _scalars(run_dir / "tb" / "train", "train/loss")
+    lr = _scalars(run_dir / "tb" / "train", "train/lr")
+    assert [s for s, _ in loss] == list(range(1, 11)) and [s for s, _ in lr] == list(range(1, 11))
+    assert max(v for _, v in lr) == pytest.approx(0.1, rel=1e-3) and lr[-1][1] < 1e-4  # one cycle
+    results = json.loads((run_dir / "results.json").read_text())
+    for tag in ("top1", "top5", "loss"):
+        values = _scalars(run_dir / "tb" / "validation", f"validation/{tag}")
+        assert [s for s, _ in values] == [1, 2]
+        assert values[-1][1] == pytest.approx(results["final"][tag], rel=1e-5)
+    acc = EventAccumulator(str(run_dir / "tb" / "validation"))
+    acc.Reload()
+    assert "hparam/final_top1" in acc.Tags()["scalars"]
+
+
+def test_resume_after_kill_continues_same_run_without_repeating_an_epoch(tmp_path: Path, small_data: Path) -> None:
+    cfg = _config(tmp_path, small_data, epochs=3)
+    run_dir = tmp_path / "runs" / "r"
+    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+    proc = subprocess.Popen([sys.executable, "-m", "app", "--config", str(cfg), "--run-name", "r"], cwd=ROOT,
+                            env={**__import__("os").environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    first_epoch = run_dir / "checkpoints" / "training_checkpoint_5.pt"
+    deadline = time.monotonic() + 300
+    while not first_epoch.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    out, _ = proc.communicate()
+    assert first_epoch.exists() and "epoch 3/3" not in out
+
+    result = run_app("--config", str(cfg), "--resume")
+    assert result.returncode == 0, result.stderr
+    epochs = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("epoch ")]
+    assert epochs[0] in ("2/3", "3/3") and epochs[-1] == "3/3" and "1/3" not in epochs
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["r"]
+    steps = [s for s, _ in _scalars(run_dir / "tb" / "validation", "validation/top1")]
+    assert steps == [1, 2, 3]
+    assert [s for s, _ in _scalars(run_dir / "tb" / "train", "train/loss")] == list(range(1, 16))
+    assert json.loads((run_dir / "results.json").read_text())["epochs"] == 3
+
+    again = run_app("--config", str(cfg), "--resume")
+    assert again.returncode == 0 and "finished" in again.stdout
