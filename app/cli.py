@@ -98,10 +98,14 @@ def launch_settings(cfg: Config) -> tuple[Optional[str], Optional[int], int]:
     return backend, (nproc if torchrun is None else None), world
 
 
+def _torchrun_rank(name: str) -> int:
+    return int(os.environ.get(name, "0"))
+
+
 def plan_run(cfg: Config, resume: Optional[str]) -> tuple[RunPlan, bool]:
     """The run folder and checkpoint to use, and whether the run is already finished."""
     if resume is None:
-        return new_run(cfg), False
+        return new_run(cfg, check_exists=_torchrun_rank("RANK") == 0), False
     plan = resume_run(cfg, resume, warn=lambda m: print(f"warning: {m}", file=sys.stderr))
     changes = unsafe_changes(saved_config(plan.run_dir), cfg)
     if changes:
@@ -137,11 +141,13 @@ def train(argv: Optional[Sequence[str]] = None) -> int:
     if finished:
         print(f"{plan.run_dir} is finished ({cfg.train.epochs} epochs); nothing to do")
         return 0
-    ensure_dataset(cfg.data.root, cfg.data.download)
+    if _torchrun_rank("LOCAL_RANK") == 0:
+        # Under torchrun the other processes of this node wait in the process-group rendezvous,
+        # which local rank 0 joins only after this: the download happens once per node.
+        ensure_dataset(cfg.data.root, cfg.data.download)
     logging.getLogger("ignite.engine").setLevel(logging.CRITICAL)  # we report failures ourselves
-    parallel = idist.Parallel(backend=backend, nproc_per_node=spawn)
-    parallel.logger.setLevel(logging.WARNING)
-    with parallel:
+    with idist.Parallel(backend=backend, nproc_per_node=spawn) as parallel:
+        parallel._logger.setLevel(logging.WARNING)  # its per-run INFO lines would interleave with ours
         parallel.run(_run_process, cfg, plan)
     return 0
 

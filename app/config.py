@@ -174,7 +174,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: {prefix or 'the top level'} must be an object")
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'the top level'} must be an object")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))

@@ -40,13 +40,14 @@ def checkpoints_dir(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
-def new_run(cfg: Config) -> RunPlan:
+def new_run(cfg: Config, check_exists: bool = True) -> RunPlan:
+    """`check_exists` is False for the non-zero ranks under torchrun: rank 0 may already have made it."""
     out = Path(cfg.logging.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: output folder is a file")
     if cfg.logging.run_name:
         run_dir = out / cfg.logging.run_name
-        if run_dir.exists():
+        if check_exists and run_dir.exists():
             raise UserError(f"{run_dir}: run folder already exists; continue it with --resume {run_dir} "
                             f"or choose another --run-name")
         return RunPlan(run_dir)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import ignite.distributed as idist
@@ -82,6 +83,14 @@ def build_optimizer(cfg: Config, model: nn.Module, device: torch.device) -> torc
                            nesterov=o.nesterov, fused=fused or None, foreach=None if fused else True)
 
 
+def sync_buffers(model: nn.Module) -> None:
+    """Give every process rank 0's BatchNorm statistics. Each process updated its own in the last
+    training step; without this the processes would evaluate slightly different models, none of them
+    exactly the one rank 0 checkpoints."""
+    for buffer in model.buffers():
+        torch.distributed.broadcast(buffer, src=0)
+
+
 def build_run(cfg: Config, plan: RunPlan, local_rank: int) -> Run:
     rank, world = idist.get_rank(), idist.get_world_size()
     device = resolve_device(cfg.train.device, local_rank)
@@ -133,6 +142,8 @@ def build_run(cfg: Config, plan: RunPlan, local_rank: int) -> Run:
 
     @trainer.on(Events.EPOCH_COMPLETED)
     def _evaluate(_: Engine) -> None:
+        if world > 1:
+            sync_buffers(model)
         evaluator.run(test_batches)
 
     to_save: dict[str, Any] = {"trainer": trainer, "model": model, "optimizer": optimizer,
@@ -185,6 +196,8 @@ def prepare_run_dir(cfg: Config, plan: RunPlan) -> None:
 
 def training(local_rank: int, cfg: Config, plan: RunPlan) -> None:
     rank = idist.get_rank()
+    # Under torchrun each process named the new run folder itself; rank 0's name is the one.
+    plan = RunPlan(Path(idist.broadcast(str(plan.run_dir), src=0, safe_mode=True)), plan.checkpoint)
     run = build_run(cfg, plan, local_rank)
     checkpoint = load_checkpoint(plan.checkpoint, map_location=run.device) if plan.checkpoint else None
     write = print if rank == 0 else (lambda _: None)

@@ -42,7 +42,7 @@ class TensorBoardLogging:
         for name, value in evaluator.state.metrics.items():
             if isinstance(value, (int, float)):
                 self.validation.add_scalar(f"validation/{name}", value, epoch)
-        self.validation.flush()
+        self.flush()  # before the epoch's checkpoint: what a resume keeps is on disk
 
     def log_config(self, config: Mapping[str, Any]) -> None:
         self.train.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```", 0)

@@ -14,21 +14,22 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def write_cifar100(root: Path, n_train: int, n_test: int, *, num_classes: int = 100, seed: int = 0,
+def write_cifar100(root: Path, n_train: int, n_test: int, *, used_classes: int = 100, seed: int = 0,
                    learnable: bool = False) -> Path:
     """Write cifar-100-python/{train,test,meta} as pickled dicts, exactly as the real files are laid out.
 
-    With `learnable`, each class has its own colour and stripe pattern plus noise, so a model can learn it.
+    Labels are drawn from the first `used_classes` of the 100. With `learnable`, each class has its own
+    colour and stripe pattern plus noise, so a model can learn it.
     """
     rng = np.random.default_rng(seed)
     folder = root / "cifar-100-python"
     folder.mkdir(parents=True, exist_ok=True)
     if learnable:
-        protos = rng.integers(0, 256, size=(num_classes, 3, 1, 1)).astype(np.float32)
-        freqs = rng.integers(1, 5, size=num_classes)
+        protos = rng.integers(0, 256, size=(used_classes, 3, 1, 1)).astype(np.float32)
+        freqs = rng.integers(1, 5, size=used_classes)
 
     def split(n: int) -> dict:
-        labels = rng.integers(0, num_classes, size=n)
+        labels = rng.integers(0, used_classes, size=n)
         if learnable:
             yy = np.arange(32, dtype=np.float32)[None, None, :, None]
             stripes = np.sin(yy * freqs[labels][:, None, None, None] * np.pi / 16) * 60
@@ -43,7 +44,7 @@ def write_cifar100(root: Path, n_train: int, n_test: int, *, num_classes: int = 
         with open(folder / name, "wb") as f:
             pickle.dump(split(n), f)
     with open(folder / "meta", "wb") as f:
-        pickle.dump({"fine_label_names": [f"class_{i:02d}" for i in range(num_classes)],
+        pickle.dump({"fine_label_names": [f"class_{i:02d}" for i in range(100)],
                      "coarse_label_names": [f"super_{i}" for i in range(20)]}, f)
     return root
 

@@ -1,0 +1,57 @@
+"""Several processes (real torch.distributed, gloo): one code path, rank-0-only files, exact metrics."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from app.evaluate import evaluate_checkpoint
+from conftest import ROOT, run_app, write_cifar100, write_config
+
+
+@pytest.fixture(scope="module")
+def uneven_data(tmp_path_factory) -> Path:
+    """The test set (51 images) does not split evenly over 2 processes."""
+    return write_cifar100(tmp_path_factory.mktemp("uneven"), 192, 51, seed=3)
+
+
+def _config(tmp_path: Path, data: Path, epochs: int = 1) -> Path:
+    return write_config(tmp_path / "c.json", data={"root": str(data), "download": False},
+                        train={"epochs": epochs, "batch_size": 32},
+                        eval={"batch_size": 10},
+                        logging={"output_dir": str(tmp_path / "runs"), "log_every_iters": 2})
+
+
+def test_two_spawned_processes_give_the_one_process_metrics_of_the_same_checkpoint(tmp_path: Path,
+                                                                                    uneven_data: Path) -> None:
+    result = run_app("--config", str(_config(tmp_path, uneven_data)), "--run-name", "ddp",
+                     "--nproc-per-node", "2", "--backend", "gloo")
+    assert result.returncode == 0, result.stderr
+    run_dir = tmp_path / "runs" / "ddp"
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["ddp"]
+    epoch_lines = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]
+    assert len(epoch_lines) == 1  # printed by rank 0 only
+    logged = json.loads((run_dir / "results.json").read_text())["final"]
+    # 192 images, global batch 32 = 16 per process: 6 iterations per epoch
+    checkpoint = run_dir / "checkpoints" / "training_checkpoint_6.pt"
+    alone = evaluate_checkpoint(checkpoint, str(uneven_data))
+    assert logged["top1"] == alone["top1"] and logged["top5"] == alone["top5"]
+    assert logged["loss"] == pytest.approx(alone["loss"], rel=1e-5)
+    # 51 images counted once each: accuracies are multiples of 1/51
+    assert round(alone["top5"] * 51, 6) == round(alone["top5"] * 51)
+
+
+def test_torchrun_runs_the_same_code_path(tmp_path: Path, uneven_data: Path) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "app", "--config", str(_config(tmp_path, uneven_data)), "--run-name", "tr"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "tr"
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["tr"]
+    assert json.loads((run_dir / "results.json").read_text())["status"] == "finished"
+    assert (run_dir / "checkpoints" / "training_checkpoint_6.pt").exists()
