@@ -50,8 +50,20 @@ def normalize(
     std: Sequence[float] = CIFAR100_STD,
 ) -> torch.Tensor:
     """uint8 (n, C, H, W) images -> float32 in [0, 1], then (x - mean) / std per channel."""
-    _check_images(images)
-    return _normalize_float(images.float().div_(255.0), mean, std)
+    return Normalize(mean, std, images.device)(images)
+
+
+class Normalize:
+    """`normalize` with its constants made once on `device`: building them per batch from Python
+    lists would copy host to device, and synchronise, on every call."""
+
+    def __init__(self, mean: Sequence[float] = CIFAR100_MEAN, std: Sequence[float] = CIFAR100_STD,
+                 device: torch.device | str = "cpu") -> None:
+        self.scale, self.shift = _normalize_constants(mean, std, torch.device(device))
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        _check_images(images)
+        return _normalize_float(images.float().div_(255.0), self.scale, self.shift)
 
 
 class BatchAugment:
@@ -85,6 +97,12 @@ class BatchAugment:
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self.generator = generator
+        # Constants live on the generator's device from the start: no host-to-device copy per batch.
+        dev = generator.device
+        self._scale, self._shift = _normalize_constants(self.mean, self.std, dev)
+        self._lo = torch.tensor([max(0.0, 1.0 - s) for s in self.jitter], device=dev)
+        self._hi = torch.tensor([1.0 + s for s in self.jitter], device=dev)
+        self._luma = torch.tensor([_LUMA], dtype=torch.float32, device=dev)
 
     def sample(self, n: int) -> AugmentParams:
         """Draw parameters for n images from `self.generator`, on its device."""
@@ -95,9 +113,7 @@ class BatchAugment:
         if not self.hflip:
             flip = torch.zeros_like(flip)
         angle = (torch.rand(n, generator=g, device=dev) * 2.0 - 1.0) * self.rotation
-        lo = torch.tensor([max(0.0, 1.0 - s) for s in self.jitter], device=dev)
-        hi = torch.tensor([1.0 + s for s in self.jitter], device=dev)
-        factors = lo + (hi - lo) * torch.rand(n, 3, generator=g, device=dev)
+        factors = self._lo + (self._hi - self._lo) * torch.rand(n, 3, generator=g, device=dev)
         # argsort of iid uniforms is a uniformly random permutation per row.
         order = torch.rand(n, 3, generator=g, device=dev).argsort(dim=1)
         return AugmentParams(offsets=offsets, flip=flip, angle=angle, factors=factors, order=order)
@@ -112,8 +128,8 @@ class BatchAugment:
         else:
             x = images.to(torch.float32).mul_(1.0 / 255.0)
         if any(s > 0 for s in self.jitter):
-            x = _jitter(x, params.factors, params.order)
-        return _normalize_float(x, self.mean, self.std)
+            x = _jitter(x, params.factors, params.order, self._luma)
+        return _normalize_float(x, self._scale, self._shift)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return self.apply(images, self.sample(images.shape[0]))
@@ -131,11 +147,16 @@ def _check_images(images: torch.Tensor) -> None:
         raise ValueError(f"expected uint8 (n, C, H, W) images, got {images.dtype} {tuple(images.shape)}")
 
 
-def _normalize_float(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+def _normalize_constants(mean: Sequence[float], std: Sequence[float],
+                         device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = torch.tensor([1.0 / s for s in std], dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=torch.float32, device=device)
+    return scale, shift.view(1, -1, 1, 1)
+
+
+def _normalize_float(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """(x - mean) / std as one fused x * (1 / std) + (-mean / std), contiguous output."""
-    scale = torch.tensor([1.0 / s for s in std], dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    shift = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=torch.float32, device=x.device)
-    return torch.addcmul(shift.view(1, -1, 1, 1), x, scale).contiguous()
+    return torch.addcmul(shift, x, scale).contiguous()
 
 
 def _crop_flip_rotate(images: torch.Tensor, params: AugmentParams, padding: int) -> torch.Tensor:
@@ -180,7 +201,7 @@ def _crop_flip_rotate_theta(params: AugmentParams, h: int, w: int, hp: int, wp: 
     return torch.stack([row_x, row_y], 1)
 
 
-def _jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+def _jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, luma: torch.Tensor) -> torch.Tensor:
     """Brightness, contrast and saturation in a per-image order, each clamped to [0, 1].
 
     Every op is a blend f * x + (1 - f) * d with its own "degenerate" image d: black for
@@ -189,7 +210,6 @@ def _jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torc
     """
     n, c, h, w = x.shape
     flat = x.reshape(n, c, h * w)
-    luma = torch.tensor([_LUMA], dtype=flat.dtype, device=flat.device)  # (1, 3)
     zero = torch.zeros((), dtype=flat.dtype, device=flat.device)
     for slot in range(3):
         op = order[:, slot].view(n, 1, 1)

@@ -8,7 +8,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from app.augment import normalize
+from app.augment import Normalize
 from app.config import Config, config_from_dict
 from app.data import load_cifar100
 from app.engines import Precision, create_evaluator
@@ -46,7 +46,7 @@ def evaluate_checkpoint(path: Path, data_root: Optional[str] = None, device: str
     batches = ShardedBatches(data.test.images.to(dev), data.test.labels.to(dev), batch_size=batch_size,
                              shuffle=False, drop_uneven=False)
     a = cfg.augment
-    evaluator = create_evaluator(model, lambda x: normalize(x, a.mean, a.std), dev,
+    evaluator = create_evaluator(model, Normalize(a.mean, a.std, dev), dev,
                                  Precision.resolve(cfg.train.amp, dev), cfg.train.channels_last)
     evaluator.run(batches)
     return dict(evaluator.state.metrics)

@@ -19,7 +19,7 @@ from ignite.handlers import Checkpoint, LRScheduler
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from app.augment import BatchAugment, normalize
+from app.augment import BatchAugment, Normalize
 from app.config import Config, to_dict
 from app.data import load_cifar100
 from app.engines import Precision, create_evaluator, create_trainer
@@ -123,7 +123,7 @@ def build_run(cfg: Config, plan: RunPlan, local_rank: int) -> Run:
 
     trainer = create_trainer(train_model, optimizer, augment, device, precision, scaler, cfg.train.channels_last)
     # Evaluation uses the plain module: no DDP collectives, so uneven shards cannot deadlock.
-    evaluator = create_evaluator(model, lambda x: normalize(x, a.mean, a.std), device, precision,
+    evaluator = create_evaluator(model, Normalize(a.mean, a.std, device), device, precision,
                                  cfg.train.channels_last)
 
     s = cfg.schedule
