@@ -86,6 +86,7 @@ class TrainConfig:
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     channels_last: bool = True
     compile: bool = False
+    cuda_graphs: bool = True
 
 
 @dataclass(frozen=True)

@@ -27,19 +27,25 @@ class Precision:
 
 
 def _autocast(device: torch.device, precision: Precision):
-    return torch.autocast(device.type, dtype=precision.dtype, enabled=precision.dtype is not None)
+    # No autocast weight cache: a captured CUDA graph must not depend on it (and it saves nothing here,
+    # where each weight is cast once per step anyway).
+    return torch.autocast(device.type, dtype=precision.dtype, enabled=precision.dtype is not None,
+                          cache_enabled=False)
 
 
-def create_trainer(model: nn.Module, optimizer: torch.optim.Optimizer, augment: Callable[[torch.Tensor], torch.Tensor],
-                   device: torch.device, precision: Precision, scaler: Optional[torch.amp.GradScaler] = None,
-                   channels_last: bool = False) -> Engine:
-    """Each iteration: augment the uint8 batch on the device, one optimizer step, return the loss
-    as a device tensor (reading it would synchronise; LossBuffer reads it in batches)."""
+TrainStep = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
+                    augment: Callable[[torch.Tensor], torch.Tensor], device: torch.device, precision: Precision,
+                    scaler: Optional[torch.amp.GradScaler] = None, channels_last: bool = False) -> TrainStep:
+    """One optimizer step on a uint8 batch already on the device: augment there, forward, backward,
+    step. Returns the loss as a device tensor (reading it would synchronise; LossBuffer reads it in
+    batches)."""
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
-    def train_step(engine: Engine, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         model.train()
-        images, labels = (t.to(device, non_blocking=True) for t in batch)
         x = augment(images).contiguous(memory_format=memory_format)
         with _autocast(device, precision):
             loss = F.cross_entropy(model(x), labels)
@@ -52,6 +58,14 @@ def create_trainer(model: nn.Module, optimizer: torch.optim.Optimizer, augment: 
             loss.backward()
             optimizer.step()
         return loss.detach()
+
+    return step
+
+
+def create_trainer(step: TrainStep, device: torch.device) -> Engine:
+    def train_step(engine: Engine, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        images, labels = (t.to(device, non_blocking=True) for t in batch)
+        return step(images, labels)
 
     return Engine(train_step)
 

@@ -22,7 +22,8 @@ from torch.nn.parallel import DistributedDataParallel
 from app.augment import BatchAugment, Normalize
 from app.config import Config, to_dict
 from app.data import load_cifar100
-from app.engines import Precision, create_evaluator, create_trainer
+from app.cuda_graph import CudaGraphStep
+from app.engines import Precision, create_evaluator, create_trainer, make_train_step
 from app.loader import ShardedBatches
 from app.model import build_model, count_parameters
 from app.runs import RunPlan, load_checkpoint
@@ -91,6 +92,13 @@ def sync_buffers(model: nn.Module) -> None:
         torch.distributed.broadcast(buffer, src=0)
 
 
+def use_cuda_graphs(cfg: Config, device: torch.device, world: int, precision: Precision) -> bool:
+    """Graphs replace launch overhead on one GPU; DDP's all-reduce, torch.compile (which has its own
+    graphs) and fp16's loss scaling (a host decision per step) keep the eager step."""
+    return (cfg.train.cuda_graphs and device.type == "cuda" and world == 1 and not cfg.train.compile
+            and not precision.scaler)
+
+
 def build_run(cfg: Config, plan: RunPlan, local_rank: int) -> Run:
     rank, world = idist.get_rank(), idist.get_world_size()
     device = resolve_device(cfg.train.device, local_rank)
@@ -121,7 +129,10 @@ def build_run(cfg: Config, plan: RunPlan, local_rank: int) -> Run:
                            contrast=a.contrast, saturation=a.saturation, mean=a.mean, std=a.std,
                            generator=torch.Generator(device).manual_seed(cfg.seed * 7919 + rank))
 
-    trainer = create_trainer(train_model, optimizer, augment, device, precision, scaler, cfg.train.channels_last)
+    step = make_train_step(train_model, optimizer, augment, device, precision, scaler, cfg.train.channels_last)
+    if use_cuda_graphs(cfg, device, world, precision):
+        step = CudaGraphStep(step, model, optimizer, augment.generator)
+    trainer = create_trainer(step, device)
     # Evaluation uses the plain module: no DDP collectives, so uneven shards cannot deadlock.
     evaluator = create_evaluator(model, Normalize(a.mean, a.std, device), device, precision,
                                  cfg.train.channels_last)

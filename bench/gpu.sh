@@ -25,8 +25,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
   date -u +"%Y-%m-%d %H:%M UTC"
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null || true
   python3 -c "import sys, torch, ignite, tensorboardX; print('python', sys.version.split()[0], 'torch', torch.__version__, 'ignite', ignite.__version__, 'tensorboardX', tensorboardX.__version__)"
-  echo "== augmentation on CUDA matches the CPU (tests/test_augment.py -k cuda)"
-  python3 -m pytest -q -p no:cacheprovider tests/test_augment.py -k cuda 2>&1 | tail -3
+  echo "== CUDA checks: augmentation matches the CPU, graph replay matches eager steps"
+  python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py tests/test_augment.py -k cuda 2>&1 | tail -15
   echo "== python -m bench --device $DEVICE"
   timeout 200 python3 -m bench --device "$DEVICE" ${BENCH_ARGS:-}
   echo "== synthetic data"

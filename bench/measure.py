@@ -13,10 +13,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from app.augment import BatchAugment
 from app.config import Config
-from app.engines import Precision, create_trainer
+from app.cuda_graph import CudaGraphStep
+from app.engines import Precision, create_trainer, make_train_step
 from app.loader import ShardedBatches
 from app.model import build_model
-from app.training import build_optimizer
+from app.training import build_optimizer, use_cuda_graphs
 from bench.seed_pipeline import as_pil, run_per_image, seed_transform
 from handlers.loss_buffer import LossBuffer
 
@@ -88,21 +89,19 @@ class _Setup:
                                                              total_steps=iters_total + 10)
         self.precision = Precision.resolve(cfg.train.amp, device)
         self.fmt = fmt
+        self.step = make_train_step(self.train_model, self.optimizer, self.augment, device, self.precision,
+                                    None, cfg.train.channels_last)
+        if use_cuda_graphs(cfg, device, 1, self.precision):
+            self.step = CudaGraphStep(self.step, self.model, self.optimizer, self.augment.generator)
 
 
 def plain_loop(s: _Setup, device: torch.device, iters: int) -> float:
-    """The same step written as a bare PyTorch loop; returns seconds for `iters` steps."""
+    """The same step called from a bare PyTorch loop; returns seconds for `iters` steps."""
     def run() -> None:
         done = 0
         while done < iters:
             for images, labels in s.batches:
-                s.train_model.train()
-                x = s.augment(images).contiguous(memory_format=s.fmt)
-                with torch.autocast(device.type, dtype=s.precision.dtype, enabled=s.precision.dtype is not None):
-                    loss = F.cross_entropy(s.train_model(x), labels)
-                s.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                s.optimizer.step()
+                s.step(images, labels)
                 s.scheduler.step()
                 done += 1
                 if done == iters:
@@ -112,8 +111,7 @@ def plain_loop(s: _Setup, device: torch.device, iters: int) -> float:
 
 def ignite_loop(s: _Setup, device: torch.device, iters: int, log_every: int) -> float:
     """The application's Ignite trainer with the handlers every process of a real run attaches."""
-    trainer = create_trainer(s.train_model, s.optimizer, s.augment, device, s.precision, None,
-                             s.fmt == torch.channels_last)
+    trainer = create_trainer(s.step, device)
     trainer.add_event_handler(Events.ITERATION_STARTED, LRScheduler(s.scheduler))
     trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: s.batches.set_epoch(e.state.epoch))
     LossBuffer(log_every, lambda: s.optimizer.param_groups[0]["lr"]).attach(trainer)
@@ -140,8 +138,7 @@ def full_epoch(cfg: Config, device: torch.device, n_images: int, epochs: int) ->
     """Seconds per epoch of the Ignite trainer over `n_images` synthetic images (last of `epochs`)."""
     iters = -(-n_images // cfg.train.batch_size)
     s = _Setup(cfg, device, n_images=n_images, iters_total=epochs * iters)
-    trainer = create_trainer(s.train_model, s.optimizer, s.augment, device, s.precision, None,
-                             s.fmt == torch.channels_last)
+    trainer = create_trainer(s.step, device)
     trainer.add_event_handler(Events.ITERATION_STARTED, LRScheduler(s.scheduler))
     trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: s.batches.set_epoch(e.state.epoch))
     LossBuffer(cfg.logging.log_every_iters, lambda: s.optimizer.param_groups[0]["lr"]).attach(trainer)
