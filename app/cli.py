@@ -9,7 +9,9 @@ import argparse
 import logging
 import os
 import sys
-from typing import Any, NoReturn, Optional, Sequence
+import tempfile
+from pathlib import Path
+from typing import NoReturn, Optional, Sequence
 
 import ignite.distributed as idist
 import torch
@@ -18,6 +20,7 @@ from app.config import Config, load_config, override
 from app.data import ensure_dataset
 from app.errors import ConfigError, UserError
 from app.runs import LATEST, RunPlan, check_training_checkpoint, new_run, resume_run, saved_config, unsafe_changes
+from handlers.checkpoints import CheckpointWriteError
 from handlers.loss_buffer import LossNotFinite
 
 EXIT_DIVERGED = 3
@@ -111,9 +114,26 @@ def plan_run(cfg: Config, resume: Optional[str]) -> tuple[RunPlan, bool]:
     if changes:
         raise ConfigError(f"{plan.run_dir}/config.json: cannot resume with settings that change the run: "
                           + "; ".join(changes))
+    if plan.checkpoint is None:
+        return plan, False
     trainer = check_training_checkpoint(plan.checkpoint)["trainer"]
     finished = int(trainer["iteration"]) >= int(trainer["epoch_length"]) * cfg.train.epochs
     return plan, finished
+
+
+def check_writable(folder: Path) -> None:
+    """Fail before training, not at the first checkpoint, if the run folder cannot be written."""
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{folder}: cannot create the output folder ({existing} is a file)")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{folder}: output folder is not writable ({e.strerror or e})") from None
 
 
 def _run_process(local_rank: int, cfg: Config, plan: RunPlan) -> None:
@@ -131,6 +151,10 @@ def _run_process(local_rank: int, cfg: Config, plan: RunPlan) -> None:
             print(f"error: {e}; training stopped, checkpoints saved before it are untouched",
                   file=sys.stderr, flush=True)
         sys.exit(EXIT_DIVERGED)
+    except (CheckpointWriteError, OSError) as e:  # a full disk, a folder that went away
+        if idist.get_rank() == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 def train(argv: Optional[Sequence[str]] = None) -> int:
@@ -138,6 +162,7 @@ def train(argv: Optional[Sequence[str]] = None) -> int:
     cfg = resolve_config(args)
     backend, spawn, _ = launch_settings(cfg)
     plan, finished = plan_run(cfg, args.resume)
+    check_writable(plan.run_dir)
     if finished:
         print(f"{plan.run_dir} is finished ({cfg.train.epochs} epochs); nothing to do")
         return 0

@@ -29,7 +29,8 @@ SAFE_TO_CHANGE = ("data.root", "data.download", "train.device", "train.compile",
 @dataclass(frozen=True)
 class RunPlan:
     run_dir: Path
-    checkpoint: Optional[Path] = None  # the training checkpoint to resume from; None for a new run
+    checkpoint: Optional[Path] = None  # the training checkpoint to resume from
+    resume: bool = False  # True: an existing run folder (without a checkpoint yet, it starts over there)
 
     @property
     def checkpoints_dir(self) -> Path:
@@ -81,10 +82,14 @@ def check_training_checkpoint(path: Path) -> dict[str, Any]:
     return ckpt
 
 
-def _newest_intact(run_dir: Path, warn) -> Path:
+def _newest_intact(run_dir: Path, warn) -> Optional[Path]:
+    """The newest loadable training checkpoint; None if the run has none yet (killed in its first
+    epoch: it starts again in the same folder)."""
+    if not (run_dir / "config.json").is_file():
+        raise UserError(f"{run_dir}: not a run folder (no config.json)")
     files = training_checkpoints(checkpoints_dir(run_dir))
     if not files:
-        raise UserError(f"{run_dir}: no training checkpoint to resume from")
+        return None
     problems = []
     for path in files:
         try:
@@ -101,11 +106,12 @@ def _newest_intact(run_dir: Path, warn) -> Path:
 
 
 def latest_run(output_dir: Path) -> Path:
-    runs = [(max(p.stat().st_mtime for p in files), d)
+    """The run folder written to last: by its newest training checkpoint, or its config.json."""
+    runs = [(max(p.stat().st_mtime for p in [d / "config.json", *training_checkpoints(checkpoints_dir(d))]), d)
             for d in (output_dir.iterdir() if output_dir.is_dir() else [])
-            if d.is_dir() and (files := training_checkpoints(checkpoints_dir(d)))]
+            if (d / "config.json").is_file()]
     if not runs:
-        raise UserError(f"{output_dir}: no run with a training checkpoint to resume")
+        raise UserError(f"{output_dir}: no run to resume")
     return max(runs)[1]
 
 
@@ -113,15 +119,15 @@ def resume_run(cfg: Config, resume: str, warn=print) -> RunPlan:
     """--resume (latest run under the output folder), --resume RUN_DIR or --resume CHECKPOINT_FILE."""
     if resume == LATEST:
         run_dir = latest_run(Path(cfg.logging.output_dir))
-        return RunPlan(run_dir, _newest_intact(run_dir, warn))
+        return RunPlan(run_dir, _newest_intact(run_dir, warn), resume=True)
     path = Path(resume)
     if path.is_dir():
-        return RunPlan(path, _newest_intact(path, warn))
+        return RunPlan(path, _newest_intact(path, warn), resume=True)
     if not path.exists():
         raise UserError(f"{path}: no such run folder or checkpoint")
     check_training_checkpoint(path)
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    return RunPlan(run_dir, path)
+    return RunPlan(run_dir, path, resume=True)
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -6,11 +6,12 @@ do is in `training`; everything only rank 0 does (files, TensorBoard, progress, 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import ignite.distributed as idist
 import torch
@@ -21,13 +22,15 @@ from torch.nn.parallel import DistributedDataParallel
 
 from app.augment import BatchAugment, Normalize
 from app.config import Config, to_dict
-from app.data import load_cifar100
+from app.data import Cifar100, load_cifar100
+from app.errors import UserError
 from app.cuda_graph import CudaGraphStep
 from app.engines import Precision, create_evaluator, create_trainer, make_train_step
 from app.loader import ShardedBatches
 from app.model import build_model, count_parameters
 from app.runs import RunPlan, load_checkpoint
-from handlers.checkpoints import attach_training_checkpoint, best_model_checkpoint
+from handlers.checkpoints import (attach_training_checkpoint, best_model_checkpoint, checkpoint_event,
+                                  remove_partial_files)
 from handlers.epoch_summary import EpochSummary
 from handlers.loss_buffer import LossBuffer
 from handlers.progress import attach_progress_bar
@@ -39,14 +42,53 @@ class RunMeta:
     """What a checkpoint must carry besides weights: the config it was trained with and the class names.
     Stored as JSON text, so that loading needs nothing but weights_only=True."""
 
-    def __init__(self, cfg: Config, classes: tuple[str, ...]) -> None:
-        self.config, self.classes = to_dict(cfg), list(classes)
+    def __init__(self, cfg: Config, classes: tuple[str, ...], data_fingerprint: str) -> None:
+        self.config, self.classes, self.data_fingerprint = to_dict(cfg), list(classes), data_fingerprint
 
     def state_dict(self) -> dict[str, Any]:
-        return {"config": json.dumps(self.config), "classes": json.dumps(self.classes)}
+        return {"config": json.dumps(self.config), "classes": json.dumps(self.classes),
+                "data": self.data_fingerprint}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass  # informational: the running config is authoritative, and checked against the run's
+
+
+class GeneratorStates:
+    """Every process's augmentation generator, for the training checkpoint that rank 0 writes.
+
+    Each process draws its own augmentations; an exact resume needs each of them back in its own
+    process. `gather` runs in every process just before the checkpoint handler (a collective when
+    there are several), and rank 0's checkpoint stores one row per rank.
+    """
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator
+        self._gathered: torch.Tensor | None = None
+
+    def gather(self, _: Engine | None = None) -> None:
+        if idist.get_world_size() > 1:
+            state = self.generator.get_state()[None].to(idist.device())
+            self._gathered = idist.all_gather(state).cpu()
+
+    def state_dict(self) -> dict[str, Any]:
+        if idist.get_world_size() == 1 or self._gathered is None:
+            return {"generators": self.generator.get_state()[None]}
+        return {"generators": self._gathered}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        # With another number of processes than the run had, resume is no longer exact (the data
+        # shards change anyway); each process takes a row so that their streams stay distinct.
+        rows = state["generators"]
+        self.generator.set_state(rows[idist.get_rank() % len(rows)].clone())
+
+
+def data_fingerprint(data: Cifar100) -> str:
+    """A hash of every image and label, so that a resume on other data is refused."""
+    h = hashlib.sha256()
+    for split in (data.train, data.test):
+        h.update(split.images.numpy().tobytes())
+        h.update(split.labels.numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 @dataclass
@@ -149,7 +191,7 @@ def build_run(cfg: Config, plan: RunPlan, local_rank: int) -> Run:
         # After a resume from mid-epoch, skip the batches that epoch already trained on.
         train_batches.set_epoch(engine.state.epoch, engine.state.iteration % len(train_batches))
 
-    LossBuffer(cfg.logging.log_every_iters, lambda: optimizer.param_groups[0]["lr"]).attach(trainer)
+    losses = LossBuffer(cfg.logging.log_every_iters, lambda: optimizer.param_groups[0]["lr"]).attach(trainer)
 
     @trainer.on(Events.EPOCH_COMPLETED)
     def _evaluate(_: Engine) -> None:
@@ -157,15 +199,22 @@ def build_run(cfg: Config, plan: RunPlan, local_rank: int) -> Run:
             sync_buffers(model)
         evaluator.run(test_batches)
 
+    # Before rank 0's checkpoint handler (attached later) on the same events, in every process: a
+    # diverged loss stops the run before it can be saved, and every generator's state is collected.
+    generators = GeneratorStates(augment.generator)
+    trainer.add_event_handler(checkpoint_event(cfg.checkpoint.every_iters), losses.flush)
+    trainer.add_event_handler(checkpoint_event(cfg.checkpoint.every_iters), generators.gather)
+
     to_save: dict[str, Any] = {"trainer": trainer, "model": model, "optimizer": optimizer,
-                               "lr_scheduler": lr_scheduler, "augment": augment,
-                               "meta": RunMeta(cfg, data.classes)}
+                               "lr_scheduler": lr_scheduler, "augment": generators,
+                               "meta": RunMeta(cfg, data.classes, data_fingerprint(data))}
     if scaler is not None:
         to_save["scaler"] = scaler
     return Run(cfg, plan, device, trainer, evaluator, model, train_batches, to_save)
 
 
-def attach_rank0_outputs(run: Run, write: Callable[[str], None], resumed_iteration: int) -> TensorBoardLogging:
+def attach_rank0_outputs(run: Run, write: Callable[[str], None], resumed_iteration: Optional[int]
+                         ) -> TensorBoardLogging:
     """Files, TensorBoard, progress and the per-epoch line: rank 0 only. Adds the objects whose state
     must survive a resume (best-model tracker, results) to `run.to_save`."""
     cfg, plan, trainer, evaluator = run.cfg, run.plan, run.trainer, run.evaluator
@@ -179,8 +228,10 @@ def attach_rank0_outputs(run: Run, write: Callable[[str], None], resumed_iterati
         attach_progress_bar(trainer, cfg.logging.log_every_iters)
     EpochSummary(evaluator, write, idist.get_world_size()).attach(trainer)
 
-    tb = TensorBoardLogging(plan.run_dir / "tb", resume_iteration=resumed_iteration,
-                            resume_epoch=resumed_iteration // len(run.train_batches)).attach(trainer, evaluator)
+    # A resumed run hides what the killed process logged after its checkpoint (TensorBoard's purge).
+    purge = None if resumed_iteration is None else (resumed_iteration + 1,
+                                                     resumed_iteration // len(run.train_batches) + 1)
+    tb = TensorBoardLogging(plan.run_dir / "tb", purge_from=purge).attach(trainer, evaluator)
 
     @trainer.on(Events.COMPLETED)
     def _final_hparams(_: Engine) -> None:
@@ -196,6 +247,7 @@ def attach_rank0_outputs(run: Run, write: Callable[[str], None], resumed_iterati
                                keep_last=cfg.checkpoint.keep_last, every_iters=cfg.checkpoint.every_iters)
     if plan.checkpoint is None:
         tb.log_config(to_dict(cfg))
+    remove_partial_files(plan.checkpoints_dir)
     return tb
 
 
@@ -208,15 +260,19 @@ def prepare_run_dir(cfg: Config, plan: RunPlan) -> None:
 def training(local_rank: int, cfg: Config, plan: RunPlan) -> None:
     rank = idist.get_rank()
     # Under torchrun each process named the new run folder itself; rank 0's name is the one.
-    plan = RunPlan(Path(idist.broadcast(str(plan.run_dir), src=0, safe_mode=True)), plan.checkpoint)
+    plan = RunPlan(Path(idist.broadcast(str(plan.run_dir), src=0, safe_mode=True)), plan.checkpoint, plan.resume)
     run = build_run(cfg, plan, local_rank)
     checkpoint = load_checkpoint(plan.checkpoint, map_location=run.device) if plan.checkpoint else None
+    if checkpoint is not None and checkpoint["meta"].get("data") != run.to_save["meta"].data_fingerprint:
+        raise UserError(f"{cfg.data.root}: not the data this run was trained on (fingerprint "
+                        f"{run.to_save['meta'].data_fingerprint} != {checkpoint['meta'].get('data')})")
     write = print if rank == 0 else (lambda _: None)
     tb = None
     if rank == 0:
         if checkpoint is None:
             prepare_run_dir(cfg, plan)
-        tb = attach_rank0_outputs(run, write, int(checkpoint["trainer"]["iteration"]) if checkpoint else 0)
+        resumed = int(checkpoint["trainer"]["iteration"]) if checkpoint else (0 if plan.resume else None)
+        tb = attach_rank0_outputs(run, write, resumed)
     if checkpoint is not None:
         Checkpoint.load_objects(to_load=run.to_save, checkpoint=checkpoint)
         write(f"resuming {plan.run_dir} from {plan.checkpoint.name} "

@@ -1,25 +1,37 @@
 """Checkpoints: the best model by validation top-1, and the training state that resume needs.
 
-Both use Ignite's Checkpoint with an atomic DiskSaver: a file appears under its final name only once
-it is complete. Ignite's Checkpoint asks its saver to delete the file it replaces *before* writing the
-new one; SaveThenRemove reverses that, so a kill or a full disk mid-write never costs the last good file.
+Both use Ignite's Checkpoint with SaveThenRemove, a DiskSaver whose files appear under their final name
+only once complete and flushed to disk. Ignite's Checkpoint asks its saver to delete the file it
+replaces *before* writing the new one; SaveThenRemove reverses that, so a kill or a full disk mid-write
+never costs the last good file. A failed write raises CheckpointWriteError naming the file.
 Training checkpoints are numbered by iteration, so epoch-end and every-N-iteration saves sort together.
 """
 from __future__ import annotations
 
+import os
 import re
+import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from ignite.engine import Engine, Events
+from ignite.engine.events import EventsList
 from ignite.handlers import Checkpoint, DiskSaver, global_step_from_engine
 
 TRAINING_PREFIX = "training"
 _TRAINING_FILE = re.compile(rf"^{TRAINING_PREFIX}_checkpoint_(\d+)\.pt$")
 
 
+TEMP_PREFIX = ".partial-"
+
+
+class CheckpointWriteError(RuntimeError):
+    """Writing a checkpoint failed (a full disk, say); the files written before it are intact."""
+
+
 class SaveThenRemove(DiskSaver):
-    """A DiskSaver that deletes replaced files only after the new file is complete on disk."""
+    """A DiskSaver that writes through a flushed temporary file and deletes replaced files only
+    after the new file is complete on disk."""
 
     def __init__(self, dirname: str | Path) -> None:
         super().__init__(str(dirname), atomic=True, require_empty=False)
@@ -29,11 +41,47 @@ class SaveThenRemove(DiskSaver):
         self._pending.append(filename)
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
-        super().__call__(checkpoint, filename, metadata)
+        try:
+            super().__call__(checkpoint, filename, metadata)
+        except OSError as e:
+            self._pending = []
+            raise CheckpointWriteError(f"{Path(self.dirname) / filename}: cannot write checkpoint "
+                                       f"({e.strerror or e}); earlier checkpoints are intact") from None
         pending, self._pending = self._pending, []
         for old in pending:
             if old != filename:
                 super().remove(old)
+
+    def _save_func(self, checkpoint: Mapping, path: Path, func: Callable) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.dirname, prefix=TEMP_PREFIX)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                func(checkpoint, f, **self.kwargs)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        dir_fd = os.open(self.dirname, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the rename itself survives a power cut
+        finally:
+            os.close(dir_fd)
+
+
+def remove_partial_files(folder: str | Path) -> None:
+    """Delete what a process killed in the middle of a checkpoint write left behind."""
+    folder = Path(folder)
+    if folder.is_dir():
+        for p in folder.glob(f"{TEMP_PREFIX}*"):
+            p.unlink(missing_ok=True)
+
+
+def checkpoint_event(every_iters: int = 0) -> Events | EventsList:
+    """Every epoch end and, if `every_iters` > 0, every that many iterations too."""
+    event = Events.EPOCH_COMPLETED
+    return event | Events.ITERATION_COMPLETED(every=every_iters) if every_iters else event
 
 
 def _iteration(engine: Engine) -> int:
@@ -57,10 +105,7 @@ def attach_training_checkpoint(trainer: Engine, folder: str | Path, to_save: Map
         dict(to_save), SaveThenRemove(folder),
         filename_prefix=TRAINING_PREFIX, score_function=_iteration, n_saved=keep_last,
     )
-    event = Events.EPOCH_COMPLETED
-    if every_iters:
-        event = event | Events.ITERATION_COMPLETED(every=every_iters)
-    trainer.add_event_handler(event, handler)
+    trainer.add_event_handler(checkpoint_event(every_iters), handler)
     return handler
 
 

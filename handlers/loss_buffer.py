@@ -4,13 +4,15 @@ The loss stays on the device; every `every` iterations (and at the end of each e
 values are copied to the host in one transfer. Then the engine fires LossEvents.LOSS_FLUSHED with
 `engine.state.flushed_losses` = [(iteration, loss, lr), ...] and `engine.state.running_loss` and `engine.state.lr` updated, for
 loggers to use. A NaN or infinite loss raises LossNotFinite there, before any later handler of the same
-event (a checkpoint, say) can save the diverged weights.
+event (a checkpoint, say) can save the diverged weights. Under several processes they agree first
+(one all-reduce per flush), so that all of them stop together instead of some waiting forever.
 """
 from __future__ import annotations
 
 import math
 from typing import Callable
 
+import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, EventEnum, Events
 
@@ -52,9 +54,14 @@ class LossBuffer:
             return
         values = torch.stack(self._losses).tolist()  # the one host synchronisation
         steps, self._losses, self._steps = self._steps, [], []
-        for (iteration, _), value in zip(steps, values):
-            if not math.isfinite(value):
-                raise LossNotFinite(iteration, value)
+        bad = next(((it, v) for (it, _), v in zip(steps, values) if not math.isfinite(v)), None)
+        if idist.get_world_size() > 1:
+            anywhere = idist.all_reduce(float(bad is not None), op="MAX")
+            if anywhere and bad is None:
+                bad = (steps[-1][0], float("nan"))  # another process's loss diverged
+        if bad is not None:
+            raise LossNotFinite(*bad)
+        for value in values:
             a = self.smoothing
             self.running_loss = value if self.running_loss is None else a * self.running_loss + (1 - a) * value
         engine.state.flushed_losses = [(it, v, lr) for (it, lr), v in zip(steps, values)]

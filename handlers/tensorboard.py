@@ -18,10 +18,10 @@ from handlers.loss_buffer import LossEvents
 
 
 class TensorBoardLogging:
-    def __init__(self, log_dir: str | Path, *, resume_iteration: int = 0, resume_epoch: int = 0) -> None:
+    def __init__(self, log_dir: str | Path, *, purge_from: tuple[int, int] | None = None) -> None:
+        """`purge_from`: (iteration, epoch) from which earlier event files of this run are hidden."""
         log_dir = Path(log_dir)
-        purge_train = resume_iteration + 1 if resume_iteration else None
-        purge_val = resume_epoch + 1 if resume_epoch else None
+        purge_train, purge_val = purge_from if purge_from else (None, None)
         self.train = SummaryWriter(str(log_dir / "train"), purge_step=purge_train)
         self.validation = SummaryWriter(str(log_dir / "validation"), purge_step=purge_val)
 

@@ -77,7 +77,7 @@ def test_bad_resume_path(tmp_path: Path, out: Path, small_data: Path) -> None:
     _assert_clean_failure(run_app("--config", str(cfg), "--output-dir", str(out), "--resume", str(nothing)), 1,
                           str(nothing), out=out)
     _assert_clean_failure(run_app("--config", str(cfg), "--output-dir", str(out), "--resume"), 1,
-                          "no run with a training checkpoint", out=out)
+                          "no run to resume", out=out)
 
 
 def test_help_documents_every_flag() -> None:
