@@ -43,10 +43,10 @@ class SaveThenRemove(DiskSaver):
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
         try:
             super().__call__(checkpoint, filename, metadata)
-        except OSError as e:
+        except Exception as e:  # torch.save wraps the OSError of a full disk in a RuntimeError
             self._pending = []
             raise CheckpointWriteError(f"{Path(self.dirname) / filename}: cannot write checkpoint "
-                                       f"({e.strerror or e}); earlier checkpoints are intact") from None
+                                       f"({_root_cause(e)}); earlier checkpoints are intact") from None
         pending, self._pending = self._pending, []
         for old in pending:
             if old != filename:
@@ -68,6 +68,12 @@ class SaveThenRemove(DiskSaver):
             os.fsync(dir_fd)  # the rename itself survives a power cut
         finally:
             os.close(dir_fd)
+
+
+def _root_cause(error: BaseException) -> str:
+    while error.__context__ is not None and not isinstance(error, OSError):
+        error = error.__context__
+    return error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
 
 
 def remove_partial_files(folder: str | Path) -> None:

@@ -2,10 +2,6 @@
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +9,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from app.runs import load_checkpoint
-from conftest import ROOT, run_app, write_config
+from conftest import run_app, run_until, write_config
 
 
 def _config(tmp_path: Path, data: Path, epochs: int = 2, **extra) -> Path:
@@ -78,17 +74,8 @@ def test_tensorboard_has_loss_lr_per_iteration_and_validation_per_epoch(finished
 def test_resume_after_kill_continues_same_run_without_repeating_an_epoch(tmp_path: Path, small_data: Path) -> None:
     cfg = _config(tmp_path, small_data, epochs=3)
     run_dir = tmp_path / "runs" / "r"
-    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
-    proc = subprocess.Popen([sys.executable, "-m", "app", "--config", str(cfg), "--run-name", "r"], cwd=ROOT,
-                            env={**__import__("os").environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    first_epoch = run_dir / "checkpoints" / "training_checkpoint_5.pt"
-    deadline = time.monotonic() + 300
-    while not first_epoch.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)
-    out, _ = proc.communicate()
-    assert first_epoch.exists() and "epoch 3/3" not in out
+    run_until(run_dir / "checkpoints" / "training_checkpoint_5.pt", "--config", str(cfg), "--run-name", "r")
+    assert not (run_dir / "checkpoints" / "training_checkpoint_15.pt").exists()
 
     result = run_app("--config", str(cfg), "--resume")
     assert result.returncode == 0, result.stderr

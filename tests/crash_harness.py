@@ -1,0 +1,129 @@
+"""Kill a training run at seeded random moments, resume it each time, and compare its final weights
+with an uninterrupted run of the same config.
+
+Used by tests/test_crash_resume.py with a few kill points; run by hand for more:
+
+    python tests/crash_harness.py --kills 20 [--every-iters 4] [--nproc 2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.synthetic import write_cifar100  # noqa: E402
+
+
+@dataclass
+class CrashReport:
+    kill_points_tried: int
+    kills: int  # kill points at which the process was still running
+    resumes_completed: int
+    identical_weights: bool
+    same_metrics: bool
+
+
+def _config(path: Path, data: Path, out: Path, every_iters: int, epochs: int, batch: int) -> Path:
+    cfg = json.loads((ROOT / "config.json").read_text())
+    cfg["data"].update(root=str(data), download=False)
+    cfg["train"].update(epochs=epochs, batch_size=batch)
+    cfg["eval"].update(batch_size=20)
+    cfg["checkpoint"].update(every_iters=every_iters)
+    cfg["logging"].update(output_dir=str(out), log_every_iters=2)
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def _start(args: list[str], nproc: int) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(max(1, 2 // nproc))}
+    extra = ["--nproc-per-node", str(nproc), "--backend", "gloo"] if nproc > 1 else []
+    # A new session, so that SIGKILL reaches the launcher and every process it spawned.
+    return subprocess.Popen([sys.executable, "-m", "app", *args, *extra], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _final(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    newest = max((run_dir / "checkpoints").glob("training_checkpoint_*.pt"),
+                 key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    model = torch.load(newest, map_location="cpu", weights_only=True)["model"]
+    return model, json.loads((run_dir / "results.json").read_text())["final"]
+
+
+def crash_resume(work: Path, *, kills: int, seed: int = 0, every_iters: int = 0, nproc: int = 1,
+                 n_train: int = 96, epochs: int = 3, batch: int = 16) -> CrashReport:
+    data = write_cifar100(work / "data", n_train, 40, seed=seed)
+    cfg = _config(work / "config.json", data, work / "runs", every_iters, epochs, batch)
+
+    started = time.monotonic()
+    ref = _start(["--config", str(cfg), "--run-name", "reference"], nproc)
+    startup = None  # until the run folder appears: imports, data, model
+    while ref.poll() is None:
+        if startup is None and (work / "runs" / "reference" / "config.json").exists():
+            startup = time.monotonic() - started
+        time.sleep(0.02)
+    _, err = ref.communicate(timeout=900)
+    assert ref.returncode == 0, err
+    training = time.monotonic() - started - startup
+
+    rng = random.Random(seed)
+    tried = done_kills = resumes = 0
+    args = ["--config", str(cfg), "--run-name", "crashed"]
+    while True:
+        proc = _start(args, nproc)
+        if tried < kills:
+            tried += 1
+            # Kill somewhere in the first 70% of what is left to train (iteration, evaluation,
+            # checkpoint write): every resume gets somewhere, and most kills hit the run itself.
+            deadline = time.monotonic() + startup + rng.uniform(0.0, 0.7) * training
+            while proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                done_kills += 1
+                args = ["--config", str(cfg), "--resume", str(work / "runs" / "crashed")]
+                if (work / "runs" / "crashed" / "config.json").exists():
+                    resumes += 1
+                else:  # killed before the run folder existed: start it afresh
+                    args = ["--config", str(cfg), "--run-name", "crashed"]
+                continue
+        _, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, err
+        break
+
+    ref_model, ref_metrics = _final(work / "runs" / "reference")
+    model, metrics = _final(work / "runs" / "crashed")
+    identical = ref_model.keys() == model.keys() and all(torch.equal(ref_model[k], model[k]) for k in ref_model)
+    return CrashReport(tried, done_kills, resumes, identical, metrics == ref_metrics)
+
+
+def main() -> None:
+    import tempfile
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kills", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--every-iters", type=int, default=0)
+    p.add_argument("--nproc", type=int, default=1)
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as work:
+        report = crash_resume(Path(work), kills=args.kills, seed=args.seed, every_iters=args.every_iters,
+                              nproc=args.nproc)
+    print(json.dumps(report.__dict__))
+
+
+if __name__ == "__main__":
+    main()

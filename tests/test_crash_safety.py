@@ -1,0 +1,184 @@
+"""What a user relies on when things go wrong: damaged, hostile or mismatched checkpoints, divergence,
+disk trouble and a dying process."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from ignite.engine import Engine, Events
+
+from conftest import ROOT, run_app, run_until, write_cifar100, write_config
+from handlers.checkpoints import SaveThenRemove, training_checkpoints
+from handlers.loss_buffer import LossBuffer, LossNotFinite
+from ignite.handlers import Checkpoint
+
+
+def _config(tmp: Path, data: Path, epochs: int = 2, **train) -> Path:
+    return write_config(tmp / "c.json", data={"root": str(data), "download": False},
+                        train={"epochs": epochs, "batch_size": 48, **train},
+                        logging={"output_dir": str(tmp / "runs"), "log_every_iters": 2})
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _one_error_line(result) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, small_data: Path):
+    """A finished 2-epoch run (5 iterations per epoch), copied fresh for each test that changes it."""
+    tmp = tmp_path_factory.mktemp("finished")
+    cfg = _config(tmp, small_data)
+    assert run_app("--config", str(cfg), "--run-name", "r").returncode == 0
+    return tmp, cfg
+
+
+def _copy(finished, dest: Path) -> tuple[Path, Path]:
+    import shutil
+
+    src, cfg = finished
+    shutil.copytree(src / "runs", dest / "runs")
+    new_cfg = dest / "c.json"
+    data = json.loads(cfg.read_text())
+    data["logging"]["output_dir"] = str(dest / "runs")
+    new_cfg.write_text(json.dumps(data))
+    return dest / "runs" / "r", new_cfg
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(finished, tmp_path: Path) -> None:
+    run_dir, cfg = _copy(finished, tmp_path)
+    newest = run_dir / "checkpoints" / "training_checkpoint_10.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    result = run_app("--config", str(cfg), "--resume", str(run_dir))
+    assert result.returncode == 0, result.stderr
+    assert "training_checkpoint_10.pt" in result.stderr and "training_checkpoint_5.pt" in result.stderr
+    assert [line.split()[1] for line in result.stdout.splitlines() if line.startswith("epoch ")] == ["2/2"]
+    torch.load(newest, weights_only=True)  # written again, whole
+
+
+def test_no_intact_checkpoint_is_one_line_and_an_error(finished, tmp_path: Path) -> None:
+    run_dir, cfg = _copy(finished, tmp_path)
+    for path in training_checkpoints(run_dir / "checkpoints"):
+        path.write_bytes(b"not a checkpoint")
+    result = run_app("--config", str(cfg), "--resume", str(run_dir))
+    assert result.returncode == 1
+    assert "no intact training checkpoint" in _one_error_line(result)
+
+
+def test_checkpoint_that_would_run_code_is_refused_and_the_code_does_not_run(tmp_path: Path, small_data) -> None:
+    marker = tmp_path / "code_ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    hostile = tmp_path / "training_checkpoint_5.pt"
+    torch.save({"trainer": Payload(), "model": {}}, hostile)
+    result = run_app("--config", str(_config(tmp_path, small_data)), "--resume", str(hostile))
+    assert result.returncode == 1
+    assert str(hostile) in _one_error_line(result) and "not a loadable checkpoint" in result.stderr
+    assert not marker.exists()
+
+
+def test_resume_refuses_changes_that_alter_the_run_and_allows_safe_ones(finished, tmp_path: Path) -> None:
+    run_dir, cfg = _copy(finished, tmp_path)
+    refused = run_app("--config", str(cfg), "--resume", str(run_dir), "--epochs", "3", "--lr", "0.2")
+    assert refused.returncode == 2
+    line = _one_error_line(refused)
+    assert "optimizer.lr: 0.1 -> 0.2" in line and "train.epochs: 2 -> 3" in line
+    safe = run_app("--config", str(cfg), "--resume", str(run_dir), "--output-dir", str(tmp_path / "other"))
+    assert safe.returncode == 0 and "finished" in safe.stdout  # logging.* may change
+
+
+def test_resume_on_other_data_is_refused(finished, tmp_path: Path) -> None:
+    run_dir, cfg = _copy(finished, tmp_path)
+    newest = run_dir / "checkpoints" / "training_checkpoint_10.pt"
+    newest.unlink()  # unfinished again: resumes from iteration 5
+    other = write_cifar100(tmp_path / "other", 240, 50, seed=99)
+    result = run_app("--config", str(cfg), "--resume", str(run_dir), "--data-root", str(other))
+    assert result.returncode == 1 and "not the data this run was trained on" in _one_error_line(result)
+
+
+def test_divergence_stops_before_the_checkpoint_and_keeps_the_last_good_one(tmp_path: Path) -> None:
+    """A real Engine, LossBuffer and Checkpoint: epoch 1 is fine, epoch 2's loss becomes NaN."""
+    trainer = Engine(lambda e, _: torch.tensor(float("nan") if e.state.epoch == 2 else 1.0))
+    LossBuffer(every=3, lr_fn=lambda: 0.1).attach(trainer)
+    model = torch.nn.Linear(2, 2)
+    saver = Checkpoint({"model": model}, SaveThenRemove(tmp_path), n_saved=2,
+                       global_step_transform=lambda e, _: e.state.epoch)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, saver)
+    with pytest.raises(LossNotFinite, match="iteration 5"):
+        trainer.run(range(4), max_epochs=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_1.pt"]
+
+
+def test_diverging_run_exits_3_with_one_line_and_saves_nothing(tmp_path: Path, small_data: Path) -> None:
+    result = run_app("--config", str(_config(tmp_path, small_data)), "--run-name", "nan", "--lr", "1e12")
+    assert result.returncode == 3
+    assert "training loss became" in _one_error_line(result)
+    assert training_checkpoints(tmp_path / "runs" / "nan" / "checkpoints") == []
+
+
+def test_unwritable_output_folder_is_reported_before_training(tmp_path: Path, small_data: Path) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    result = run_app("--config", str(_config(tmp_path, small_data)), "--output-dir", str(blocker / "runs"))
+    assert result.returncode == 1 and str(blocker) in _one_error_line(result)
+    assert result.stdout == ""  # no training started
+
+
+def _limit_file_size() -> None:
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit then fail with EFBIG
+    resource.setrlimit(resource.RLIMIT_FSIZE, (60 * 2**20, 60 * 2**20))
+
+
+def test_failed_checkpoint_write_ends_the_run_and_keeps_earlier_checkpoints(tmp_path: Path, small_data) -> None:
+    cfg = _config(tmp_path, small_data, epochs=3)
+    run_dir = tmp_path / "runs" / "r"
+    kept = run_dir / "checkpoints" / "training_checkpoint_5.pt"
+    run_until(kept, "--config", str(cfg), "--run-name", "r")
+    before = _digest(kept)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+    result = subprocess.run([sys.executable, "-m", "app", "--config", str(cfg), "--resume", str(run_dir)],
+                            cwd=ROOT, env=env, capture_output=True, text=True, preexec_fn=_limit_file_size,
+                            timeout=600)
+    assert result.returncode == 1
+    line = _one_error_line(result)
+    assert "cannot write checkpoint" in line and "training_checkpoint_10.pt" in line
+    assert _digest(kept) == before
+    assert not list((run_dir / "checkpoints").glob(".partial-*"))
+
+
+def test_when_one_process_dies_the_others_exit_promptly(tmp_path: Path) -> None:
+    data = write_cifar100(tmp_path / "data", 960, 20)
+    cfg = _config(tmp_path, data, epochs=5, batch_size=32)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "app", "--config", str(cfg), "--run-name", "d",
+                             "--nproc-per-node", "2", "--backend", "gloo"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "runs" / "d" / "tb").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    children = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+    workers = [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    assert len(workers) == 2 and proc.poll() is None
+    os.kill(workers[1], signal.SIGKILL)
+    killed = time.monotonic()
+    proc.communicate(timeout=120)
+    assert time.monotonic() - killed < 30
+    assert proc.returncode != 0
+    assert not Path(f"/proc/{workers[0]}").exists() or b"zombie" in Path(f"/proc/{workers[0]}/status").read_bytes()
