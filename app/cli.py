@@ -11,7 +11,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import NoReturn, Optional, Sequence
+from typing import Any, Callable, NoReturn, Optional, Sequence
 
 import ignite.distributed as idist
 import torch
@@ -32,7 +32,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m app", description="Train a CIFAR ResNet18 on CIFAR-100 (PyTorch-Ignite).")
+    p = _Parser(prog="python -m app", description="Train a CIFAR ResNet18 on CIFAR-100 (PyTorch-Ignite). "
+                "Other commands: `python -m app evaluate --help`, `python -m app predict --help`.")
     p.add_argument("--config", default="config.json", help="JSON config with every setting (default: config.json)")
     p.add_argument("--lr", type=float, help="peak learning rate of the one-cycle schedule (optimizer.lr)")
     p.add_argument("--batch-size", type=int, help="global batch of one optimizer step, split over processes "
@@ -50,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                               "default nccl on GPUs, gloo on CPUs)")
     p.add_argument("--seed", type=int, help="random seed (seed)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to train (train.device)")
+    p.add_argument("--dry-run", action="store_true", help="check the config, the data and the model, print the "
+                                                          "resolved config and the model size, and exit")
     return p
 
 
@@ -78,27 +81,32 @@ def _torchrun_world_size() -> Optional[int]:
     return int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ and "RANK" in os.environ else None
 
 
-def launch_settings(cfg: Config) -> tuple[Optional[str], Optional[int], int]:
-    """(backend, nproc_per_node to spawn, world size), checked against the machine."""
+def launch(device: str, nproc: int, backend: Optional[str]) -> tuple[Optional[str], Optional[int], int]:
+    """(backend, processes to spawn, world size) for one process, spawned processes or torchrun,
+    checked against the machine."""
     torchrun = _torchrun_world_size()
-    nproc = cfg.distributed.nproc_per_node
     if torchrun is not None and nproc > 1:
         raise ConfigError("--nproc-per-node: not with torchrun, which starts the processes itself "
                           "(use torchrun's --nproc_per_node)")
     world = torchrun if torchrun is not None else nproc
-    wants_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
-    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+    wants_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA GPU is available here (use --device cpu)")
-    backend = cfg.distributed.backend or ("nccl" if wants_cuda else "gloo")
+    backend = backend or ("nccl" if wants_cuda else "gloo")
     if backend == "nccl" and not wants_cuda:
         raise ConfigError("--backend nccl: needs CUDA GPUs; use --backend gloo on CPUs")
     if wants_cuda and torchrun is None and nproc > torch.cuda.device_count():
         raise ConfigError(f"--nproc-per-node {nproc}: only {torch.cuda.device_count()} GPUs here")
-    if cfg.train.batch_size % world:
-        raise ConfigError(f"train.batch_size {cfg.train.batch_size} does not divide evenly over {world} processes")
     if world == 1 and torchrun is None:
         return None, None, 1
     return backend, (nproc if torchrun is None else None), world
+
+
+def launch_settings(cfg: Config) -> tuple[Optional[str], Optional[int], int]:
+    backend, spawn, world = launch(cfg.train.device, cfg.distributed.nproc_per_node, cfg.distributed.backend)
+    if cfg.train.batch_size % world:
+        raise ConfigError(f"train.batch_size {cfg.train.batch_size} does not divide evenly over {world} processes")
+    return backend, spawn, world
 
 
 def _torchrun_rank(name: str) -> int:
@@ -136,31 +144,36 @@ def check_writable(folder: Path) -> None:
         raise UserError(f"{folder}: output folder is not writable ({e.strerror or e})") from None
 
 
-def _run_process(local_rank: int, cfg: Config, plan: RunPlan) -> None:
-    """Entry point of each process: a user error or divergence becomes one line and an exit code."""
-    from app.training import training  # imported here: keeps `--help` and config errors fast
-
+def _in_process(local_rank: int, fn: Callable[..., None], *args: Any) -> None:
+    """Entry point of each process: a user error, divergence or disk failure becomes one line (from
+    rank 0) and an exit code, in spawned processes and under torchrun alike."""
     try:
-        training(local_rank, cfg, plan)
+        fn(local_rank, *args)
     except UserError as e:
-        if idist.get_rank() == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(e.exit_code)
+        _fail(str(e), e.exit_code)
     except LossNotFinite as e:
-        if idist.get_rank() == 0:
-            print(f"error: {e}; training stopped, checkpoints saved before it are untouched",
-                  file=sys.stderr, flush=True)
-        sys.exit(EXIT_DIVERGED)
+        _fail(f"{e}; training stopped, checkpoints saved before it are untouched", EXIT_DIVERGED)
     except (CheckpointWriteError, OSError) as e:  # a full disk, a folder that went away
-        if idist.get_rank() == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        _fail(str(e), 1)
 
 
-def train(argv: Optional[Sequence[str]] = None) -> int:
+def _fail(message: str, code: int) -> NoReturn:
+    if idist.get_rank() == 0:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def _launch(backend: Optional[str], spawn: Optional[int], fn: Callable[..., None], *args: Any) -> None:
+    logging.getLogger("ignite.engine").setLevel(logging.CRITICAL)  # we report failures ourselves
+    with idist.Parallel(backend=backend, nproc_per_node=spawn) as parallel:
+        parallel._logger.setLevel(logging.WARNING)  # its per-run INFO lines would interleave with ours
+        parallel.run(_in_process, fn, *args)
+
+
+def train(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
     cfg = resolve_config(args)
-    backend, spawn, _ = launch_settings(cfg)
+    backend, spawn, world = launch_settings(cfg)
     plan, finished = plan_run(cfg, args.resume)
     check_writable(plan.run_dir)
     if finished:
@@ -170,16 +183,64 @@ def train(argv: Optional[Sequence[str]] = None) -> int:
         # Under torchrun the other processes of this node wait in the process-group rendezvous,
         # which local rank 0 joins only after this: the download happens once per node.
         ensure_dataset(cfg.data.root, cfg.data.download)
-    logging.getLogger("ignite.engine").setLevel(logging.CRITICAL)  # we report failures ourselves
-    with idist.Parallel(backend=backend, nproc_per_node=spawn) as parallel:
-        parallel._logger.setLevel(logging.WARNING)  # its per-run INFO lines would interleave with ours
-        parallel.run(_run_process, cfg, plan)
+    from app.training import describe_run, training  # imported here: keeps --help and flag errors fast
+
+    if args.dry_run:
+        print(describe_run(cfg, world))
+        return 0
+    _launch(backend, spawn, training, cfg, plan)
     return 0
 
 
+def build_evaluate_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m app evaluate", description="Evaluate a checkpoint on the CIFAR-100 test set: "
+                "top-1, top-5, loss, per-class accuracy, the worst classes and the most confused pairs.")
+    p.add_argument("--checkpoint", required=True, help="a best-model or training checkpoint")
+    p.add_argument("--data-root", help="folder that holds cifar-100-python/ (default: the run's data.root)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a report")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--nproc-per-node", type=int, default=1, help="split the test set over this many processes")
+    p.add_argument("--backend", choices=["nccl", "gloo"])
+    return p
+
+
+def evaluate(argv: Sequence[str]) -> int:
+    from app.evaluate import check_evaluation_inputs, run_evaluate
+
+    args = build_evaluate_parser().parse_args(argv)
+    if args.nproc_per_node < 1:
+        raise ConfigError("--nproc-per-node: must be >= 1")
+    backend, spawn, _ = launch(args.device, args.nproc_per_node, args.backend)
+    check_evaluation_inputs(args.checkpoint, args.data_root)
+    _launch(backend, spawn, run_evaluate, args.checkpoint, args.data_root, args.device, args.json)
+    return 0
+
+
+def build_predict_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m app predict", description="The five most likely CIFAR-100 classes for images "
+                "(PNG, JPEG; any size: the shorter side is resized to 32 and the centre cropped).")
+    p.add_argument("--checkpoint", required=True, help="a best-model or training checkpoint")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a list")
+    return p
+
+
+def predict(argv: Sequence[str]) -> int:
+    from app.predict import format_predictions, predict as predict_images
+
+    args = build_predict_parser().parse_args(argv)
+    print(format_predictions(predict_images(Path(args.checkpoint), [Path(p) for p in args.images]), args.json))
+    return 0
+
+
+COMMANDS = {"evaluate": evaluate, "predict": predict}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = COMMANDS.get(argv[0]) if argv else None
     try:
-        return train(argv)
+        return command(argv[1:]) if command else train(argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

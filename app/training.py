@@ -17,11 +17,12 @@ import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, LRScheduler
+from ignite.metrics import ConfusionMatrix
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from app.augment import BatchAugment, Normalize
-from app.config import Config, to_dict
+from app.config import AugmentConfig, Config, to_dict
 from app.data import Cifar100, load_cifar100
 from app.errors import UserError
 from app.cuda_graph import CudaGraphStep
@@ -167,9 +168,7 @@ def build_run(cfg: Config, plan: RunPlan, local_rank: int) -> Run:
     precision = Precision.resolve(cfg.train.amp, device)
     scaler = torch.amp.GradScaler(device.type) if precision.scaler else None
     a = cfg.augment
-    augment = BatchAugment(padding=a.crop_padding, hflip=a.hflip, rotation=a.rotation, brightness=a.brightness,
-                           contrast=a.contrast, saturation=a.saturation, mean=a.mean, std=a.std,
-                           generator=torch.Generator(device).manual_seed(cfg.seed * 7919 + rank))
+    augment = build_augment(a, torch.Generator(device).manual_seed(cfg.seed * 7919 + rank))
 
     step = make_train_step(train_model, optimizer, augment, device, precision, scaler, cfg.train.channels_last)
     if use_cuda_graphs(cfg, device, world, precision):
@@ -178,6 +177,7 @@ def build_run(cfg: Config, plan: RunPlan, local_rank: int) -> Run:
     # Evaluation uses the plain module: no DDP collectives, so uneven shards cannot deadlock.
     evaluator = create_evaluator(model, Normalize(a.mean, a.std, device), device, precision,
                                  cfg.train.channels_last)
+    ConfusionMatrix(cfg.model.num_classes, device=device).attach(evaluator, "confusion")
 
     s = cfg.schedule
     lr_scheduler = LRScheduler(torch.optim.lr_scheduler.OneCycleLR(
@@ -213,6 +213,22 @@ def build_run(cfg: Config, plan: RunPlan, local_rank: int) -> Run:
     return Run(cfg, plan, device, trainer, evaluator, model, train_batches, to_save)
 
 
+def build_augment(a: AugmentConfig, generator: torch.Generator) -> BatchAugment:
+    return BatchAugment(padding=a.crop_padding, hflip=a.hflip, rotation=a.rotation, brightness=a.brightness,
+                        contrast=a.contrast, saturation=a.saturation, mean=a.mean, std=a.std, generator=generator)
+
+
+def augmented_samples(run: Run, n: int = 64) -> torch.Tensor:
+    """The first n training images as the training step sees them, un-normalised for display. A
+    generator of their own: the training generator's draws (and so exact resume) stay untouched."""
+    a = run.cfg.augment
+    augment = build_augment(a, torch.Generator(run.device).manual_seed(run.cfg.seed))
+    x = augment(run.train_batches.images[:n])
+    mean = torch.tensor(a.mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(a.std, device=x.device).view(1, 3, 1, 1)
+    return (x * std + mean).clamp(0, 1)
+
+
 def attach_rank0_outputs(run: Run, write: Callable[[str], None], resumed_iteration: Optional[int]
                          ) -> TensorBoardLogging:
     """Files, TensorBoard, progress and the per-epoch line: rank 0 only. Adds the objects whose state
@@ -231,7 +247,8 @@ def attach_rank0_outputs(run: Run, write: Callable[[str], None], resumed_iterati
     # A resumed run hides what the killed process logged after its checkpoint (TensorBoard's purge).
     purge = None if resumed_iteration is None else (resumed_iteration + 1,
                                                      resumed_iteration // len(run.train_batches) + 1)
-    tb = TensorBoardLogging(plan.run_dir / "tb", purge_from=purge).attach(trainer, evaluator)
+    tb = TensorBoardLogging(plan.run_dir / "tb", purge_from=purge).attach(
+        trainer, evaluator, sample_images=None if resumed_iteration else lambda: augmented_samples(run))
 
     @trainer.on(Events.COMPLETED)
     def _final_hparams(_: Engine) -> None:
@@ -249,6 +266,22 @@ def attach_rank0_outputs(run: Run, write: Callable[[str], None], resumed_iterati
         tb.log_config(to_dict(cfg))
     remove_partial_files(plan.checkpoints_dir)
     return tb
+
+
+def describe_run(cfg: Config, world: int) -> str:
+    """What --dry-run prints: the resolved config, the data and the model, after checking all three."""
+    data = load_cifar100(cfg.data.root, cfg.model.num_classes)
+    model = build_model(cfg.model.name, cfg.model.num_classes)
+    per_process = cfg.train.batch_size // world
+    steps = -(-(len(data.train) // world) // per_process)
+    return "\n".join([
+        json.dumps(to_dict(cfg), indent=2),
+        f"model: {cfg.model.name}, {count_parameters(model):,} parameters",
+        f"data: {len(data.train):,} training and {len(data.test):,} test images in {cfg.data.root}",
+        f"schedule: {cfg.train.epochs} epochs x {steps} iterations (batch {cfg.train.batch_size} = "
+        f"{world} x {per_process})",
+        "dry run: nothing was written",
+    ])
 
 
 def prepare_run_dir(cfg: Config, plan: RunPlan) -> None:

@@ -11,13 +11,12 @@ from ignite.engine import Events
 from ignite.handlers import LRScheduler
 from torch.utils.flop_counter import FlopCounterMode
 
-from app.augment import BatchAugment
 from app.config import Config
 from app.cuda_graph import CudaGraphStep
 from app.engines import Precision, create_trainer, make_train_step
 from app.loader import ShardedBatches
 from app.model import build_model
-from app.training import build_optimizer, use_cuda_graphs
+from app.training import build_augment, build_optimizer, use_cuda_graphs
 from bench.seed_pipeline import as_pil, run_per_image, seed_transform
 from handlers.loss_buffer import LossBuffer
 
@@ -52,9 +51,7 @@ def augmentation(cfg: Config, device: torch.device, n_seed: int, n_ours: int, ba
     run_per_image(seed, seed_inputs[:8])  # warm-up
     seed_s = timed(lambda: run_per_image(seed, seed_inputs), device)
 
-    ours = BatchAugment(padding=a.crop_padding, hflip=a.hflip, rotation=a.rotation, brightness=a.brightness,
-                        contrast=a.contrast, saturation=a.saturation, mean=a.mean, std=a.std,
-                        generator=torch.Generator(device).manual_seed(0))
+    ours = build_augment(a, torch.Generator(device).manual_seed(0))
     x = images[:batch]
     for _ in range(3):
         ours(x)
@@ -80,9 +77,7 @@ class _Setup:
         self.train_model = torch.compile(self.model) if cfg.train.compile else self.model
         self.optimizer = build_optimizer(cfg, self.model, device)
         a = cfg.augment
-        self.augment = BatchAugment(padding=a.crop_padding, hflip=a.hflip, rotation=a.rotation,
-                                    brightness=a.brightness, contrast=a.contrast, saturation=a.saturation,
-                                    mean=a.mean, std=a.std, generator=torch.Generator(device).manual_seed(0))
+        self.augment = build_augment(cfg.augment, torch.Generator(device).manual_seed(0))
         images, labels = random_images(n_images, device)
         self.batches = ShardedBatches(images, labels, batch_size=cfg.train.batch_size, shuffle=True)
         self.scheduler = torch.optim.lr_scheduler.OneCycleLR(self.optimizer, max_lr=cfg.optimizer.lr,

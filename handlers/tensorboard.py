@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Optional
 
+import torch
 from ignite.engine import Engine, Events
 from tensorboardX import SummaryWriter
 from tensorboardX.summary import hparams
@@ -25,11 +26,19 @@ class TensorBoardLogging:
         self.train = SummaryWriter(str(log_dir / "train"), purge_step=purge_train)
         self.validation = SummaryWriter(str(log_dir / "validation"), purge_step=purge_val)
 
-    def attach(self, trainer: Engine, evaluator: Engine) -> "TensorBoardLogging":
-        """`trainer` must have a LossBuffer attached; `evaluator` must compute top1, top5 and loss."""
+    def attach(self, trainer: Engine, evaluator: Engine,
+               sample_images: Optional[Callable[[], torch.Tensor]] = None) -> "TensorBoardLogging":
+        """`trainer` must have a LossBuffer attached; `evaluator` must compute top1, top5 and loss, and
+        may compute "confusion" (a ConfusionMatrix). `sample_images` gives (N, 3, H, W) images in
+        [0, 1] to show once at the start (augmented training images, say). Attach after EpochSummary
+        to log its epoch time and images per second."""
         trainer.add_event_handler(LossEvents.LOSS_FLUSHED, self._log_losses)
         evaluator.add_event_handler(Events.COMPLETED, self._log_validation, trainer)
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, self._log_epoch)
         trainer.add_event_handler(Events.COMPLETED, self.flush)
+        if sample_images is not None:
+            trainer.add_event_handler(Events.STARTED, lambda e: self.train.add_image(
+                "train/augmented_images", image_grid(sample_images()), e.state.iteration))
         return self
 
     def _log_losses(self, trainer: Engine) -> None:
@@ -42,7 +51,22 @@ class TensorBoardLogging:
         for name, value in evaluator.state.metrics.items():
             if isinstance(value, (int, float)):
                 self.validation.add_scalar(f"validation/{name}", value, epoch)
+        confusion = evaluator.state.metrics.get("confusion")
+        if isinstance(confusion, torch.Tensor):
+            self.validation.add_image("validation/confusion_matrix", confusion_image(confusion), epoch)
+            per_class = confusion.diag().float() / confusion.sum(1).clamp(min=1).float()
+            self.validation.add_histogram("validation/per_class_accuracy", per_class.cpu(), epoch)
         self.flush()  # before the epoch's checkpoint: what a resume keeps is on disk
+
+    def _log_epoch(self, trainer: Engine) -> None:
+        epoch = trainer.state.epoch
+        for tag, attr in (("epoch/seconds", "epoch_seconds"), ("epoch/images_per_second", "images_per_second")):
+            value = getattr(trainer.state, attr, None)
+            if value is not None:
+                self.validation.add_scalar(tag, value, epoch)
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            self.validation.add_scalar("epoch/peak_gpu_memory_gib", torch.cuda.max_memory_allocated() / 2**30, epoch)
+        self.validation.flush()
 
     def log_config(self, config: Mapping[str, Any]) -> None:
         self.train.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```", 0)
@@ -62,3 +86,22 @@ class TensorBoardLogging:
     def close(self) -> None:
         self.train.close()
         self.validation.close()
+
+
+def image_grid(images: torch.Tensor, columns: int = 8) -> torch.Tensor:
+    """(N, 3, H, W) in [0, 1] -> one (3, rows*(H+2), columns*(W+2)) image with 2-pixel gaps."""
+    n, c, h, w = images.shape
+    rows = -(-n // columns)
+    grid = torch.ones(c, rows * (h + 2), columns * (w + 2))
+    for i, img in enumerate(images.detach().float().cpu().clamp(0, 1)):
+        r, k = divmod(i, columns)
+        grid[:, r * (h + 2) + 1: r * (h + 2) + 1 + h, k * (w + 2) + 1: k * (w + 2) + 1 + w] = img
+    return grid
+
+
+def confusion_image(confusion: torch.Tensor, scale: int = 3) -> torch.Tensor:
+    """Rows (true class) normalised to sum 1, white (0) to dark blue (1), each cell scale x scale pixels."""
+    m = confusion.detach().float().cpu()
+    m = m / m.sum(1, keepdim=True).clamp(min=1)
+    rgb = torch.stack([1 - m, 1 - m, 1 - 0.5 * m])
+    return rgb.repeat_interleave(scale, 1).repeat_interleave(scale, 2)

@@ -47,12 +47,25 @@ def _config(path: Path, data: Path, out: Path, every_iters: int, epochs: int, ba
 
 
 def _start(args: list[str], nproc: int) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(max(1, 2 // nproc))}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(max(1, 2 // nproc)),
+           "PYTHONUNBUFFERED": "1"}
     extra = ["--nproc-per-node", str(nproc), "--backend", "gloo"] if nproc > 1 else []
     # A new session, so that SIGKILL reaches the launcher and every process it spawned.
     return subprocess.Popen([sys.executable, "-m", "app", *args, *extra], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
+
+
+def _wait_for_training(proc: subprocess.Popen) -> tuple[float, int]:
+    """Block until the process says it starts training ("run ..." or "resuming ... iteration N");
+    returns the time and the iteration it starts from. Measured live, so a slow start under load
+    does not eat the kill window."""
+    for line in proc.stdout:
+        if line.startswith("run "):
+            return time.monotonic(), 0
+        if line.startswith("resuming "):
+            return time.monotonic(), int(line.rsplit("iteration ", 1)[1].rstrip(")\n"))
+    return time.monotonic(), -1  # ended before training (it printed nothing more)
 
 
 def _final(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -67,16 +80,12 @@ def crash_resume(work: Path, *, kills: int, seed: int = 0, every_iters: int = 0,
     data = write_cifar100(work / "data", n_train, 40, seed=seed)
     cfg = _config(work / "config.json", data, work / "runs", every_iters, epochs, batch)
 
-    started = time.monotonic()
     ref = _start(["--config", str(cfg), "--run-name", "reference"], nproc)
-    startup = None  # until the run folder appears: imports, data, model
-    while ref.poll() is None:
-        if startup is None and (work / "runs" / "reference" / "config.json").exists():
-            startup = time.monotonic() - started
-        time.sleep(0.02)
+    training_started, _ = _wait_for_training(ref)
     _, err = ref.communicate(timeout=900)
     assert ref.returncode == 0, err
-    training = time.monotonic() - started - startup
+    total_iters = epochs * -(-(n_train // nproc) // (batch // nproc))
+    per_iteration = (time.monotonic() - training_started) / total_iters
 
     rng = random.Random(seed)
     tried = done_kills = resumes = 0
@@ -85,9 +94,10 @@ def crash_resume(work: Path, *, kills: int, seed: int = 0, every_iters: int = 0,
         proc = _start(args, nproc)
         if tried < kills:
             tried += 1
-            # Kill somewhere in the first 70% of what is left to train (iteration, evaluation,
-            # checkpoint write): every resume gets somewhere, and most kills hit the run itself.
-            deadline = time.monotonic() + startup + rng.uniform(0.0, 0.7) * training
+            # Kill somewhere in the first 80% of what is left to train (an iteration, an evaluation,
+            # a checkpoint write): every resume gets somewhere, and the kills hit the training itself.
+            started, iteration = _wait_for_training(proc)
+            deadline = started + rng.uniform(0.0, 0.8) * per_iteration * (total_iters - max(iteration, 0))
             while proc.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.02)
             if proc.poll() is None:
@@ -118,10 +128,11 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--every-iters", type=int, default=0)
     p.add_argument("--nproc", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=3)
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as work:
         report = crash_resume(Path(work), kills=args.kills, seed=args.seed, every_iters=args.every_iters,
-                              nproc=args.nproc)
+                              nproc=args.nproc, epochs=args.epochs)
     print(json.dumps(report.__dict__))
 
 

@@ -15,7 +15,8 @@ from conftest import run_app, run_until, write_config
 def _config(tmp_path: Path, data: Path, epochs: int = 2, **extra) -> Path:
     return write_config(tmp_path / "c.json", data={"root": str(data), "download": False},
                         train={"epochs": epochs, "batch_size": 48, **extra.pop("train", {})},
-                        logging={"output_dir": str(tmp_path / "runs"), "log_every_iters": 2}, **extra)
+                        logging={"output_dir": str(tmp_path / "runs"), "log_every_iters": 2,
+                                 **extra.pop("logging", {})}, **extra)
 
 
 def _scalars(folder: Path, tag: str) -> list[tuple[int, float]]:
@@ -69,6 +70,43 @@ def test_tensorboard_has_loss_lr_per_iteration_and_validation_per_epoch(finished
     acc = EventAccumulator(str(run_dir / "tb" / "validation"))
     acc.Reload()
     assert "hparam/final_top1" in acc.Tags()["scalars"]
+
+
+def test_tensorboard_has_images_histograms_epoch_figures_and_hparams(finished_run) -> None:
+    run_dir, _ = finished_run
+    train = EventAccumulator(str(run_dir / "tb" / "train"), size_guidance={"images": 0})
+    train.Reload()
+    grid = train.Images("train/augmented_images")
+    assert len(grid) == 1 and (grid[0].width, grid[0].height) == (272, 272)  # 8 x 8 images of 32 + 2
+    val = EventAccumulator(str(run_dir / "tb" / "validation"), size_guidance={"images": 0, "histograms": 0})
+    val.Reload()
+    assert [e.step for e in val.Images("validation/confusion_matrix")] == [1, 2]
+    assert [e.step for e in val.Histograms("validation/per_class_accuracy")] == [1, 2]
+    assert [e.step for e in val.Scalars("epoch/images_per_second")] == [1, 2]
+    assert all(e.value > 0 for e in val.Scalars("epoch/seconds"))
+    hparams = val.PluginTagToContent("hparams")
+    assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(hparams)
+    assert b"batch_size" in hparams["_hparams_/session_start_info"]
+
+
+def test_without_a_terminal_logs_one_line_per_epoch_and_no_bar(finished_run) -> None:
+    _, result = finished_run
+    assert "it/s" not in result.stderr and "\r" not in result.stdout + result.stderr
+    assert len(result.stdout.strip().splitlines()) == 3  # the run line and one line per epoch
+
+
+def test_progress_bar_can_be_forced_on(tmp_path: Path, small_data: Path) -> None:
+    cfg = _config(tmp_path, small_data, epochs=2, logging={"progress_bar": "on"})
+    result = run_app("--config", str(cfg))
+    assert result.returncode == 0 and "Epoch [2/2]" in result.stderr and "lr=" in result.stderr
+
+
+def test_dry_run_checks_and_describes_without_writing(tmp_path: Path, small_data: Path) -> None:
+    result = run_app("--config", str(_config(tmp_path, small_data)), "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert '"batch_size": 48' in result.stdout and "11,220,132 parameters" in result.stdout
+    assert "240 training and 50 test images" in result.stdout
+    assert not (tmp_path / "runs").exists()
 
 
 def test_resume_after_kill_continues_same_run_without_repeating_an_epoch(tmp_path: Path, small_data: Path) -> None:

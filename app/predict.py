@@ -1,0 +1,55 @@
+"""`python -m app predict`: the five most likely classes for image files of any size.
+
+An image is converted to RGB, its shorter side resized to 32 pixels (antialiased) and the centre
+32x32 cropped, which keeps the aspect ratio the way a photo is usually fitted to a square, then
+normalised exactly as the test set is.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision.transforms import functional as TF
+
+from app.augment import Normalize
+from app.errors import UserError
+from app.evaluate import model_from_checkpoint
+
+
+def load_image(path: Path) -> torch.Tensor:
+    """A (3, 32, 32) uint8 tensor, or a UserError naming the file."""
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise UserError(f"{path}: not an image that can be read (PNG or JPEG expected; {e.__class__.__name__})"
+                        ) from None
+    img = TF.resize(img, 32, antialias=True)
+    return TF.pil_to_tensor(TF.center_crop(img, [32, 32]))
+
+
+def predict(checkpoint: Path, images: list[Path], top: int = 5, device: str = "cpu") -> list[dict[str, Any]]:
+    batch = torch.stack([load_image(p) for p in images])  # every file checked before any work
+    dev = torch.device(device)
+    model, cfg, classes, _ = model_from_checkpoint(checkpoint, dev)
+    with torch.no_grad():
+        probs = model(Normalize(cfg.augment.mean, cfg.augment.std, dev)(batch.to(dev))).float().softmax(1)
+    values, indices = probs.topk(top, dim=1)
+    return [{"image": str(p), "top": [{"class": classes[i], "probability": v}
+                                      for v, i in zip(vs.tolist(), ix.tolist())]}
+            for p, vs, ix in zip(images, values, indices)]
+
+
+def format_predictions(results: list[dict[str, Any]], as_json: bool) -> str:
+    if as_json:
+        return json.dumps(results)
+    lines = []
+    for r in results:
+        lines.append(r["image"])
+        lines += [f"  {k}. {t['class']:<20} {100 * t['probability']:6.2f}%" for k, t in enumerate(r["top"], 1)]
+    return "\n".join(lines)

@@ -1,0 +1,93 @@
+"""After a run: `python -m app evaluate` and `python -m app predict` on its checkpoints."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import run_app, write_config
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, small_data: Path) -> Path:
+    tmp = tmp_path_factory.mktemp("inspect")
+    cfg = write_config(tmp / "c.json", data={"root": str(small_data), "download": False},
+                       train={"epochs": 2, "batch_size": 48},
+                       logging={"output_dir": str(tmp / "runs"), "log_every_iters": 5})
+    assert run_app("--config", str(cfg), "--run-name", "r").returncode == 0
+    return tmp / "runs" / "r"
+
+
+def _evaluate(*args: str) -> dict:
+    result = run_app("evaluate", *args, "--json", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_evaluate_gives_the_numbers_training_logged(run_dir: Path) -> None:
+    results = json.loads((run_dir / "results.json").read_text())
+    best = next((run_dir / "checkpoints").glob("best_checkpoint_*.pt"))
+    for checkpoint, logged in ((best, results["best"]),
+                               (run_dir / "checkpoints" / "training_checkpoint_10.pt", results["final"])):
+        report = _evaluate("--checkpoint", str(checkpoint))
+        assert report["top1"] == logged["top1"] and report["top5"] == logged["top5"]
+        assert report["loss"] == pytest.approx(logged["loss"], rel=1e-6)
+    assert report["epoch"] == 2 and report["images"] == 50
+    per_class = report["per_class_accuracy"]
+    assert all(name.startswith("class_") for name in per_class)
+    worst = [w["accuracy"] for w in report["worst_classes"]]
+    assert len(worst) == 10 and worst == sorted(worst)
+    counts = [c["count"] for c in report["most_confused"]]
+    assert counts == sorted(counts, reverse=True) and all(c["true"] != c["predicted"] for c in report["most_confused"])
+
+
+def test_evaluate_under_two_processes_gives_the_same_numbers(run_dir: Path) -> None:
+    checkpoint = str(run_dir / "checkpoints" / "training_checkpoint_10.pt")
+    alone = _evaluate("--checkpoint", checkpoint)
+    split = _evaluate("--checkpoint", checkpoint, "--nproc-per-node", "2", "--backend", "gloo")
+    assert {k: split[k] for k in ("top1", "top5", "per_class_accuracy", "most_confused")} == \
+           {k: alone[k] for k in ("top1", "top5", "per_class_accuracy", "most_confused")}
+    assert split["loss"] == pytest.approx(alone["loss"], rel=1e-6)
+
+
+def test_evaluate_report_reads_well(run_dir: Path) -> None:
+    result = run_app("evaluate", "--checkpoint", str(run_dir / "checkpoints" / "training_checkpoint_10.pt"),
+                     "--device", "cpu")
+    assert result.returncode == 0
+    for heading in ("top-1", "ten worst classes:", "most confused (true -> predicted):", "per-class accuracy:"):
+        assert heading in result.stdout
+
+
+def test_evaluate_bad_checkpoint_is_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "x.pt"
+    bad.write_bytes(b"garbage")
+    result = run_app("evaluate", "--checkpoint", str(bad))
+    assert result.returncode == 1 and result.stderr.count("\n") == 1 and str(bad) in result.stderr
+
+
+def test_predict_top5_for_images_of_any_size(run_dir: Path, tmp_path: Path) -> None:
+    wide, tall = tmp_path / "wide.png", tmp_path / "tall.jpg"
+    Image.new("RGB", (100, 60), (200, 30, 30)).save(wide)
+    Image.new("L", (20, 50), 128).save(tall)
+    checkpoint = str(next((run_dir / "checkpoints").glob("best_checkpoint_*.pt")))
+    result = run_app("predict", "--checkpoint", checkpoint, str(wide), str(tall), "--json")
+    assert result.returncode == 0, result.stderr
+    predictions = json.loads(result.stdout)
+    assert [p["image"] for p in predictions] == [str(wide), str(tall)]
+    for p in predictions:
+        probs = [t["probability"] for t in p["top"]]
+        assert len(probs) == 5 and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+        assert all(t["class"].startswith("class_") for t in p["top"])
+    text = run_app("predict", "--checkpoint", checkpoint, str(wide))
+    assert text.stdout.splitlines()[0] == str(wide) and text.stdout.splitlines()[1].strip().startswith("1. class_")
+
+
+def test_predict_names_a_file_that_is_not_an_image(run_dir: Path, tmp_path: Path) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello")
+    checkpoint = str(run_dir / "checkpoints" / "training_checkpoint_10.pt")
+    result = run_app("predict", "--checkpoint", checkpoint, str(notes))
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and str(notes) in result.stderr and "not an image" in result.stderr
