@@ -1,7 +1,10 @@
-"""The command line: flags over config.json, checks that fail fast, and the launch of 1..N processes.
+"""The command line: `train` (the default), `evaluate` and `predict`; flags over config.json; checks
+that fail fast; the launch of 1..N processes.
 
-Everything a user can get wrong is checked here, before any process starts or any file is written, and
-reported as one line naming the file, key, flag or path (exit 2 for config and flags, 1 otherwise).
+What a user can get wrong is checked before any file is written: flags, config, devices, the run to
+resume and its checkpoint, the output folder, the data's presence here; the data's structure in each
+process, before rank 0 creates the run folder. Each failure is one line naming the file, key, flag or
+path (exit 2 for config and flags, 1 otherwise, 3 for a diverged loss), without a traceback.
 """
 from __future__ import annotations
 

@@ -30,8 +30,8 @@ from app.engines import Precision, create_evaluator, create_trainer, make_train_
 from app.loader import ShardedBatches
 from app.model import build_model, count_parameters
 from app.runs import RunPlan, load_checkpoint
-from handlers.checkpoints import (attach_training_checkpoint, best_model_checkpoint, checkpoint_event,
-                                  remove_partial_files)
+from handlers.atomic import remove_partial_files
+from handlers.checkpoints import attach_training_checkpoint, best_model_checkpoint, checkpoint_event
 from handlers.epoch_summary import EpochSummary
 from handlers.loss_buffer import LossBuffer
 from handlers.progress import attach_progress_bar
@@ -255,9 +255,9 @@ def attach_rank0_outputs(run: Run, write: Callable[[str], None], resumed_iterati
         hp = {"lr": cfg.optimizer.lr, "batch_size": cfg.train.batch_size, "epochs": cfg.train.epochs,
               "momentum": cfg.optimizer.momentum, "weight_decay": cfg.optimizer.weight_decay,
               "amp": cfg.train.amp, "seed": cfg.seed, "world_size": idist.get_world_size()}
-        metrics = {f"hparam/best_top1": results.best.get("top1", 0.0),
-                   f"hparam/final_top1": results.final.get("top1", 0.0),
-                   f"hparam/final_top5": results.final.get("top5", 0.0)}
+        metrics = {"hparam/best_top1": results.best.get("top1", 0.0),
+                   "hparam/final_top1": results.final.get("top1", 0.0),
+                   "hparam/final_top5": results.final.get("top5", 0.0)}
         tb.log_hparams(hp, metrics)
 
     attach_training_checkpoint(trainer, plan.checkpoints_dir, run.to_save,
@@ -265,6 +265,7 @@ def attach_rank0_outputs(run: Run, write: Callable[[str], None], resumed_iterati
     if plan.checkpoint is None:
         tb.log_config(to_dict(cfg))
     remove_partial_files(plan.checkpoints_dir)
+    remove_partial_files(plan.run_dir)
     return tb
 
 

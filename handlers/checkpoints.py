@@ -8,9 +8,7 @@ Training checkpoints are numbered by iteration, so epoch-end and every-N-iterati
 """
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -18,11 +16,10 @@ from ignite.engine import Engine, Events
 from ignite.engine.events import EventsList
 from ignite.handlers import Checkpoint, DiskSaver, global_step_from_engine
 
+from handlers.atomic import write_atomic
+
 TRAINING_PREFIX = "training"
 _TRAINING_FILE = re.compile(rf"^{TRAINING_PREFIX}_checkpoint_(\d+)\.pt$")
-
-
-TEMP_PREFIX = ".partial-"
 
 
 class CheckpointWriteError(RuntimeError):
@@ -53,35 +50,13 @@ class SaveThenRemove(DiskSaver):
                 super().remove(old)
 
     def _save_func(self, checkpoint: Mapping, path: Path, func: Callable) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.dirname, prefix=TEMP_PREFIX)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                func(checkpoint, f, **self.kwargs)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(self.dirname, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # the rename itself survives a power cut
-        finally:
-            os.close(dir_fd)
+        write_atomic(path, lambda f: func(checkpoint, f, **self.kwargs))
 
 
 def _root_cause(error: BaseException) -> str:
     while error.__context__ is not None and not isinstance(error, OSError):
         error = error.__context__
     return error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
-
-
-def remove_partial_files(folder: str | Path) -> None:
-    """Delete what a process killed in the middle of a checkpoint write left behind."""
-    folder = Path(folder)
-    if folder.is_dir():
-        for p in folder.glob(f"{TEMP_PREFIX}*"):
-            p.unlink(missing_ok=True)
 
 
 def checkpoint_event(every_iters: int = 0) -> Events | EventsList:
