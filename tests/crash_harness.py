@@ -76,7 +76,7 @@ def _final(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def crash_resume(work: Path, *, kills: int, seed: int = 0, every_iters: int = 0, nproc: int = 1,
-                 n_train: int = 96, epochs: int = 3, batch: int = 16) -> CrashReport:
+                 n_train: int = 64, epochs: int = 3, batch: int = 16) -> CrashReport:
     data = write_cifar100(work / "data", n_train, 40, seed=seed)
     cfg = _config(work / "config.json", data, work / "runs", every_iters, epochs, batch)
 
@@ -129,10 +129,11 @@ def main() -> None:
     p.add_argument("--every-iters", type=int, default=0)
     p.add_argument("--nproc", type=int, default=1)
     p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--n-train", type=int, default=64, help="training images (batch 16)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as work:
         report = crash_resume(Path(work), kills=args.kills, seed=args.seed, every_iters=args.every_iters,
-                              nproc=args.nproc, epochs=args.epochs)
+                              nproc=args.nproc, epochs=args.epochs, n_train=args.n_train)
     print(json.dumps(report.__dict__))
 
 
