@@ -22,7 +22,7 @@ import torch
 from app.config import Config, load_config, override
 from app.data import ensure_dataset
 from app.errors import ConfigError, UserError
-from app.runs import LATEST, RunPlan, check_training_checkpoint, new_run, resume_run, saved_config, unsafe_changes
+from app.runs import LATEST, RunPlan, new_run, resume_run, saved_config, unsafe_changes
 from handlers.checkpoints import CheckpointWriteError
 from handlers.loss_buffer import LossNotFinite
 
@@ -125,11 +125,10 @@ def plan_run(cfg: Config, resume: Optional[str]) -> tuple[RunPlan, bool]:
     if changes:
         raise ConfigError(f"{plan.run_dir}/config.json: cannot resume with settings that change the run: "
                           + "; ".join(changes))
-    if plan.checkpoint is None:
+    if plan.trainer_state is None:
         return plan, False
-    trainer = check_training_checkpoint(plan.checkpoint)["trainer"]
-    finished = int(trainer["iteration"]) >= int(trainer["epoch_length"]) * cfg.train.epochs
-    return plan, finished
+    state = plan.trainer_state
+    return plan, int(state["iteration"]) >= int(state["epoch_length"]) * cfg.train.epochs
 
 
 def check_writable(folder: Path) -> None:

@@ -31,10 +31,11 @@ class RunPlan:
     run_dir: Path
     checkpoint: Optional[Path] = None  # the training checkpoint to resume from
     resume: bool = False  # True: an existing run folder (without a checkpoint yet, it starts over there)
+    trainer_state: Optional[dict] = None  # the checkpoint's trainer state (iteration, epoch_length, ...)
 
     @property
     def checkpoints_dir(self) -> Path:
-        return self.run_dir / "checkpoints"
+        return checkpoints_dir(self.run_dir)
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
@@ -82,18 +83,15 @@ def check_training_checkpoint(path: Path) -> dict[str, Any]:
     return ckpt
 
 
-def _newest_intact(run_dir: Path, warn) -> Optional[Path]:
-    """The newest loadable training checkpoint; None if the run has none yet (killed in its first
-    epoch: it starts again in the same folder)."""
+def _newest_intact(run_dir: Path, warn) -> RunPlan:
+    """The run resumed from its newest loadable training checkpoint; from the start if it has none
+    yet (killed in its first epoch: it starts again in the same folder)."""
     if not (run_dir / "config.json").is_file():
         raise UserError(f"{run_dir}: not a run folder (no config.json)")
-    files = training_checkpoints(checkpoints_dir(run_dir))
-    if not files:
-        return None
     problems = []
-    for path in files:
+    for path in training_checkpoints(checkpoints_dir(run_dir)):
         try:
-            check_training_checkpoint(path)
+            trainer_state = check_training_checkpoint(path)["trainer"]
         except UserError as e:
             problems.append(str(e))
             continue
@@ -101,8 +99,10 @@ def _newest_intact(run_dir: Path, warn) -> Optional[Path]:
             warn(f"skipping damaged checkpoint: {p}")
         if problems:
             warn(f"resuming from {path} instead")
-        return path
-    raise UserError(f"{run_dir}: no intact training checkpoint ({'; '.join(problems)})")
+        return RunPlan(run_dir, path, resume=True, trainer_state=trainer_state)
+    if problems:
+        raise UserError(f"{run_dir}: no intact training checkpoint ({'; '.join(problems)})")
+    return RunPlan(run_dir, resume=True)
 
 
 def latest_run(output_dir: Path) -> Path:
@@ -118,16 +118,15 @@ def latest_run(output_dir: Path) -> Path:
 def resume_run(cfg: Config, resume: str, warn=print) -> RunPlan:
     """--resume (latest run under the output folder), --resume RUN_DIR or --resume CHECKPOINT_FILE."""
     if resume == LATEST:
-        run_dir = latest_run(Path(cfg.logging.output_dir))
-        return RunPlan(run_dir, _newest_intact(run_dir, warn), resume=True)
+        return _newest_intact(latest_run(Path(cfg.logging.output_dir)), warn)
     path = Path(resume)
     if path.is_dir():
-        return RunPlan(path, _newest_intact(path, warn), resume=True)
+        return _newest_intact(path, warn)
     if not path.exists():
         raise UserError(f"{path}: no such run folder or checkpoint")
-    check_training_checkpoint(path)
+    trainer_state = check_training_checkpoint(path)["trainer"]
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    return RunPlan(run_dir, path, resume=True)
+    return RunPlan(run_dir, path, resume=True, trainer_state=trainer_state)
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -6,6 +6,7 @@ do is in `training`; everything only rank 0 does (files, TensorBoard, progress, 
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import sys
@@ -294,7 +295,7 @@ def prepare_run_dir(cfg: Config, plan: RunPlan) -> None:
 def training(local_rank: int, cfg: Config, plan: RunPlan) -> None:
     rank = idist.get_rank()
     # Under torchrun each process named the new run folder itself; rank 0's name is the one.
-    plan = RunPlan(Path(idist.broadcast(str(plan.run_dir), src=0, safe_mode=True)), plan.checkpoint, plan.resume)
+    plan = dataclasses.replace(plan, run_dir=Path(idist.broadcast(str(plan.run_dir), src=0, safe_mode=True)))
     run = build_run(cfg, plan, local_rank)
     checkpoint = load_checkpoint(plan.checkpoint, map_location=run.device) if plan.checkpoint else None
     if checkpoint is not None and checkpoint["meta"].get("data") != run.to_save["meta"].data_fingerprint:
