@@ -109,7 +109,7 @@ def latest_run(output_dir: Path) -> Path:
     """The run folder written to last: by its newest training checkpoint, or its config.json."""
     runs = [(max(p.stat().st_mtime for p in [d / "config.json", *training_checkpoints(checkpoints_dir(d))]), d)
             for d in (output_dir.iterdir() if output_dir.is_dir() else [])
-            if (d / "config.json").is_file()]
+            if not d.name.startswith(".") and (d / "config.json").is_file()]
     if not runs:
         raise UserError(f"{output_dir}: no run to resume")
     return max(runs)[1]

@@ -9,7 +9,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -287,9 +289,18 @@ def describe_run(cfg: Config, world: int) -> str:
 
 
 def prepare_run_dir(cfg: Config, plan: RunPlan) -> None:
-    """Create the run folder and write the resolved config (rank 0, new runs)."""
-    plan.checkpoints_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(plan.run_dir / "config.json", to_dict(cfg))
+    """Create the run folder with its resolved config (rank 0). A new folder is assembled under a
+    hidden name and renamed into place, so that a run folder never exists without its config.json
+    (a run killed right at its start can always be resumed or started again)."""
+    if plan.run_dir.exists():  # resumed before its first checkpoint: start again in place
+        plan.checkpoints_dir.mkdir(exist_ok=True)
+        write_json_atomic(plan.run_dir / "config.json", to_dict(cfg))
+        return
+    plan.run_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=plan.run_dir.parent, prefix=f".partial-{plan.run_dir.name}-"))
+    write_json_atomic(staging / "config.json", to_dict(cfg))
+    (staging / "checkpoints").mkdir()
+    os.rename(staging, plan.run_dir)
 
 
 def training(local_rank: int, cfg: Config, plan: RunPlan) -> None:
