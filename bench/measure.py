@@ -76,7 +76,6 @@ class _Setup:
         self.model = build_model(cfg.model.name, cfg.model.num_classes).to(device, memory_format=fmt)
         self.train_model = torch.compile(self.model) if cfg.train.compile else self.model
         self.optimizer = build_optimizer(cfg, self.model, device)
-        a = cfg.augment
         self.augment = build_augment(cfg.augment, torch.Generator(device).manual_seed(0))
         images, labels = random_images(n_images, device)
         self.batches = ShardedBatches(images, labels, batch_size=cfg.train.batch_size, shuffle=True)
