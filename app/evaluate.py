@@ -13,17 +13,14 @@ from typing import Any, Callable, Optional
 
 import ignite.distributed as idist
 import torch
-from ignite.metrics import ConfusionMatrix
 from torch import nn
 
-from app.augment import Normalize
 from app.config import Config, config_from_dict
 from app.data import ensure_dataset, load_cifar100
-from app.engines import Precision, create_evaluator
 from app.errors import UserError
-from app.loader import ShardedBatches
 from app.model import build_model
 from app.runs import load_checkpoint
+from app.training import build_evaluator, evaluation_batches  # the same evaluator as training's
 
 
 def model_from_checkpoint(path: Path, device: torch.device) -> tuple[nn.Module, Config, list[str], dict]:
@@ -58,14 +55,8 @@ def evaluate_checkpoint(path: Path, data_root: Optional[str] = None, device: str
     dev = resolve_eval_device(device)
     model, cfg, classes, ckpt = model_from_checkpoint(Path(path), dev)
     data = load_cifar100(data_root or cfg.data.root, cfg.model.num_classes)
-    world = idist.get_world_size()
-    batches = ShardedBatches(data.test.images.to(dev), data.test.labels.to(dev), batch_size=batch_size * world,
-                             shuffle=False, rank=idist.get_rank(), world_size=world, drop_uneven=False)
-    a = cfg.augment
-    evaluator = create_evaluator(model, Normalize(a.mean, a.std, dev), dev, Precision.resolve(cfg.train.amp, dev),
-                                 cfg.train.channels_last)
-    ConfusionMatrix(cfg.model.num_classes, device=dev).attach(evaluator, "confusion")
-    evaluator.run(batches)
+    evaluator = build_evaluator(cfg, model, dev)
+    evaluator.run(evaluation_batches(data.test.images, data.test.labels, batch_size, dev))
     m = evaluator.state.metrics
     trainer_state = ckpt.get("trainer") or {}
     epoch = (trainer_state["iteration"] // trainer_state["epoch_length"]) if trainer_state else None

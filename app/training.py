@@ -29,7 +29,7 @@ from app.config import AugmentConfig, Config, to_dict
 from app.data import Cifar100, load_cifar100
 from app.errors import UserError
 from app.cuda_graph import CudaGraphStep
-from app.engines import Precision, create_evaluator, create_trainer, make_train_step
+from app.engines import Precision, TrainStep, create_evaluator, create_trainer, make_train_step
 from app.loader import ShardedBatches
 from app.model import build_model, count_parameters
 from app.runs import RunPlan, load_checkpoint
@@ -145,6 +145,33 @@ def use_cuda_graphs(cfg: Config, device: torch.device, world: int, precision: Pr
             and not precision.scaler)
 
 
+def build_train_step(cfg: Config, model: nn.Module, train_model: nn.Module, optimizer: torch.optim.Optimizer,
+                     augment: BatchAugment, device: torch.device, precision: Precision,
+                     scaler: Optional[torch.amp.GradScaler], world: int) -> TrainStep:
+    """The eager step, replayed from CUDA graphs where `use_cuda_graphs` allows."""
+    step = make_train_step(train_model, optimizer, augment, device, precision, scaler, cfg.train.channels_last)
+    if use_cuda_graphs(cfg, device, world, precision):
+        step = CudaGraphStep(step, model, optimizer, augment.generator)
+    return step
+
+
+def build_evaluator(cfg: Config, model: nn.Module, device: torch.device) -> Engine:
+    """The evaluator of training and of `python -m app evaluate`: top1, top5, loss, confusion matrix."""
+    a = cfg.augment
+    evaluator = create_evaluator(model, Normalize(a.mean, a.std, device), device,
+                                 Precision.resolve(cfg.train.amp, device), cfg.train.channels_last)
+    ConfusionMatrix(cfg.model.num_classes, device=device).attach(evaluator, "confusion")
+    return evaluator
+
+
+def evaluation_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int,
+                       device: torch.device) -> ShardedBatches:
+    """This process's unpadded shard of a test set, `batch_size` images per process and batch."""
+    world = idist.get_world_size()
+    return ShardedBatches(images.to(device), labels.to(device), batch_size=batch_size * world, shuffle=False,
+                          rank=idist.get_rank(), world_size=world, drop_uneven=False)
+
+
 def build_run(cfg: Config, plan: RunPlan, local_rank: int) -> Run:
     rank, world = idist.get_rank(), idist.get_world_size()
     device = resolve_device(cfg.train.device, local_rank)
@@ -155,9 +182,7 @@ def build_run(cfg: Config, plan: RunPlan, local_rank: int) -> Run:
     train_batches = ShardedBatches(data.train.images.to(device), data.train.labels.to(device),
                                    batch_size=cfg.train.batch_size, shuffle=True, seed=cfg.seed,
                                    rank=rank, world_size=world)
-    test_batches = ShardedBatches(data.test.images.to(device), data.test.labels.to(device),
-                                  batch_size=cfg.eval.batch_size * world, shuffle=False,
-                                  rank=rank, world_size=world, drop_uneven=False)
+    test_batches = evaluation_batches(data.test.images, data.test.labels, cfg.eval.batch_size, device)
 
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     model = build_model(cfg.model.name, cfg.model.num_classes).to(device, memory_format=memory_format)
@@ -173,14 +198,10 @@ def build_run(cfg: Config, plan: RunPlan, local_rank: int) -> Run:
     a = cfg.augment
     augment = build_augment(a, torch.Generator(device).manual_seed(cfg.seed * 7919 + rank))
 
-    step = make_train_step(train_model, optimizer, augment, device, precision, scaler, cfg.train.channels_last)
-    if use_cuda_graphs(cfg, device, world, precision):
-        step = CudaGraphStep(step, model, optimizer, augment.generator)
+    step = build_train_step(cfg, model, train_model, optimizer, augment, device, precision, scaler, world)
     trainer = create_trainer(step, device)
     # Evaluation uses the plain module: no DDP collectives, so uneven shards cannot deadlock.
-    evaluator = create_evaluator(model, Normalize(a.mean, a.std, device), device, precision,
-                                 cfg.train.channels_last)
-    ConfusionMatrix(cfg.model.num_classes, device=device).attach(evaluator, "confusion")
+    evaluator = build_evaluator(cfg, model, device)
 
     s = cfg.schedule
     lr_scheduler = LRScheduler(torch.optim.lr_scheduler.OneCycleLR(

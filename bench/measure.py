@@ -7,16 +7,15 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from ignite.engine import Events
+from ignite.engine import Engine, Events
 from ignite.handlers import LRScheduler
 from torch.utils.flop_counter import FlopCounterMode
 
 from app.config import Config
-from app.cuda_graph import CudaGraphStep
-from app.engines import Precision, create_trainer, make_train_step
+from app.engines import Precision, create_trainer
 from app.loader import ShardedBatches
 from app.model import build_model
-from app.training import build_augment, build_optimizer, use_cuda_graphs
+from app.training import build_augment, build_optimizer, build_train_step
 from bench.seed_pipeline import as_pil, run_per_image, seed_transform
 from handlers.loss_buffer import LossBuffer
 
@@ -83,10 +82,8 @@ class _Setup:
                                                              total_steps=iters_total + 10)
         self.precision = Precision.resolve(cfg.train.amp, device)
         self.fmt = fmt
-        self.step = make_train_step(self.train_model, self.optimizer, self.augment, device, self.precision,
-                                    None, cfg.train.channels_last)
-        if use_cuda_graphs(cfg, device, 1, self.precision):
-            self.step = CudaGraphStep(self.step, self.model, self.optimizer, self.augment.generator)
+        self.step = build_train_step(cfg, self.model, self.train_model, self.optimizer, self.augment, device,
+                                     self.precision, None, world=1)
 
 
 def plain_loop(s: _Setup, device: torch.device, iters: int) -> float:
@@ -103,12 +100,17 @@ def plain_loop(s: _Setup, device: torch.device, iters: int) -> float:
     return timed(run, device)
 
 
-def ignite_loop(s: _Setup, device: torch.device, iters: int, log_every: int) -> float:
+def ignite_trainer(s: _Setup, device: torch.device, log_every: int) -> Engine:
     """The application's Ignite trainer with the handlers every process of a real run attaches."""
     trainer = create_trainer(s.step, device)
     trainer.add_event_handler(Events.ITERATION_STARTED, LRScheduler(s.scheduler))
     trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: s.batches.set_epoch(e.state.epoch))
     LossBuffer(log_every, lambda: s.optimizer.param_groups[0]["lr"]).attach(trainer)
+    return trainer
+
+
+def ignite_loop(s: _Setup, device: torch.device, iters: int, log_every: int) -> float:
+    trainer = ignite_trainer(s, device, log_every)
     return timed(lambda: trainer.run(s.batches, epoch_length=iters, max_epochs=1), device)
 
 
@@ -132,10 +134,7 @@ def full_epoch(cfg: Config, device: torch.device, n_images: int, epochs: int) ->
     """Seconds per epoch of the Ignite trainer over `n_images` synthetic images (last of `epochs`)."""
     iters = -(-n_images // cfg.train.batch_size)
     s = _Setup(cfg, device, n_images=n_images, iters_total=epochs * iters)
-    trainer = create_trainer(s.step, device)
-    trainer.add_event_handler(Events.ITERATION_STARTED, LRScheduler(s.scheduler))
-    trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: s.batches.set_epoch(e.state.epoch))
-    LossBuffer(cfg.logging.log_every_iters, lambda: s.optimizer.param_groups[0]["lr"]).attach(trainer)
+    trainer = ignite_trainer(s, device, cfg.logging.log_every_iters)
     times: list[float] = []
 
     @trainer.on(Events.EPOCH_STARTED)
