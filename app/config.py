@@ -52,7 +52,9 @@ class ModelConfig:
 class OptimizerConfig:
     name: Literal["sgd"] = "sgd"
     lr: float = field(default=0.1, metadata=_check(_positive))
-    momentum: float = field(default=0.9, metadata=_check(_unit_closed))
+    # Constant momentum, only with schedule.cycle_momentum false (while it cycles, the schedule's
+    # base/max momentum are used, and a value here would do nothing: refused).
+    momentum: Optional[float] = field(default=None, metadata=_check(_unit_closed))
     weight_decay: float = field(default=5e-4, metadata=_check(_non_negative))
     nesterov: bool = False
 
@@ -64,6 +66,11 @@ class ScheduleConfig:
     anneal_strategy: Literal["cos", "linear"] = "cos"
     div_factor: float = field(default=25.0, metadata=_check(_positive))
     final_div_factor: float = field(default=1e4, metadata=_check(_positive))
+    # As torch's OneCycleLR: momentum moves from max_momentum down to base_momentum while the learning
+    # rate rises to its peak, and back up as it anneals.
+    cycle_momentum: bool = True
+    base_momentum: float = field(default=0.85, metadata=_check(_unit_closed))
+    max_momentum: float = field(default=0.95, metadata=_check(_unit_closed))
 
 
 @dataclass(frozen=True)
@@ -202,7 +209,37 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
 
 def config_from_dict(raw: Any, source: str = "config") -> Config:
     """Validate a plain dict (as read from JSON) into a Config; `source` names it in errors."""
-    return _build(Config, raw, "", source)
+    cfg = _build(Config, raw, "", source)
+    problem = _inconsistency(cfg)
+    if problem:
+        raise ConfigError(f"{source}: {problem}")
+    return cfg
+
+
+def _inconsistency(cfg: Config) -> Optional[str]:
+    """Settings that are each valid but together would be ignored or refused by torch."""
+    o, s = cfg.optimizer, cfg.schedule
+    if s.cycle_momentum and o.momentum is not None:
+        return (f"optimizer.momentum {json.dumps(o.momentum)} would have no effect: schedule.cycle_momentum is "
+                f"true, so momentum cycles from schedule.max_momentum {s.max_momentum} to "
+                f"schedule.base_momentum {s.base_momentum} and back; set optimizer.momentum to null, or "
+                f"schedule.cycle_momentum to false")
+    if not s.cycle_momentum and o.momentum is None:
+        return "optimizer.momentum must be a number when schedule.cycle_momentum is false"
+    if s.cycle_momentum and s.base_momentum > s.max_momentum:
+        return (f"schedule.base_momentum {s.base_momentum} must not exceed schedule.max_momentum "
+                f"{s.max_momentum}")
+    if o.nesterov and min(momentum_range(cfg)) <= 0:
+        return "optimizer.nesterov needs a momentum above 0"
+    return None
+
+
+def momentum_range(cfg: Config) -> tuple[float, float]:
+    """(lowest, highest) momentum the optimizer will use: the cycle's, or the constant twice."""
+    if cfg.schedule.cycle_momentum:
+        return cfg.schedule.base_momentum, cfg.schedule.max_momentum
+    assert cfg.optimizer.momentum is not None  # checked by config_from_dict
+    return cfg.optimizer.momentum, cfg.optimizer.momentum
 
 
 def load_config(path: str | Path) -> Config:

@@ -2,18 +2,20 @@
 
 At the recipe's batch of 128 an eager ResNet18 step on an H200 is bound by Python and kernel launches,
 not by the GPU: 11.4 ms eager against 3.0 ms replayed from a graph (bench/gpu_profile.py,
-docs/BENCHMARKS.md). Replaying computes exactly what the eager step computes; what changes is who
-launches the kernels.
+docs/BENCHMARKS.md). A replay runs the kernels the eager step launches, on the values each needs now;
+tests/test_cuda_graph.py checks graphed against eager steps under the real OneCycleLR schedule.
 
 What a replay needs, and how it gets it:
 - fixed addresses: the batch is copied into static input tensors; one graph per batch shape (the
   epoch's last, smaller batch gets its own);
-- the learning rate, which the schedule changes every step: the optimizer reads it from a device
-  tensor inside the graph, refilled from `param_groups[i]["lr"]` before each replay;
+- every value the schedule changes per step, learning rate and momentum: the optimizer
+  (app/sgd.py) reads them inside the graph from device tensors, which `load_scheduled_values` refills
+  from `param_groups` before each replay; during capture the optimizer leaves them alone, so no
+  capture-time value is baked into the graph;
 - the augmentation's random numbers: its generator is registered with each graph, so every replay
   draws new ones and the generator's state (saved in checkpoints) advances as in eager mode;
 - no side effects from capturing: the warm-up steps that capture needs really train, so the model,
-  the optimizer and the generator are snapshotted before and restored after.
+  the optimizer's state and the generator are snapshotted before and restored after.
 """
 from __future__ import annotations
 
@@ -24,14 +26,13 @@ import torch
 from torch import nn
 
 from app.engines import TrainStep
+from app.sgd import CapturableSGD
 
 
 class CudaGraphStep:
-    def __init__(self, eager_step: TrainStep, model: nn.Module, optimizer: torch.optim.Optimizer,
+    def __init__(self, eager_step: TrainStep, model: nn.Module, optimizer: CapturableSGD,
                  generator: torch.Generator) -> None:
         self.eager_step, self.model, self.optimizer, self.generator = eager_step, model, optimizer, generator
-        device = next(model.parameters()).device
-        self._lrs = [torch.tensor(float(g["lr"]), device=device) for g in optimizer.param_groups]
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.failed = False
 
@@ -50,16 +51,15 @@ class CudaGraphStep:
         graph, static_images, static_labels, static_loss = self._graphs[key]
         static_images.copy_(images, non_blocking=True)
         static_labels.copy_(labels, non_blocking=True)
-        for lr, group in zip(self._lrs, self.optimizer.param_groups):
-            lr.fill_(group["lr"])
+        self.optimizer.load_scheduled_values()
         graph.replay()
         return static_loss.clone()
 
     def _snapshot(self) -> dict[str, Any]:
         return {
             "model": [t.detach().clone() for t in self.model.state_dict().values()],
-            "momentum": {p: s["momentum_buffer"].clone() for p, s in self.optimizer.state.items()
-                         if s.get("momentum_buffer") is not None},
+            "optimizer": {(p, k): v.clone() for p, s in self.optimizer.state.items() for k, v in s.items()
+                          if isinstance(v, torch.Tensor)},
             "generator": self.generator.get_state(),
         }
 
@@ -68,17 +68,16 @@ class CudaGraphStep:
             for t, saved in zip(self.model.state_dict().values(), snapshot["model"]):
                 t.copy_(saved)
             for p, s in self.optimizer.state.items():
-                buf = s.get("momentum_buffer")
-                if buf is not None:
-                    # A buffer born in the warm-up starts at zero: momentum * 0 + grad is exactly
-                    # SGD's first step, so the first replayed step equals the eager first step.
-                    buf.copy_(snapshot["momentum"][p]) if p in snapshot["momentum"] else buf.zero_()
+                for k, v in s.items():
+                    if isinstance(v, torch.Tensor):
+                        # State born in the warm-up goes back to how the optimizer creates it: zero
+                        # (momentum * 0 + grad is the first step's buffer, exactly).
+                        v.copy_(snapshot["optimizer"][p, k]) if (p, k) in snapshot["optimizer"] else v.zero_()
         self.generator.set_state(snapshot["generator"])
 
     def _capture(self, images: torch.Tensor, labels: torch.Tensor):
         snapshot = self._snapshot()
         static_images, static_labels = images.clone(), labels.clone()
-        floats = [g["lr"] for g in self.optimizer.param_groups]
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -88,13 +87,9 @@ class CudaGraphStep:
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             graph.register_generator_state(self.generator)
-            for lr, group in zip(self._lrs, self.optimizer.param_groups):
-                group["lr"] = lr
             with torch.cuda.graph(graph):  # its own memory pool: graphs replay in any order
                 static_loss = self.eager_step(static_images, static_labels)
         finally:
-            for value, group in zip(floats, self.optimizer.param_groups):
-                group["lr"] = value
             torch.cuda.synchronize()
             self._restore(snapshot)
         return graph, static_images, static_labels, static_loss

@@ -1,13 +1,27 @@
 """The story of one training run, from the config to results.json.
 
-`training` runs in every process (one, spawned, or started by torchrun). Everything every process must
-do is in `training`; everything only rank 0 does (files, TensorBoard, progress, the summary line) is in
-`attach_rank0_outputs`, the one place that decides it.
+`training` runs in every process (one, spawned, or started by torchrun), in four steps:
+
+1. `initialize`: the parts, built from the config (app/builders.py): data on the device, model,
+   optimizer, schedule, augmentation, training step;
+2. `create_run`: the trainer and the evaluator, with what every process attaches;
+3. `attach_rank0_outputs`, rank 0 only, the one place that decides it: files, TensorBoard, progress
+   bar, the per-epoch line, the checkpoints;
+4. resume (a checkpoint loaded on the CPU, each object taking its state to its device), then run.
+
+Ignite runs the handlers of one event in the order they were attached. The order matters on the
+events where a training checkpoint is saved (every epoch end, and every `checkpoint.every_iters`):
+    every process  1. LossBuffer.flush: a diverged loss raises here, before anything is saved
+                   2. evaluation (epoch end only); rank 0's results, best model and TensorBoard
+                      validation handlers run on the evaluator's COMPLETED
+                   3. GeneratorStates.gather: every process's augmentation generator (a collective)
+    rank 0         4. EpochSummary and TensorBoard's epoch figures (epoch end only)
+                   5. the training checkpoint, which therefore holds this epoch's results
+`create_run` attaches 1-3 and `attach_rank0_outputs`, called after it, attaches 4-5.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import sys
@@ -20,19 +34,21 @@ import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, LRScheduler
-from ignite.metrics import ConfusionMatrix
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from app.augment import BatchAugment, Normalize
-from app.config import AugmentConfig, Config, to_dict
+from app.augment import BatchAugment
+from app.builders import (build_augment, build_evaluator, build_optimizer, build_scheduler, build_train_step,
+                          evaluation_batches, resolve_device, scheduled_values, tune_backends)
+from app.checkpoint_state import GeneratorStates, RunMeta, data_fingerprint
+from app.config import Config, momentum_range, to_dict
 from app.data import Cifar100, load_cifar100
+from app.engines import Precision, TrainStep, create_trainer
 from app.errors import UserError
-from app.cuda_graph import CudaGraphStep
-from app.engines import Precision, TrainStep, create_evaluator, create_trainer, make_train_step
 from app.loader import ShardedBatches
 from app.model import build_model, count_parameters
 from app.runs import RunPlan, load_checkpoint
+from app.sgd import CapturableSGD
 from handlers.atomic import remove_partial_files
 from handlers.checkpoints import attach_training_checkpoint, best_model_checkpoint, checkpoint_event
 from handlers.epoch_summary import EpochSummary
@@ -42,57 +58,20 @@ from handlers.results import RunResults, write_json_atomic
 from handlers.tensorboard import TensorBoardLogging
 
 
-class RunMeta:
-    """What a checkpoint must carry besides weights: the config it was trained with and the class names.
-    Stored as JSON text, so that loading needs nothing but weights_only=True."""
+@dataclass
+class Parts:
+    """What `initialize` builds for one process; nothing is attached to anything yet."""
 
-    def __init__(self, cfg: Config, classes: tuple[str, ...], data_fingerprint: str) -> None:
-        self.config, self.classes, self.data_fingerprint = to_dict(cfg), list(classes), data_fingerprint
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"config": json.dumps(self.config), "classes": json.dumps(self.classes),
-                "data": self.data_fingerprint}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass  # informational: the running config is authoritative, and checked against the run's
-
-
-class GeneratorStates:
-    """Every process's augmentation generator, for the training checkpoint that rank 0 writes.
-
-    Each process draws its own augmentations; an exact resume needs each of them back in its own
-    process. `gather` runs in every process just before the checkpoint handler (a collective when
-    there are several), and rank 0's checkpoint stores one row per rank.
-    """
-
-    def __init__(self, generator: torch.Generator) -> None:
-        self.generator = generator
-        self._gathered: torch.Tensor | None = None
-
-    def gather(self, _: Engine | None = None) -> None:
-        if idist.get_world_size() > 1:
-            state = self.generator.get_state()[None].to(idist.device())
-            self._gathered = idist.all_gather(state).cpu()
-
-    def state_dict(self) -> dict[str, Any]:
-        if idist.get_world_size() == 1 or self._gathered is None:
-            return {"generators": self.generator.get_state()[None]}
-        return {"generators": self._gathered}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        # With another number of processes than the run had, resume is no longer exact (the data
-        # shards change anyway); each process takes a row so that their streams stay distinct.
-        rows = state["generators"]
-        self.generator.set_state(rows[idist.get_rank() % len(rows)].clone())
-
-
-def data_fingerprint(data: Cifar100) -> str:
-    """A hash of every image and label, so that a resume on other data is refused."""
-    h = hashlib.sha256()
-    for split in (data.train, data.test):
-        h.update(split.images.numpy().tobytes())
-        h.update(split.labels.numpy().tobytes())
-    return h.hexdigest()[:16]
+    device: torch.device
+    data: Cifar100
+    train_batches: ShardedBatches
+    test_batches: ShardedBatches
+    model: nn.Module  # the plain module: evaluated, checkpointed
+    optimizer: CapturableSGD
+    scheduler: torch.optim.lr_scheduler.OneCycleLR
+    augment: BatchAugment
+    step: TrainStep  # trains `model` (through DDP / torch.compile where configured)
+    scaler: Optional[torch.amp.GradScaler]
 
 
 @dataclass
@@ -109,73 +88,10 @@ class Run:
     to_save: dict[str, Any]
 
 
-def resolve_device(name: str, local_rank: int) -> torch.device:
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    torch.cuda.set_device(local_rank)
-    return torch.device("cuda", local_rank)
-
-
-def _tune_backends(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-
-def build_optimizer(cfg: Config, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    o = cfg.optimizer
-    fused = device.type == "cuda"
-    return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
-                           nesterov=o.nesterov, fused=fused or None, foreach=None if fused else True)
-
-
-def sync_buffers(model: nn.Module) -> None:
-    """Give every process rank 0's BatchNorm statistics. Each process updated its own in the last
-    training step; without this the processes would evaluate slightly different models, none of them
-    exactly the one rank 0 checkpoints."""
-    for buffer in model.buffers():
-        torch.distributed.broadcast(buffer, src=0)
-
-
-def use_cuda_graphs(cfg: Config, device: torch.device, world: int, precision: Precision) -> bool:
-    """Graphs replace launch overhead on one GPU; DDP's all-reduce, torch.compile (which has its own
-    graphs) and fp16's loss scaling (a host decision per step) keep the eager step."""
-    return (cfg.train.cuda_graphs and device.type == "cuda" and world == 1 and not cfg.train.compile
-            and not precision.scaler)
-
-
-def build_train_step(cfg: Config, model: nn.Module, train_model: nn.Module, optimizer: torch.optim.Optimizer,
-                     augment: BatchAugment, device: torch.device, precision: Precision,
-                     scaler: Optional[torch.amp.GradScaler], world: int) -> TrainStep:
-    """The eager step, replayed from CUDA graphs where `use_cuda_graphs` allows."""
-    step = make_train_step(train_model, optimizer, augment, device, precision, scaler, cfg.train.channels_last)
-    if use_cuda_graphs(cfg, device, world, precision):
-        step = CudaGraphStep(step, model, optimizer, augment.generator)
-    return step
-
-
-def build_evaluator(cfg: Config, model: nn.Module, device: torch.device) -> Engine:
-    """The evaluator of training and of `python -m app evaluate`: top1, top5, loss, confusion matrix."""
-    a = cfg.augment
-    evaluator = create_evaluator(model, Normalize(a.mean, a.std, device), device,
-                                 Precision.resolve(cfg.train.amp, device), cfg.train.channels_last)
-    ConfusionMatrix(cfg.model.num_classes, device=device).attach(evaluator, "confusion")
-    return evaluator
-
-
-def evaluation_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int,
-                       device: torch.device) -> ShardedBatches:
-    """This process's unpadded shard of a test set, `batch_size` images per process and batch."""
-    world = idist.get_world_size()
-    return ShardedBatches(images.to(device), labels.to(device), batch_size=batch_size * world, shuffle=False,
-                          rank=idist.get_rank(), world_size=world, drop_uneven=False)
-
-
-def build_run(cfg: Config, plan: RunPlan, local_rank: int) -> Run:
+def initialize(cfg: Config, local_rank: int) -> Parts:
     rank, world = idist.get_rank(), idist.get_world_size()
     device = resolve_device(cfg.train.device, local_rank)
-    _tune_backends(device)
+    tune_backends(device)
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
 
     data = load_cifar100(cfg.data.root, cfg.model.num_classes)
@@ -186,7 +102,8 @@ def build_run(cfg: Config, plan: RunPlan, local_rank: int) -> Run:
 
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     model = build_model(cfg.model.name, cfg.model.num_classes).to(device, memory_format=memory_format)
-    optimizer = build_optimizer(cfg, model, device)
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer, len(train_batches))
     train_model: nn.Module = model
     if world > 1:
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -195,51 +112,56 @@ def build_run(cfg: Config, plan: RunPlan, local_rank: int) -> Run:
 
     precision = Precision.resolve(cfg.train.amp, device)
     scaler = torch.amp.GradScaler(device.type) if precision.scaler else None
-    a = cfg.augment
-    augment = build_augment(a, torch.Generator(device).manual_seed(cfg.seed * 7919 + rank))
-
+    augment = build_augment(cfg.augment, torch.Generator(device).manual_seed(cfg.seed * 7919 + rank))
     step = build_train_step(cfg, model, train_model, optimizer, augment, device, precision, scaler, world)
-    trainer = create_trainer(step, device)
-    # Evaluation uses the plain module: no DDP collectives, so uneven shards cannot deadlock.
-    evaluator = build_evaluator(cfg, model, device)
+    return Parts(device, data, train_batches, test_batches, model, optimizer, scheduler, augment, step, scaler)
 
-    s = cfg.schedule
-    lr_scheduler = LRScheduler(torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=cfg.optimizer.lr, total_steps=cfg.train.epochs * len(train_batches),
-        pct_start=s.pct_start, anneal_strategy=s.anneal_strategy, div_factor=s.div_factor,
-        final_div_factor=s.final_div_factor))
+
+def sync_buffers(model: nn.Module) -> None:
+    """Give every process rank 0's BatchNorm statistics. Each process updated its own in the last
+    training step; without this the processes would evaluate slightly different models, none of them
+    exactly the one rank 0 checkpoints."""
+    for buffer in model.buffers():
+        torch.distributed.broadcast(buffer, src=0)
+
+
+def create_run(cfg: Config, plan: RunPlan, parts: Parts) -> Run:
+    """The trainer and the evaluator, with the handlers every process needs (1-3 of the order above)."""
+    world = idist.get_world_size()
+    trainer = create_trainer(parts.step, parts.device)
+    # Evaluation uses the plain module: no DDP collectives, so uneven shards cannot deadlock.
+    evaluator = build_evaluator(cfg, parts.model, parts.device)
+
+    lr_scheduler = LRScheduler(parts.scheduler)  # sets lr and, with cycle_momentum, momentum
     trainer.add_event_handler(Events.ITERATION_STARTED, lr_scheduler)
+
+    train_batches = parts.train_batches
 
     @trainer.on(Events.EPOCH_STARTED)
     def _choose_epoch(engine: Engine) -> None:
         # After a resume from mid-epoch, skip the batches that epoch already trained on.
         train_batches.set_epoch(engine.state.epoch, engine.state.iteration % len(train_batches))
 
-    losses = LossBuffer(cfg.logging.log_every_iters, lambda: optimizer.param_groups[0]["lr"]).attach(trainer)
+    # 1. flushes at every log interval and epoch end (attached here, so first on EPOCH_COMPLETED) ...
+    losses = LossBuffer(cfg.logging.log_every_iters, scheduled_values(parts.optimizer)).attach(trainer)
 
     @trainer.on(Events.EPOCH_COMPLETED)
-    def _evaluate(_: Engine) -> None:
+    def _evaluate(_: Engine) -> None:  # 2.
         if world > 1:
-            sync_buffers(model)
-        evaluator.run(test_batches)
+            sync_buffers(parts.model)
+        evaluator.run(parts.test_batches)
 
-    # Before rank 0's checkpoint handler (attached later) on the same events, in every process: a
-    # diverged loss stops the run before it can be saved, and every generator's state is collected.
-    generators = GeneratorStates(augment.generator)
-    trainer.add_event_handler(checkpoint_event(cfg.checkpoint.every_iters), losses.flush)
-    trainer.add_event_handler(checkpoint_event(cfg.checkpoint.every_iters), generators.gather)
+    generators = GeneratorStates(parts.augment.generator)
+    saves = checkpoint_event(cfg.checkpoint.every_iters)
+    trainer.add_event_handler(saves, losses.flush)  # 1. ... and before a save between epochs
+    trainer.add_event_handler(saves, generators.gather)  # 3.
 
-    to_save: dict[str, Any] = {"trainer": trainer, "model": model, "optimizer": optimizer,
+    to_save: dict[str, Any] = {"trainer": trainer, "model": parts.model, "optimizer": parts.optimizer,
                                "lr_scheduler": lr_scheduler, "augment": generators,
-                               "meta": RunMeta(cfg, data.classes, data_fingerprint(data))}
-    if scaler is not None:
-        to_save["scaler"] = scaler
-    return Run(cfg, plan, device, trainer, evaluator, model, train_batches, to_save)
-
-
-def build_augment(a: AugmentConfig, generator: torch.Generator) -> BatchAugment:
-    return BatchAugment(padding=a.crop_padding, hflip=a.hflip, rotation=a.rotation, brightness=a.brightness,
-                        contrast=a.contrast, saturation=a.saturation, mean=a.mean, std=a.std, generator=generator)
+                               "meta": RunMeta(cfg, parts.data.classes, data_fingerprint(parts.data))}
+    if parts.scaler is not None:
+        to_save["scaler"] = parts.scaler
+    return Run(cfg, plan, parts.device, trainer, evaluator, parts.model, train_batches, to_save)
 
 
 def augmented_samples(run: Run, n: int = 64) -> torch.Tensor:
@@ -276,9 +198,11 @@ def attach_rank0_outputs(run: Run, write: Callable[[str], None], resumed_iterati
 
     @trainer.on(Events.COMPLETED)
     def _final_hparams(_: Engine) -> None:
+        low, high = momentum_range(cfg)  # what the optimizer used: the cycle's range, or the constant
         hp = {"lr": cfg.optimizer.lr, "batch_size": cfg.train.batch_size, "epochs": cfg.train.epochs,
-              "momentum": cfg.optimizer.momentum, "weight_decay": cfg.optimizer.weight_decay,
-              "amp": cfg.train.amp, "seed": cfg.seed, "world_size": idist.get_world_size()}
+              "cycle_momentum": cfg.schedule.cycle_momentum, "momentum_min": low, "momentum_max": high,
+              "weight_decay": cfg.optimizer.weight_decay, "amp": cfg.train.amp, "seed": cfg.seed,
+              "world_size": idist.get_world_size()}
         metrics = {"hparam/best_top1": results.best.get("top1", 0.0),
                    "hparam/final_top1": results.final.get("top1", 0.0),
                    "hparam/final_top5": results.final.get("top5", 0.0)}
@@ -305,8 +229,30 @@ def describe_run(cfg: Config, world: int) -> str:
         f"data: {len(data.train):,} training and {len(data.test):,} test images in {cfg.data.root}",
         f"schedule: {cfg.train.epochs} epochs x {steps} iterations (batch {cfg.train.batch_size} = "
         f"{world} x {per_process})",
+        *describe_schedule(cfg, steps),
         "dry run: nothing was written",
     ])
+
+
+def describe_schedule(cfg: Config, iterations_per_epoch: int) -> list[str]:
+    """The learning rate and momentum the optimizer will use, read off the real schedule stepped
+    through the whole run: at the first iteration, at the learning rate's peak, at the last."""
+    optimizer = build_optimizer(cfg, nn.Linear(1, 1))
+    scheduler = build_scheduler(cfg, optimizer, iterations_per_epoch)
+    group, total = optimizer.param_groups[0], scheduler.total_steps
+    values = []
+    for _ in range(total):
+        values.append((group["lr"], group["momentum"]))
+        optimizer.step()  # no gradients: nothing changes but the schedule's bookkeeping
+        scheduler.step()
+    peak = max(range(total), key=lambda i: values[i][0])
+    first, top, last = values[0], values[peak], values[-1]
+    how = ("cycled by the schedule (schedule.cycle_momentum)" if cfg.schedule.cycle_momentum
+           else "constant (optimizer.momentum; schedule.cycle_momentum is false)")
+    return [f"learning rate: {first[0]:.4g} at iteration 1, {top[0]:.4g} at iteration {peak + 1}, "
+            f"{last[0]:.4g} at iteration {total}",
+            f"momentum: {first[1]:.4g} at iteration 1, {top[1]:.4g} at iteration {peak + 1}, "
+            f"{last[1]:.4g} at iteration {total}, {how}"]
 
 
 def prepare_run_dir(cfg: Config, plan: RunPlan) -> None:
@@ -328,8 +274,10 @@ def training(local_rank: int, cfg: Config, plan: RunPlan) -> None:
     rank = idist.get_rank()
     # Under torchrun each process named the new run folder itself; rank 0's name is the one.
     plan = dataclasses.replace(plan, run_dir=Path(idist.broadcast(str(plan.run_dir), src=0, safe_mode=True)))
-    run = build_run(cfg, plan, local_rank)
-    checkpoint = load_checkpoint(plan.checkpoint, map_location=run.device) if plan.checkpoint else None
+    run = create_run(cfg, plan, initialize(cfg, local_rank))
+    # Loaded on the CPU; each object then moves its state to its device (the model and optimizer to
+    # the training device, generator states stay CPU byte tensors), so a checkpoint resumes anywhere.
+    checkpoint = load_checkpoint(plan.checkpoint) if plan.checkpoint else None
     if checkpoint is not None and checkpoint["meta"].get("data") != run.to_save["meta"].data_fingerprint:
         raise UserError(f"{cfg.data.root}: not the data this run was trained on (fingerprint "
                         f"{run.to_save['meta'].data_fingerprint} != {checkpoint['meta'].get('data')})")

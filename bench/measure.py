@@ -15,7 +15,7 @@ from app.config import Config
 from app.engines import Precision, create_trainer
 from app.loader import ShardedBatches
 from app.model import build_model
-from app.training import build_augment, build_optimizer, build_train_step
+from app.builders import build_augment, build_optimizer, build_scheduler, build_train_step, scheduled_values
 from bench.seed_pipeline import as_pil, run_per_image, seed_transform
 from handlers.loss_buffer import LossBuffer
 
@@ -74,12 +74,11 @@ class _Setup:
         fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         self.model = build_model(cfg.model.name, cfg.model.num_classes).to(device, memory_format=fmt)
         self.train_model = torch.compile(self.model) if cfg.train.compile else self.model
-        self.optimizer = build_optimizer(cfg, self.model, device)
+        self.optimizer = build_optimizer(cfg, self.model)
         self.augment = build_augment(cfg.augment, torch.Generator(device).manual_seed(0))
         images, labels = random_images(n_images, device)
         self.batches = ShardedBatches(images, labels, batch_size=cfg.train.batch_size, shuffle=True)
-        self.scheduler = torch.optim.lr_scheduler.OneCycleLR(self.optimizer, max_lr=cfg.optimizer.lr,
-                                                             total_steps=iters_total + 10)
+        self.scheduler = build_scheduler(cfg, self.optimizer, 0, total_steps=iters_total + 10)
         self.precision = Precision.resolve(cfg.train.amp, device)
         self.fmt = fmt
         self.step = build_train_step(cfg, self.model, self.train_model, self.optimizer, self.augment, device,
@@ -105,7 +104,7 @@ def ignite_trainer(s: _Setup, device: torch.device, log_every: int) -> Engine:
     trainer = create_trainer(s.step, device)
     trainer.add_event_handler(Events.ITERATION_STARTED, LRScheduler(s.scheduler))
     trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: s.batches.set_epoch(e.state.epoch))
-    LossBuffer(log_every, lambda: s.optimizer.param_groups[0]["lr"]).attach(trainer)
+    LossBuffer(log_every, scheduled_values(s.optimizer)).attach(trainer)
     return trainer
 
 

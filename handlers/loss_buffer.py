@@ -2,15 +2,16 @@
 
 The loss stays on the device; every `every` iterations (and at the end of each epoch) the buffered
 values are copied to the host in one transfer. Then the engine fires LossEvents.LOSS_FLUSHED with
-`engine.state.flushed_losses` = [(iteration, loss, lr), ...] and `engine.state.running_loss` and `engine.state.lr` updated, for
-loggers to use. A NaN or infinite loss raises LossNotFinite there, before any later handler of the same
-event (a checkpoint, say) can save the diverged weights. Under several processes they agree first
+`engine.state.flushed_losses` = [(iteration, loss, {"lr": ..., ...}), ...] (each step's scheduled
+values, as `scheduled` returned them after the step) and `engine.state.running_loss` and
+`engine.state.lr` updated, for loggers to use. A NaN or infinite loss raises LossNotFinite there,
+before any later handler of the same event (a checkpoint, say) can save the diverged weights. Under several processes they agree first
 (one all-reduce per flush), so that all of them stop together instead of some waiting forever.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Mapping
 
 import ignite.distributed as idist
 import torch
@@ -28,10 +29,11 @@ class LossNotFinite(RuntimeError):
 
 
 class LossBuffer:
-    def __init__(self, every: int, lr_fn: Callable[[], float], smoothing: float = 0.98) -> None:
-        self.every, self.lr_fn, self.smoothing = every, lr_fn, smoothing
+    def __init__(self, every: int, scheduled: Callable[[], Mapping[str, float]], smoothing: float = 0.98) -> None:
+        """`scheduled`: the values the schedule set for the step just run, e.g. {"lr": 0.1}."""
+        self.every, self.scheduled, self.smoothing = every, scheduled, smoothing
         self._losses: list[torch.Tensor] = []
-        self._steps: list[tuple[int, float]] = []
+        self._steps: list[tuple[int, dict[str, float]]] = []
         self.running_loss: float | None = None
 
     def attach(self, engine: Engine) -> "LossBuffer":
@@ -45,9 +47,9 @@ class LossBuffer:
         return self
 
     def _collect(self, engine: Engine) -> None:
-        # lr is read before the scheduler steps for the next iteration: the lr this step used.
+        # Read before the scheduler steps for the next iteration: the values this step used.
         self._losses.append(engine.state.output.detach().float().reshape(()))
-        self._steps.append((engine.state.iteration, self.lr_fn()))
+        self._steps.append((engine.state.iteration, dict(self.scheduled())))
 
     def flush(self, engine: Engine) -> None:
         if not self._losses:
@@ -64,7 +66,7 @@ class LossBuffer:
         for value in values:
             a = self.smoothing
             self.running_loss = value if self.running_loss is None else a * self.running_loss + (1 - a) * value
-        engine.state.flushed_losses = [(it, v, lr) for (it, lr), v in zip(steps, values)]
+        engine.state.flushed_losses = [(it, v, scheduled) for (it, scheduled), v in zip(steps, values)]
         engine.state.running_loss = self.running_loss
-        engine.state.lr = steps[-1][1]
+        engine.state.lr = steps[-1][1].get("lr")
         engine.fire_event(LossEvents.LOSS_FLUSHED)

@@ -42,9 +42,10 @@ class TensorBoardLogging:
         return self
 
     def _log_losses(self, trainer: Engine) -> None:
-        for iteration, loss, lr in trainer.state.flushed_losses:
+        for iteration, loss, scheduled in trainer.state.flushed_losses:
             self.train.add_scalar("train/loss", loss, iteration)
-            self.train.add_scalar("train/lr", lr, iteration)
+            for name, value in scheduled.items():  # train/lr, train/momentum
+                self.train.add_scalar(f"train/{name}", value, iteration)
 
     def _log_validation(self, evaluator: Engine, trainer: Engine) -> None:
         epoch = trainer.state.epoch

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from app.config import Config, config_from_dict, load_config, override, to_dict
+from app.config import Config, config_from_dict, load_config, momentum_range, override, to_dict
 from app.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -13,7 +13,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_config_json_is_the_recipe() -> None:
     cfg = load_config(ROOT / "config.json")
     assert cfg == Config()
-    assert (cfg.optimizer.lr, cfg.optimizer.momentum, cfg.optimizer.weight_decay) == (0.1, 0.9, 5e-4)
+    assert (cfg.optimizer.lr, cfg.optimizer.weight_decay) == (0.1, 5e-4)
+    # torch's OneCycleLR defaults, as the recipe uses them: momentum cycles 0.95 -> 0.85 -> 0.95, so no
+    # constant momentum is set (it would do nothing)
+    s = cfg.schedule
+    assert (s.cycle_momentum, s.base_momentum, s.max_momentum, cfg.optimizer.momentum) == (True, 0.85, 0.95, None)
     assert (cfg.train.batch_size, cfg.train.epochs, cfg.schedule.name) == (128, 100, "onecycle")
     a = cfg.augment
     assert (a.crop_padding, a.hflip, a.rotation, a.brightness, a.contrast, a.saturation) == (4, True, 15, .2, .2, .2)
@@ -37,6 +41,27 @@ def test_rejects_with_file_and_key(raw, message) -> None:
     with pytest.raises(ConfigError) as e:
         config_from_dict(raw, "my.json")
     assert str(e.value).startswith("my.json: ") and message in str(e.value)
+
+
+@pytest.mark.parametrize("raw,message", [
+    ({"optimizer": {"momentum": 0.9}},
+     "optimizer.momentum 0.9 would have no effect: schedule.cycle_momentum is true"),
+    ({"schedule": {"cycle_momentum": False}},
+     "optimizer.momentum must be a number when schedule.cycle_momentum is false"),
+    ({"schedule": {"base_momentum": 0.96}}, "schedule.base_momentum 0.96 must not exceed schedule.max_momentum"),
+    ({"optimizer": {"nesterov": True, "momentum": 0.0}, "schedule": {"cycle_momentum": False}},
+     "optimizer.nesterov needs a momentum above 0"),
+])
+def test_refuses_momentum_settings_that_would_do_nothing_or_cannot_work(raw, message) -> None:
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(raw, "my.json")
+    assert str(e.value).startswith("my.json: ") and message in str(e.value)
+
+
+def test_constant_momentum_when_the_schedule_does_not_cycle_it() -> None:
+    cfg = config_from_dict({"optimizer": {"momentum": 0.9}, "schedule": {"cycle_momentum": False}})
+    assert momentum_range(cfg) == (0.9, 0.9)
+    assert momentum_range(Config()) == (0.85, 0.95)
 
 
 def test_partial_file_takes_defaults_and_overrides_revalidate(tmp_path: Path) -> None:

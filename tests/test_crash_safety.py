@@ -116,7 +116,7 @@ def test_resume_on_other_data_is_refused(finished, tmp_path: Path) -> None:
 def test_divergence_stops_before_the_checkpoint_and_keeps_the_last_good_one(tmp_path: Path) -> None:
     """A real Engine, LossBuffer and Checkpoint: epoch 1 is fine, epoch 2's loss becomes NaN."""
     trainer = Engine(lambda e, _: torch.tensor(float("nan") if e.state.epoch == 2 else 1.0))
-    LossBuffer(every=3, lr_fn=lambda: 0.1).attach(trainer)
+    LossBuffer(every=3, scheduled=lambda: {"lr": 0.1}).attach(trainer)
     model = torch.nn.Linear(2, 2)
     saver = Checkpoint({"model": model}, SaveThenRemove(tmp_path), n_saved=2,
                        global_step_transform=lambda e, _: e.state.epoch)

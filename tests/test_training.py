@@ -55,12 +55,17 @@ def test_writes_config_results_and_checkpoints(finished_run) -> None:
     assert ckpt["trainer"]["iteration"] == 10 and ckpt["trainer"]["epoch_length"] == 5
 
 
-def test_tensorboard_has_loss_lr_per_iteration_and_validation_per_epoch(finished_run) -> None:
+def test_tensorboard_has_loss_lr_momentum_per_iteration_and_validation_per_epoch(finished_run) -> None:
     run_dir, _ = finished_run
     loss = _scalars(run_dir / "tb" / "train", "train/loss")
     lr = _scalars(run_dir / "tb" / "train", "train/lr")
-    assert [s for s, _ in loss] == list(range(1, 11)) and [s for s, _ in lr] == list(range(1, 11))
+    momentum = _scalars(run_dir / "tb" / "train", "train/momentum")
+    assert [s for s, _ in loss] == [s for s, _ in lr] == [s for s, _ in momentum] == list(range(1, 11))
     assert max(v for _, v in lr) == pytest.approx(0.1, rel=1e-3) and lr[-1][1] < 1e-4  # one cycle
+    # ... and momentum the other way: lowest where the learning rate peaks
+    assert momentum[0][1] == pytest.approx(0.95) and momentum[-1][1] == pytest.approx(0.95)
+    peak = max(range(10), key=lambda i: lr[i][1])
+    assert min(v for _, v in momentum) == pytest.approx(0.85) == momentum[peak][1]
     results = json.loads((run_dir / "results.json").read_text())
     for tag in ("top1", "top5", "loss"):
         values = _scalars(run_dir / "tb" / "validation", f"validation/{tag}")
@@ -85,7 +90,8 @@ def test_tensorboard_has_images_histograms_epoch_figures_and_hparams(finished_ru
     assert all(e.value > 0 for e in val.Scalars("epoch/seconds"))
     hparams = val.PluginTagToContent("hparams")
     assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(hparams)
-    assert b"batch_size" in hparams["_hparams_/session_start_info"]
+    start = hparams["_hparams_/session_start_info"]
+    assert b"batch_size" in start and b"momentum_min" in start and b"momentum_max" in start
 
 
 def test_without_a_terminal_logs_one_line_per_epoch_and_no_bar(finished_run) -> None:
@@ -105,6 +111,10 @@ def test_dry_run_checks_and_describes_without_writing(tmp_path: Path, small_data
     assert result.returncode == 0, result.stderr
     assert '"batch_size": 48' in result.stdout and "11,220,132 parameters" in result.stdout
     assert "240 training and 50 test images" in result.stdout
+    # 240 images, batch 48: 5 iterations per epoch, 10 in all, the peak at 30%
+    assert "learning rate: 0.004 at iteration 1, 0.1 at iteration 3, 4e-07 at iteration 10" in result.stdout
+    assert ("momentum: 0.95 at iteration 1, 0.85 at iteration 3, 0.95 at iteration 10, cycled by the schedule"
+            in result.stdout)
     assert not (tmp_path / "runs").exists()
 
 

@@ -1,0 +1,101 @@
+"""Two training steps compared step by step over a whole OneCycleLR cycle, each step from the same state.
+
+Comparing two whole trajectories of ResNet18 does not work: its training is chaotic at small batches,
+and two correct SGD steps that round differently in the last bit (torch.optim.SGD and app/sgd.py, say)
+are 1% apart in loss after 12 steps at batch 64 (measured on the CPU). So before every step the
+reference takes the candidate's whole state (weights, BatchNorm statistics, momentum buffers,
+augmentation generator), both run one step on the same batch with lr and momentum from their own
+real schedule, and what each step did (the loss, the change of every weight, the momentum buffers) is
+compared. Differences cannot compound, so the tolerance can be tight; a value that a step gets wrong
+(a momentum frozen at the moment of capture, say) shows at once.
+
+Used by tests/test_cuda_graph.py (candidate: the CUDA-graph step, on a GPU) and tests/test_lockstep.py
+(on the CPU: that the comparison passes for equal steps and catches a frozen momentum).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from app.builders import build_augment, build_optimizer, build_scheduler
+from app.config import Config, override
+from app.engines import Precision, TrainStep, make_train_step
+from app.model import cifar_resnet18
+from app.sgd import CapturableSGD
+
+
+@dataclass
+class Side:
+    model: nn.Module
+    optimizer: CapturableSGD
+    scheduler: torch.optim.lr_scheduler.OneCycleLR
+    generator: torch.Generator
+    step: TrainStep
+
+
+def make_side(device: torch.device, precision: Precision, steps_per_epoch: int, epochs: int,
+              wrap: Optional[Callable[[TrainStep, nn.Module, CapturableSGD, torch.Generator], TrainStep]] = None
+              ) -> Side:
+    """The application's parts, as builders make them for the recipe: ResNet18 (channels_last), the
+    optimizer, OneCycleLR over `epochs` x `steps_per_epoch`, the augmentation and the training step."""
+    cfg = override(Config(), {"train.epochs": epochs, "train.device": device.type})
+    torch.manual_seed(0)
+    model = cifar_resnet18().to(device, memory_format=torch.channels_last)
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
+    generator = torch.Generator(device).manual_seed(1)
+    step = make_train_step(model, optimizer, build_augment(cfg.augment, generator), device, precision, None,
+                           channels_last=True)
+    if wrap is not None:
+        step = wrap(step, model, optimizer, generator)
+    return Side(model, optimizer, scheduler, generator, step)
+
+
+def _take_state(dst: Side, src: Side) -> None:
+    with torch.no_grad():
+        for d, s in zip(dst.model.state_dict().values(), src.model.state_dict().values()):
+            d.copy_(s)
+    dst.optimizer.state.clear()
+    for pd, ps in zip(dst.model.parameters(), src.model.parameters()):
+        if "momentum_buffer" in src.optimizer.state[ps]:
+            dst.optimizer.state[pd]["momentum_buffer"] = src.optimizer.state[ps]["momentum_buffer"].clone()
+    dst.generator.set_state(src.generator.get_state())
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, rtol: float) -> float:
+    """max |a - b| in units of rtol x max |b| (<= 1 passes)."""
+    scale = b.abs().max().item()
+    return 0.0 if scale == 0 else (a - b).abs().max().item() / (rtol * scale)
+
+
+def compare_steps(reference: Side, candidate: Side, epoch: list[tuple[torch.Tensor, torch.Tensor]], epochs: int,
+                  rtol: float) -> list[dict]:
+    """Run both over `epochs` x `epoch`; per step, the figures compared. Raises AssertionError at the
+    first step where loss, a weight's change or a momentum buffer differs by more than rtol (relative
+    to the reference's largest value in that tensor)."""
+    log = []
+    for i in range(epochs * len(epoch)):
+        images, labels = epoch[i % len(epoch)]
+        _take_state(reference, candidate)
+        before = [p.detach().clone() for p in candidate.model.parameters()]
+        loss_c = candidate.step(images, labels).item()
+        loss_r = reference.step(images, labels).item()
+        for side in (reference, candidate):
+            side.scheduler.step()
+        worst = abs(loss_c - loss_r) / (rtol * abs(loss_r))
+        for w0, pc, pr in zip(before, candidate.model.parameters(), reference.model.parameters()):
+            worst = max(worst, _close(pc.detach() - w0, pr.detach() - w0, rtol),
+                        _close(candidate.optimizer.state[pc]["momentum_buffer"],
+                               reference.optimizer.state[pr]["momentum_buffer"], rtol))
+        for bc, br in zip(candidate.model.buffers(), reference.model.buffers()):  # BatchNorm statistics
+            if bc.dtype.is_floating_point:
+                worst = max(worst, _close(bc, br, rtol))
+        momentum = candidate.optimizer.scheduled_tensors()["momentum"].item()
+        log.append({"step": i + 1, "batch": len(labels), "loss": loss_c, "momentum": momentum, "worst": worst})
+        if worst > 1:
+            raise AssertionError(f"step {i + 1} (batch {len(labels)}, momentum {momentum:.4f}): differs by "
+                                 f"{worst:.1f}x the tolerance {rtol}")
+    return log

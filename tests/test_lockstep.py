@@ -1,0 +1,39 @@
+"""The step-by-step comparison that tests/test_cuda_graph.py runs on a GPU, checked here on the CPU: it
+passes two equal steps, and it catches a step whose momentum stays at its first value, as the CUDA
+graph's did when fused SGD baked it in at capture."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from app.engines import Precision
+from lockstep import compare_steps, make_side
+
+CPU, FP32 = torch.device("cpu"), Precision(None, False)
+
+
+def _epoch() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
+             torch.randint(0, 100, (n,), generator=g)) for n in (8, 8, 8, 5)]
+
+
+def test_equal_steps_agree_at_every_step_of_a_whole_cycle() -> None:
+    epoch = _epoch()
+    log = compare_steps(make_side(CPU, FP32, 4, 3), make_side(CPU, FP32, 4, 3), epoch, 3, rtol=1e-3)
+    assert [e["step"] for e in log] == list(range(1, 13)) and [e["batch"] for e in log][-4:] == [8, 8, 8, 5]
+    assert all(e["worst"] == 0 for e in log)  # the same code on the same device: bit for bit
+    momenta = [e["momentum"] for e in log]
+    assert momenta[0] == pytest.approx(0.95) and min(momenta) < 0.86 and momenta[-1] == pytest.approx(0.95)
+
+
+def test_a_momentum_frozen_at_its_first_value_is_caught_at_once() -> None:
+    def frozen(step, model, optimizer, generator):
+        def run(images, labels):
+            optimizer.param_groups[0]["momentum"] = 0.95  # what the graph replayed, whatever the schedule said
+            return step(images, labels)
+        return run
+
+    epoch = _epoch()
+    with pytest.raises(AssertionError, match=r"^step 2 "):  # step 1 has no momentum yet
+        compare_steps(make_side(CPU, FP32, 4, 3), make_side(CPU, FP32, 4, 3, wrap=frozen), epoch, 3, rtol=1e-2)
