@@ -224,6 +224,7 @@ def build_predict_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="a best-model or training checkpoint")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--json", action="store_true", help="print JSON instead of a list")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     return p
 
 
@@ -231,7 +232,9 @@ def predict(argv: Sequence[str]) -> int:
     from app.predict import format_predictions, predict as predict_images
 
     args = build_predict_parser().parse_args(argv)
-    print(format_predictions(predict_images(Path(args.checkpoint), [Path(p) for p in args.images]), args.json))
+    launch(args.device, 1, None)  # checks that --device cuda has a GPU
+    results = predict_images(Path(args.checkpoint), [Path(p) for p in args.images], device=args.device)
+    print(format_predictions(results, args.json))
     return 0
 
 

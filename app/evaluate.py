@@ -20,13 +20,13 @@ from app.data import ensure_dataset, load_cifar100
 from app.errors import UserError
 from app.model import build_model
 from app.runs import load_checkpoint
-from app.training import build_evaluator, evaluation_batches  # the same evaluator as training's
+from app.builders import build_evaluator, evaluation_batches, tune_backends  # training's evaluator
 
 
 def model_from_checkpoint(path: Path, device: torch.device) -> tuple[nn.Module, Config, list[str], dict]:
-    """The model, the config it was trained with, the class names and the raw checkpoint, from a
-    best-model or training checkpoint (both carry the model's weights and the run's meta)."""
-    ckpt = load_checkpoint(path, map_location=device)
+    """The model on `device`, the config it was trained with, the class names and the raw checkpoint
+    (on the CPU), from a best-model or training checkpoint written on any device."""
+    ckpt = load_checkpoint(path)
     if "model" not in ckpt or "meta" not in ckpt:
         raise UserError(f"{path}: not a checkpoint of this application (no model or meta)")
     try:
@@ -53,6 +53,7 @@ def evaluate_checkpoint(path: Path, data_root: Optional[str] = None, device: str
     """top1, top5, loss and the confusion matrix over the whole test set (this process's shard of it
     when there are several; the metrics sum over all of them)."""
     dev = resolve_eval_device(device)
+    tune_backends(dev)  # the backend settings training evaluated with
     model, cfg, classes, ckpt = model_from_checkpoint(Path(path), dev)
     data = load_cifar100(data_root or cfg.data.root, cfg.model.num_classes)
     evaluator = build_evaluator(cfg, model, dev)

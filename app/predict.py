@@ -16,7 +16,7 @@ from torchvision.transforms import functional as TF
 
 from app.augment import Normalize
 from app.errors import UserError
-from app.evaluate import model_from_checkpoint
+from app.evaluate import model_from_checkpoint, resolve_eval_device
 
 
 def load_image(path: Path) -> torch.Tensor:
@@ -34,8 +34,9 @@ def load_image(path: Path) -> torch.Tensor:
 
 
 def predict(checkpoint: Path, images: list[Path], top: int = 5, device: str = "cpu") -> list[dict[str, Any]]:
+    """`device`: auto (a GPU if there is one), cpu or cuda."""
     batch = torch.stack([load_image(p) for p in images])  # every file checked before any work
-    dev = torch.device(device)
+    dev = resolve_eval_device(device)
     model, cfg, classes, _ = model_from_checkpoint(checkpoint, dev)
     with torch.no_grad():
         probs = model(Normalize(cfg.augment.mean, cfg.augment.std, dev)(batch.to(dev))).float().softmax(1)

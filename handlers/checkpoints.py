@@ -47,7 +47,9 @@ class SaveThenRemove(DiskSaver):
         pending, self._pending = self._pending, []
         for old in pending:
             if old != filename:
-                super().remove(old)
+                # missing_ok: a run resumed from an older checkpoint remembers files that a later
+                # save of the first process already replaced.
+                (Path(self.dirname) / old).unlink(missing_ok=True)
 
     def _save_func(self, checkpoint: Mapping, path: Path, func: Callable) -> None:
         write_atomic(path, lambda f: func(checkpoint, f, **self.kwargs))

@@ -1,0 +1,107 @@
+"""A checkpoint written on one device is used on another: it is loaded on the CPU, and each object takes
+its state where it lives (the model and optimizer to the training device; a generator's state stays the
+CPU byte tensor it must be).
+
+A checkpoint written on a GPU differs from a CPU one only in the location recorded with each storage
+("cuda:0"); `torch.save` takes it from `torch.serialization.location_tag`. Here the files are re-saved
+with that location, so that this machine, which has no GPU, holds real GPU-tagged checkpoints: loading
+one without a map location fails here exactly as it would for a file from a GPU machine. The other
+direction (a CPU checkpoint resumed on a GPU) is in the GPU acceptance check (bench/gpu_check.py).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from app.runs import load_checkpoint
+from conftest import run_app, write_config
+
+
+def write_as_if_from_a_gpu(src: Path, dst: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    checkpoint = torch.load(src, map_location="cpu", weights_only=True)
+    with monkeypatch.context() as m:
+        m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save(checkpoint, dst)
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, small_data: Path):
+    """A finished 2-epoch CPU run (5 iterations per epoch) and its config."""
+    tmp = tmp_path_factory.mktemp("devices")
+    cfg = write_config(tmp / "c.json", data={"root": str(small_data), "download": False},
+                       train={"epochs": 2, "batch_size": 48, "device": "cpu"},
+                       logging={"output_dir": str(tmp / "runs"), "log_every_iters": 2})
+    result = run_app("--config", str(cfg), "--run-name", "r")
+    assert result.returncode == 0, result.stderr
+    return tmp / "runs" / "r", cfg
+
+
+def test_a_gpu_checkpoint_loads_here_only_through_the_cpu(finished, tmp_path: Path, monkeypatch) -> None:
+    run_dir, _ = finished
+    gpu = tmp_path / "gpu.pt"
+    write_as_if_from_a_gpu(run_dir / "checkpoints" / "training_checkpoint_10.pt", gpu, monkeypatch)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        torch.load(gpu, weights_only=True)  # where it was written: there is no GPU here
+    checkpoint = load_checkpoint(gpu)
+    tensors = list(_tensors(checkpoint))
+    assert len(tensors) > 100 and {t.device.type for t in tensors} == {"cpu"}
+    generators = checkpoint["augment"]["generators"]
+    assert generators.dtype == torch.uint8 and generators.device.type == "cpu"
+
+
+def test_a_gpu_checkpoint_resumes_on_the_cpu_exactly(finished, tmp_path: Path, monkeypatch) -> None:
+    """Resumed from the epoch-1 checkpoint, relabelled as a GPU file, the run ends with the weights of the
+    uninterrupted run: every state (weights, momentum buffers, schedule, generator) arrived intact."""
+    src, cfg = finished
+    run_dir = tmp_path / "runs" / "r"
+    shutil.copytree(src, run_dir)
+    reference = torch.load(run_dir / "checkpoints" / "training_checkpoint_10.pt", weights_only=True)
+    epoch1 = run_dir / "checkpoints" / "training_checkpoint_5.pt"
+    write_as_if_from_a_gpu(epoch1, epoch1, monkeypatch)
+    (run_dir / "checkpoints" / "training_checkpoint_10.pt").unlink()
+    config = json.loads(cfg.read_text())
+    config["logging"]["output_dir"] = str(tmp_path / "runs")
+    (tmp_path / "c.json").write_text(json.dumps(config))
+
+    result = run_app("--config", str(tmp_path / "c.json"), "--resume", str(epoch1), "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    resumed = torch.load(run_dir / "checkpoints" / "training_checkpoint_10.pt", weights_only=True)
+    for name, value in reference["model"].items():
+        assert torch.equal(resumed["model"][name], value), name
+    for key, state in reference["optimizer"]["state"].items():
+        assert torch.equal(resumed["optimizer"]["state"][key]["momentum_buffer"], state["momentum_buffer"])
+    assert torch.equal(resumed["augment"]["generators"], reference["augment"]["generators"])
+
+
+def test_evaluate_and_predict_take_a_gpu_checkpoint(finished, tmp_path: Path, monkeypatch) -> None:
+    run_dir, _ = finished
+    best = next((run_dir / "checkpoints").glob("best_checkpoint_*.pt"))
+    gpu = tmp_path / best.name
+    write_as_if_from_a_gpu(best, gpu, monkeypatch)
+    result = run_app("evaluate", "--checkpoint", str(gpu), "--json", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    logged = json.loads((run_dir / "results.json").read_text())["best"]
+    report = json.loads(result.stdout)
+    assert (report["top1"], report["top5"]) == (logged["top1"], logged["top5"])
+
+    image = tmp_path / "red.png"
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(image)
+    predicted = run_app("predict", "--checkpoint", str(gpu), str(image), "--json")
+    assert predicted.returncode == 0, predicted.stderr
+    assert len(json.loads(predicted.stdout)[0]["top"]) == 5
