@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
-# The GPU check, one command on a bare GPU machine that has python3 with torch and torchvision:
+# The GPU acceptance check, one command on a bare GPU machine that has python3 with torch, torchvision,
+# pytest and tensorboard:
 #
 #   bash bench/gpu.sh [OUT_DIR]
 #
-# pytorch-ignite and tensorboardX come from wheels in .whl/ if the machine lacks them. It runs
-# `python -m bench` on CUDA, writes a synthetic full-size CIFAR-100 (50,000 + 10,000 images) in the
-# real format, and trains the recipe on it with the real application (EPOCHS epochs, 100 by default,
-# stopped after LIMIT seconds), so the log has epoch times, images/s, the bf16 peak share and, when
-# it finishes in time, the end-to-end time of the recipe. Settings: EPOCHS, LIMIT, N_TRAIN, N_TEST,
-# DEVICE (cuda; cpu only to try the script), COMPILE_EPOCHS (also train that many epochs with
-# torch.compile; 0 = skip).
+# pytorch-ignite and tensorboardX come from wheels in .whl/ if the machine lacks them. Then:
+#  1. python -m bench.gpu_check: does everything a user does work here? (CUDA tests, learning graphed
+#     and eager, kill and resume, evaluate on GPU and CPU, predict, checkpoints across devices,
+#     TensorBoard); a PASS/FAIL table and OUT_DIR/gpu_check.json; about 3-4 minutes on one H200;
+#  2. python -m bench on CUDA: augmentation, Ignite vs a plain loop, epoch time, share of bf16 peak;
+#  3. the recipe on synthetic full-size data (50,000 + 10,000 images) with the real application, EPOCHS
+#     epochs (100 by default), stopped after LIMIT seconds: end-to-end time from process start.
+# Exits 1 if any check of step 1 failed. Settings: EPOCHS, LIMIT, CHECK_EPOCHS (epochs of step 1's
+# runs, 4), BENCH (0 skips step 2), COMPILE_EPOCHS (also train that many epochs with torch.compile).
 set -uo pipefail
 OUT=${1:-${OUT:-/tmp/gpu-check}}
-EPOCHS=${EPOCHS:-100} LIMIT=${LIMIT:-260} N_TRAIN=${N_TRAIN:-50000} N_TEST=${N_TEST:-10000}
-DEVICE=${DEVICE:-cuda} COMPILE_EPOCHS=${COMPILE_EPOCHS:-0}
+EPOCHS=${EPOCHS:-100} LIMIT=${LIMIT:-150} CHECK_EPOCHS=${CHECK_EPOCHS:-4} BENCH=${BENCH:-1}
+COMPILE_EPOCHS=${COMPILE_EPOCHS:-0}
 WORK=$(mktemp -d)
 mkdir -p "$OUT"
 if ! python3 -c "import ignite, tensorboardX" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
@@ -25,22 +28,25 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
   date -u +"%Y-%m-%d %H:%M UTC"
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null || true
   python3 -c "import sys, torch, ignite, tensorboardX; print('python', sys.version.split()[0], 'torch', torch.__version__, 'ignite', ignite.__version__, 'tensorboardX', tensorboardX.__version__)"
-  echo "== CUDA checks: augmentation matches the CPU, graph replay matches eager steps"
-  python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py tests/test_augment.py -k cuda 2>&1 | tail -15
-  echo "== python -m bench --device $DEVICE"
-  timeout 200 python3 -m bench --device "$DEVICE" ${BENCH_ARGS:-}
-  echo "== synthetic data"
-  python3 -m bench.synthetic "$WORK/data" --train "$N_TRAIN" --test "$N_TEST"
-  python3 - "$WORK" "$DEVICE" <<'PY'
+  echo "== 1. acceptance checks"
+  python3 -m bench.gpu_check "$OUT" --work "$WORK/check" --epochs "$CHECK_EPOCHS"
+  echo $? > "$WORK/check_rc"
+  rm -rf "$WORK/check"
+  if [ "$BENCH" != 0 ]; then
+    echo "== 2. python -m bench --device cuda"
+    timeout 200 python3 -m bench --device cuda ${BENCH_ARGS:-}
+  fi
+  echo "== 3. recipe: $EPOCHS epochs on synthetic full-size data (limit ${LIMIT}s)"
+  python3 -m bench.synthetic "$WORK/data" --train 50000 --test 10000
+  python3 - "$WORK" <<'PY'
 import json, sys
 from app.config import Config, override, to_dict
-work, device = sys.argv[1], sys.argv[2]
-base = {"data.root": f"{work}/data", "data.download": False, "train.device": device,
+work = sys.argv[1]
+base = {"data.root": f"{work}/data", "data.download": False, "train.device": "cuda",
         "logging.output_dir": f"{work}/runs", "logging.log_every_iters": 100}
 for name, extra in (("recipe", {}), ("compiled", {"train.compile": True})):
     json.dump(to_dict(override(Config(), {**base, **extra})), open(f"{work}/{name}.json", "w"), indent=2)
 PY
-  echo "== recipe: $EPOCHS epochs (limit ${LIMIT}s)"
   start=$(date +%s.%N)
   timeout "$LIMIT" python3 -m app --config "$WORK/recipe.json" --run-name recipe --epochs "$EPOCHS"
   echo "exit $? after $(python3 -c "print(round($(date +%s.%N) - $start, 1))") s (process start to exit)"
@@ -53,3 +59,6 @@ PY
     cp "$WORK/runs/compiled/results.json" "$OUT/results_compiled.json" 2>/dev/null
   fi
 } 2>&1 | tee "$OUT/gpu_check.log"
+rc=$(cat "$WORK/check_rc" 2>/dev/null || echo 1)
+rm -rf "$WORK"
+exit "$rc"

@@ -12,11 +12,14 @@ import numpy as np
 
 
 def write_cifar100(root: Path, n_train: int, n_test: int, *, used_classes: int = 100, seed: int = 0,
-                   learnable: bool = False) -> Path:
+                   learnable: bool = False, hard: bool = False) -> Path:
     """Write cifar-100-python/{train,test,meta} as pickled dicts, exactly as the real files are laid out.
 
     Labels are drawn from the first `used_classes` of the 100. With `learnable`, each class has its own
-    colour and stripe pattern plus noise, so a model can learn it.
+    colour and stripe pattern plus noise, so a model can learn it (quickly: a few epochs reach almost
+    100%). With `hard`, each class is a coarse 4x4 layout of colours, and every image is 60% its class's
+    layout and 40% another class's, plus noise: learnable, with room to tell a better training from a
+    worse one.
     """
     root = Path(root)
     rng = np.random.default_rng(seed)
@@ -24,10 +27,18 @@ def write_cifar100(root: Path, n_train: int, n_test: int, *, used_classes: int =
     folder.mkdir(parents=True, exist_ok=True)
     protos = rng.integers(0, 256, size=(used_classes, 3, 1, 1)).astype(np.float32)
     freqs = rng.integers(1, 5, size=used_classes)
+    layouts = rng.integers(0, 256, size=(used_classes, 3, 4, 4)).astype(np.float32).repeat(8, 2).repeat(8, 3)
 
     def split(n: int) -> dict:
         labels = rng.integers(0, used_classes, size=n)
-        if learnable:
+        if hard:
+            data = np.empty((n, 3072), dtype=np.uint8)
+            for i in range(0, n, 5000):  # in chunks: a float copy of 50,000 images would be 600 MB
+                y = labels[i:i + 5000]
+                other = rng.integers(0, used_classes, size=len(y))
+                images = 0.6 * layouts[y] + 0.4 * layouts[other] + rng.normal(0, 40, size=(len(y), 3, 32, 32))
+                data[i:i + 5000] = np.clip(images, 0, 255).astype(np.uint8).reshape(len(y), 3072)
+        elif learnable:
             yy = np.arange(32, dtype=np.float32)[None, None, :, None]
             stripes = np.sin(yy * freqs[labels][:, None, None, None] * np.pi / 16) * 60
             images = protos[labels] + stripes + rng.normal(0, 20, size=(n, 3, 32, 32))
@@ -51,9 +62,10 @@ def main() -> None:
     p.add_argument("root")
     p.add_argument("--train", type=int, default=50_000)
     p.add_argument("--test", type=int, default=10_000)
-    p.add_argument("--learnable", action="store_true")
+    p.add_argument("--learnable", action="store_true", help="classes a model learns in a few epochs")
+    p.add_argument("--hard", action="store_true", help="learnable, but not to 100%% in a few epochs")
     args = p.parse_args()
-    write_cifar100(Path(args.root), args.train, args.test, learnable=args.learnable)
+    write_cifar100(Path(args.root), args.train, args.test, learnable=args.learnable, hard=args.hard)
     print(f"wrote {args.train} training and {args.test} test images to {Path(args.root) / 'cifar-100-python'}")
 
 
