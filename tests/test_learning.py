@@ -15,4 +15,4 @@ def test_climbs_well_above_chance_within_minutes(tmp_path: Path) -> None:
     result = run_app("--config", str(cfg), "--run-name", "learn")
     assert result.returncode == 0, result.stderr
     best = json.loads((tmp_path / "runs" / "learn" / "results.json").read_text())["best"]
-    assert best["top1"] >= 0.4, best  # chance is 0.1 on these 10 classes (this seed reaches 0.61)
+    assert best["top1"] >= 0.4, best  # chance is 0.1 on these 10 classes (this seed reaches 0.885)
