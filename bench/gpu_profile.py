@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from app.augment import BatchAugment
 from app.model import cifar_resnet18
+from app.sgd import CapturableSGD
 
 
 def timed(fn, device, iters: int) -> float:
@@ -43,8 +44,7 @@ def main() -> None:
 
     def make(compile_mode=None):
         model = cifar_resnet18().to(device, memory_format=torch.channels_last)
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4,
-                              fused=device.type == "cuda" or None)
+        opt = CapturableSGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)  # the app's
         fwd = torch.compile(model, mode=compile_mode) if compile_mode else model
 
         def step():
