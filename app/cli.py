@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing
 import os
+import signal
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Optional, Sequence
 
@@ -22,9 +23,11 @@ import torch
 from app.config import Config, load_config, override
 from app.data import ensure_dataset
 from app.errors import ConfigError, UserError
-from app.runs import LATEST, RunPlan, new_run, resume_run, saved_config, unsafe_changes
-from handlers.checkpoints import CheckpointWriteError
+from app.runs import (LATEST, RunPlan, check_not_in_use, check_writable, new_run, resume_run, saved_config,
+                      unsafe_changes)
+from handlers.atomic import OutputWriteError
 from handlers.loss_buffer import LossNotFinite
+from handlers.preemption import TrainingInterrupted
 
 EXIT_DIVERGED = 3
 
@@ -121,6 +124,8 @@ def plan_run(cfg: Config, resume: Optional[str]) -> tuple[RunPlan, bool]:
     if resume is None:
         return new_run(cfg, check_exists=_torchrun_rank("RANK") == 0), False
     plan = resume_run(cfg, resume, warn=lambda m: print(f"warning: {m}", file=sys.stderr))
+    if _torchrun_rank("RANK") == 0:
+        check_not_in_use(plan.run_dir)
     changes = unsafe_changes(saved_config(plan.run_dir), cfg)
     if changes:
         raise ConfigError(f"{plan.run_dir}/config.json: cannot resume with settings that change the run: "
@@ -131,44 +136,58 @@ def plan_run(cfg: Config, resume: Optional[str]) -> tuple[RunPlan, bool]:
     return plan, int(state["iteration"]) >= int(state["epoch_length"]) * cfg.train.epochs
 
 
-def check_writable(folder: Path) -> None:
-    """Fail before training, not at the first checkpoint, if the run folder cannot be written."""
-    existing = folder
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UserError(f"{folder}: cannot create the output folder ({existing} is a file)")
-    try:
-        fd, probe = tempfile.mkstemp(dir=existing, prefix=".write-test-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise UserError(f"{folder}: output folder is not writable ({e.strerror or e})") from None
-
-
 def _in_process(local_rank: int, fn: Callable[..., None], *args: Any) -> None:
     """Entry point of each process: a user error, divergence or disk failure becomes one line (from
     rank 0) and an exit code, in spawned processes and under torchrun alike."""
+    _quiet_libraries()  # again: a spawned process starts with fresh logging
     try:
         fn(local_rank, *args)
     except UserError as e:
         _fail(str(e), e.exit_code)
     except LossNotFinite as e:
         _fail(f"{e}; training stopped, checkpoints saved before it are untouched", EXIT_DIVERGED)
-    except (CheckpointWriteError, OSError) as e:  # a full disk, a folder that went away
+    except TrainingInterrupted as e:
+        run_dir = getattr(e, "run_dir", "RUN_DIR")
+        _fail(f"{e}: its checkpoint is saved; continue with --resume {run_dir} (and the same --config and "
+              f"flags)", e.exit_code, prefix="")
+    except OutputWriteError as e:  # a full disk: the message names the file
         _fail(str(e), 1)
+    except OSError as e:  # a folder that went away
+        _fail(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e), 1)
 
 
-def _fail(message: str, code: int) -> NoReturn:
+def _fail(message: str, code: int, prefix: str = "error: ") -> NoReturn:
     if idist.get_rank() == 0:
-        print(f"error: {message}", file=sys.stderr, flush=True)
+        print(f"{prefix}{message}", file=sys.stderr, flush=True)
     sys.exit(code)
 
 
+def _forward_stop_signals() -> None:
+    """In the launcher of spawned processes: pass SIGTERM and SIGINT on to them, so that they stop
+    gracefully (handlers/preemption.py) and the launcher waits for them. A scheduler may signal only
+    the launcher; if the children got the signal too (Ctrl-C reaches the whole process group), they
+    take the forwarded copy for the same request."""
+    def forward(signum: int, _frame: Any) -> None:
+        for child in multiprocessing.active_children():
+            os.kill(child.pid, signum)
+
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, forward)
+
+
+def _quiet_libraries() -> None:
+    """We report failures ourselves, in one line: the engine's and the launchers' own log lines about
+    them (and the launcher's INFO lines about itself) would only repeat it around ours."""
+    logging.getLogger("ignite.engine").setLevel(logging.CRITICAL)
+    logging.getLogger("ignite.distributed.launcher.Parallel").setLevel(logging.WARNING)  # kept by ignite
+    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
+
+
 def _launch(backend: Optional[str], spawn: Optional[int], fn: Callable[..., None], *args: Any) -> None:
-    logging.getLogger("ignite.engine").setLevel(logging.CRITICAL)  # we report failures ourselves
+    _quiet_libraries()
+    if spawn and spawn > 1:
+        _forward_stop_signals()
     with idist.Parallel(backend=backend, nproc_per_node=spawn) as parallel:
-        parallel._logger.setLevel(logging.WARNING)  # its per-run INFO lines would interleave with ours
         parallel.run(_in_process, fn, *args)
 
 

@@ -1,24 +1,47 @@
-"""Run folders: naming a new one, finding the one to resume, and picking an intact checkpoint in it.
+"""The life of a run folder: naming a new one, creating it, owning it, finding the one to resume and
+the intact checkpoint in it, and how many training checkpoints it keeps.
 
-A run folder holds config.json (the resolved config), results.json, checkpoints/ and tb/. Nothing is
-created here: the plan is made and checked first, and only rank 0 creates the folder, after every check
-has passed, so a bad flag or a bad checkpoint leaves the output folder untouched.
+A run folder holds config.json (the resolved config), results.json, checkpoints/, tb/ and .lock. The
+launcher only plans and checks (`new_run`, `resume_run`, `check_not_in_use`, `check_writable`): nothing
+is written until every check has passed. Then rank 0 claims the folder (`claim_run_dir`) and keeps it
+for the life of its process:
+
+- Ownership is an exclusive flock on RUN_DIR/.lock, which names the holder (pid, host, start time).
+  The kernel drops it when the process ends, however it ends, so a killed run leaves no stale lock; a
+  second process that would train in the folder is refused with the holder's name.
+- A new folder is assembled under a hidden name (config.json, checkpoints/, .lock already held) and
+  renamed into place. A rename does not replace a folder with files in it, so a new run never adopts
+  another run's folder, and an unnamed run that finds its timestamp taken takes the next free name.
+- Files and folders get the modes the umask gives any other tool's (handlers/atomic.py).
+- Training checkpoints: `keep_last` is counted from the files on disk, so it holds across resumes.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
+import os
+import shutil
+import socket
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Mapping, NoReturn, Optional
 
 import torch
+from ignite.engine import Engine, Events
+from ignite.engine.events import EventsList
+from ignite.handlers import Checkpoint
 
 from app.config import Config, config_from_dict, to_dict
 from app.errors import ConfigError, UserError
-from handlers.checkpoints import training_checkpoints
+from handlers.atomic import umask
+from handlers.checkpoints import attach_training_checkpoint, training_checkpoints
+from handlers.results import write_json_atomic
 
 LATEST = "latest"  # the value of --resume given without a path
+LOCK_FILE = ".lock"
 CHECKPOINT_KEYS = ("trainer", "model", "optimizer", "lr_scheduler", "augment", "meta")
 
 # Settings that may change when a run is resumed: they do not change what is computed.
@@ -42,23 +65,172 @@ def checkpoints_dir(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
-def new_run(cfg: Config, check_exists: bool = True) -> RunPlan:
-    """`check_exists` is False for the non-zero ranks under torchrun: rank 0 may already have made it."""
+class RunInUse(UserError):
+    """Another live process owns the run folder. Exit code 2: the command, as given, cannot run now."""
+
+    exit_code = 2
+
+
+class RunLock:
+    """The exclusive flock on a run folder's .lock file, held while the file descriptor is open."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def release(self) -> None:
+        os.close(self.fd)
+
+
+def _holder(lock_file: Path) -> str:
+    try:
+        h = json.loads(lock_file.read_text())
+        return f"pid {h['pid']} on {h['host']} (started {h['started']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+def lock_run_dir(run_dir: Path) -> RunLock:
+    """Take RUN_DIR/.lock or raise RunInUse naming its holder; then record this process as the holder."""
+    path = run_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RunInUse(f"{run_dir}: in use by {_holder(path)}; wait for it to end or stop it, "
+                       f"or choose another --run-name") from None
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+    return RunLock(fd)
+
+
+def check_not_in_use(run_dir: Path) -> None:
+    """The launcher's early check (takes and drops the lock; the training process takes it for good)."""
+    if (run_dir / LOCK_FILE).is_file():
+        fd = os.open(run_dir / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunInUse(f"{run_dir}: in use by {_holder(run_dir / LOCK_FILE)}; wait for it to end or "
+                           f"stop it, or choose another --run-name") from None
+        finally:
+            os.close(fd)
+
+
+def _output_dir(cfg: Config) -> Path:
     out = Path(cfg.logging.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: output folder is a file")
+    return out
+
+
+def _refuse_existing(run_dir: Path) -> NoReturn:
+    check_not_in_use(run_dir)  # a live run: name its holder
+    raise UserError(f"{run_dir}: run folder already exists; continue it with --resume {run_dir} "
+                    f"or choose another --run-name")
+
+
+def new_run(cfg: Config, check_exists: bool = True) -> RunPlan:
+    """The folder a new run would get (not created here). `check_exists` is False for the non-zero
+    ranks under torchrun: rank 0 may already have made it."""
+    out = _output_dir(cfg)
     if cfg.logging.run_name:
         run_dir = out / cfg.logging.run_name
         if check_exists and run_dir.exists():
-            raise UserError(f"{run_dir}: run folder already exists; continue it with --resume {run_dir} "
-                            f"or choose another --run-name")
+            _refuse_existing(run_dir)
         return RunPlan(run_dir)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    run_dir, n = out / stamp, 1
-    while run_dir.exists():
+    return RunPlan(next(_free_names(out / time.strftime("%Y%m%d-%H%M%S"))))
+
+
+def _free_names(first: Path) -> Iterator[Path]:
+    """FIRST, FIRST-2, FIRST-3, ... that do not exist yet."""
+    n = 1
+    while True:
+        candidate = first if n == 1 else first.with_name(f"{first.name}-{n}")
+        if not candidate.exists():
+            yield candidate
         n += 1
-        run_dir = out / f"{stamp}-{n}"
-    return RunPlan(run_dir)
+
+
+def claim_run_dir(cfg: Config, plan: RunPlan) -> tuple[RunPlan, RunLock]:
+    """Rank 0: own the run folder for the life of the process. A resumed run locks its folder (and,
+    killed before its first checkpoint, has its config.json rewritten); a new run's folder is created
+    with the lock already held. Returns the plan with the folder's final name."""
+    if plan.resume:
+        lock = lock_run_dir(plan.run_dir)
+        if plan.checkpoint is None:  # resumed before its first checkpoint: start again in place
+            plan.checkpoints_dir.mkdir(exist_ok=True)
+            write_json_atomic(plan.run_dir / "config.json", to_dict(cfg))
+        return plan, lock
+    parent = plan.run_dir.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=parent, prefix=f".partial-{plan.run_dir.name}-"))
+    lock = None
+    try:
+        os.chmod(staging, 0o777 & ~umask())  # mkdtemp makes it private whatever the umask
+        lock = lock_run_dir(staging)  # the flock stays with the file through the rename
+        write_json_atomic(staging / "config.json", to_dict(cfg))
+        checkpoints_dir(staging).mkdir()
+        names = iter([plan.run_dir]) if cfg.logging.run_name else _free_names(plan.run_dir)
+        for run_dir in names:
+            if _rename_unless_taken(staging, run_dir):
+                return RunPlan(run_dir), lock
+            if cfg.logging.run_name:  # another process took the name since the launcher checked
+                _refuse_existing(run_dir)
+        raise AssertionError("unreachable: _free_names never ends")
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone after the rename; cleared after a failure
+
+
+def _rename_unless_taken(staging: Path, run_dir: Path) -> bool:
+    if run_dir.exists():
+        return False
+    try:
+        os.rename(staging, run_dir)
+    except OSError as e:
+        if e.errno in (errno.EEXIST, errno.ENOTEMPTY):  # taken between the check and the rename
+            return False
+        raise
+    return True
+
+
+def check_writable(folder: Path) -> None:
+    """Fail before training, not at the first checkpoint, if the run folder cannot be written."""
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{folder}: cannot create the output folder ({existing} is a file)")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{folder}: output folder is not writable ({e.strerror or e})") from None
+
+
+def attach_checkpoints(trainer: Engine, run_dir: Path, to_save: Mapping[str, Any], *, keep_last: int,
+                       event: Events | EventsList) -> Checkpoint:
+    """The training checkpoints, saved at `event`, keeping the newest `keep_last` counted from the files
+    on disk: after a resume the handler knows the files earlier processes wrote, and any beyond
+    `keep_last` (left by an older version, say) go once this process has written a newer one."""
+    handler, saver = attach_training_checkpoint(trainer, checkpoints_dir(run_dir), to_save, keep_last=keep_last,
+                                                event=event)
+    on_disk = training_checkpoints(checkpoints_dir(run_dir))  # newest first
+    kept, stale = on_disk[:keep_last], on_disk[keep_last:]
+    handler.load_state_dict({"_saved": [(checkpoint_iteration(p), p.name) for p in reversed(kept)]})
+    for p in stale:
+        saver.remove(p.name)  # deleted after the next checkpoint is complete on disk
+    return handler
+
+
+def checkpoint_iteration(path: Path) -> int:
+    return int(path.stem.rsplit("_", 1)[1])
 
 
 def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict[str, Any]:

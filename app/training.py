@@ -3,29 +3,34 @@
 `training` runs in every process (one, spawned, or started by torchrun), in four steps:
 
 1. `initialize`: the parts, built from the config (app/builders.py): data on the device, model,
-   optimizer, schedule, augmentation, training step;
-2. `create_run`: the trainer and the evaluator, with what every process attaches;
-3. `attach_rank0_outputs`, rank 0 only, the one place that decides it: files, TensorBoard, progress
+   optimizer, schedule, augmentation, training step; the checkpoint to resume from, checked;
+2. rank 0 claims the run folder (app/runs.py: created, or locked for a resume) only now, when
+   everything that can be refused has been;
+3. `create_run`: the trainer and the evaluator, with what every process attaches;
+4. `attach_rank0_outputs`, rank 0 only, the one place that decides it: files, TensorBoard, progress
    bar, the per-epoch line, the checkpoints;
-4. resume (a checkpoint loaded on the CPU, each object taking its state to its device), then run.
+5. resume (a checkpoint loaded on the CPU, each object taking its state to its device), then run.
 
-Ignite runs the handlers of one event in the order they were attached. The order matters on the
-events where a training checkpoint is saved (every epoch end, and every `checkpoint.every_iters`):
+Ignite runs the handlers of one event in the order they were attached, and the order matters:
+- ITERATION_STARTED: GracefulStop before the lr scheduler (a stop saves the schedule as the last
+  step left it);
+- the save events (`Run.saves`: every epoch end, every `checkpoint.every_iters` iterations except an
+  epoch's last, and a graceful stop on SIGTERM/SIGINT):
     every process  1. LossBuffer.flush: a diverged loss raises here, before anything is saved
                    2. evaluation (epoch end only); rank 0's results, best model and TensorBoard
                       validation handlers run on the evaluator's COMPLETED
                    3. GeneratorStates.gather: every process's augmentation generator (a collective)
-    rank 0         4. EpochSummary and TensorBoard's epoch figures (epoch end only)
-                   5. the training checkpoint, which therefore holds this epoch's results
+    rank 0         4. EpochSummary and TensorBoard's epoch figures (epoch end only); results.json
+                      marked interrupted (a graceful stop only)
+                   5. TensorBoard flushed to disk, then the training checkpoint: what it holds and
+                      what TensorBoard shows agree
 `create_run` attaches 1-3 and `attach_rank0_outputs`, called after it, attaches 4-5.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -33,6 +38,7 @@ from typing import Any, Callable, Optional
 import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
+from ignite.engine.events import EventsList
 from ignite.handlers import Checkpoint, LRScheduler
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -47,14 +53,15 @@ from app.engines import Precision, TrainStep, create_trainer
 from app.errors import UserError
 from app.loader import ShardedBatches
 from app.model import build_model, count_parameters
-from app.runs import RunPlan, load_checkpoint
+from app.runs import RunPlan, attach_checkpoints, claim_run_dir, load_checkpoint
 from app.sgd import CapturableSGD
 from handlers.atomic import remove_partial_files
-from handlers.checkpoints import attach_training_checkpoint, best_model_checkpoint, checkpoint_event
+from handlers.checkpoints import best_model_checkpoint, checkpoint_event
+from handlers.preemption import GracefulStop, StopEvents, TrainingInterrupted
 from handlers.epoch_summary import EpochSummary
 from handlers.loss_buffer import LossBuffer
 from handlers.progress import attach_progress_bar
-from handlers.results import RunResults, write_json_atomic
+from handlers.results import RunResults
 from handlers.tensorboard import TensorBoardLogging
 
 
@@ -86,6 +93,7 @@ class Run:
     model: nn.Module
     train_batches: ShardedBatches
     to_save: dict[str, Any]
+    saves: EventsList  # every event on which a training checkpoint is saved
 
 
 def initialize(cfg: Config, local_rank: int) -> Parts:
@@ -125,13 +133,14 @@ def sync_buffers(model: nn.Module) -> None:
         torch.distributed.broadcast(buffer, src=0)
 
 
-def create_run(cfg: Config, plan: RunPlan, parts: Parts) -> Run:
+def create_run(cfg: Config, plan: RunPlan, parts: Parts, fingerprint: str) -> Run:
     """The trainer and the evaluator, with the handlers every process needs (1-3 of the order above)."""
     world = idist.get_world_size()
     trainer = create_trainer(parts.step, parts.device)
     # Evaluation uses the plain module: no DDP collectives, so uneven shards cannot deadlock.
     evaluator = build_evaluator(cfg, parts.model, parts.device)
 
+    GracefulStop(every=cfg.logging.log_every_iters).attach(trainer)  # before the scheduler
     lr_scheduler = LRScheduler(parts.scheduler)  # sets lr and, with cycle_momentum, momentum
     trainer.add_event_handler(Events.ITERATION_STARTED, lr_scheduler)
 
@@ -152,16 +161,16 @@ def create_run(cfg: Config, plan: RunPlan, parts: Parts) -> Run:
         evaluator.run(parts.test_batches)
 
     generators = GeneratorStates(parts.augment.generator)
-    saves = checkpoint_event(cfg.checkpoint.every_iters)
+    saves = checkpoint_event(cfg.checkpoint.every_iters) | StopEvents.STOP_REQUESTED
     trainer.add_event_handler(saves, losses.flush)  # 1. ... and before a save between epochs
     trainer.add_event_handler(saves, generators.gather)  # 3.
 
     to_save: dict[str, Any] = {"trainer": trainer, "model": parts.model, "optimizer": parts.optimizer,
                                "lr_scheduler": lr_scheduler, "augment": generators,
-                               "meta": RunMeta(cfg, parts.data.classes, data_fingerprint(parts.data))}
+                               "meta": RunMeta(cfg, parts.data.classes, fingerprint)}
     if parts.scaler is not None:
         to_save["scaler"] = parts.scaler
-    return Run(cfg, plan, parts.device, trainer, evaluator, parts.model, train_batches, to_save)
+    return Run(cfg, plan, parts.device, trainer, evaluator, parts.model, train_batches, to_save, saves)
 
 
 def augmented_samples(run: Run, n: int = 64) -> torch.Tensor:
@@ -208,8 +217,9 @@ def attach_rank0_outputs(run: Run, write: Callable[[str], None], resumed_iterati
                    "hparam/final_top5": results.final.get("top5", 0.0)}
         tb.log_hparams(hp, metrics)
 
-    attach_training_checkpoint(trainer, plan.checkpoints_dir, run.to_save,
-                               keep_last=cfg.checkpoint.keep_last, every_iters=cfg.checkpoint.every_iters)
+    trainer.add_event_handler(StopEvents.STOP_REQUESTED, results.write, "interrupted")  # 4.
+    trainer.add_event_handler(run.saves, tb.flush)  # 5.
+    attach_checkpoints(trainer, plan.run_dir, run.to_save, keep_last=cfg.checkpoint.keep_last, event=run.saves)
     if plan.checkpoint is None:
         tb.log_config(to_dict(cfg))
     remove_partial_files(plan.checkpoints_dir)
@@ -255,37 +265,25 @@ def describe_schedule(cfg: Config, iterations_per_epoch: int) -> list[str]:
             f"{last[1]:.4g} at iteration {total}, {how}"]
 
 
-def prepare_run_dir(cfg: Config, plan: RunPlan) -> None:
-    """Create the run folder with its resolved config (rank 0). A new folder is assembled under a
-    hidden name and renamed into place, so that a run folder never exists without its config.json
-    (a run killed right at its start can always be resumed or started again)."""
-    if plan.run_dir.exists():  # resumed before its first checkpoint: start again in place
-        plan.checkpoints_dir.mkdir(exist_ok=True)
-        write_json_atomic(plan.run_dir / "config.json", to_dict(cfg))
-        return
-    plan.run_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=plan.run_dir.parent, prefix=f".partial-{plan.run_dir.name}-"))
-    write_json_atomic(staging / "config.json", to_dict(cfg))
-    (staging / "checkpoints").mkdir()
-    os.rename(staging, plan.run_dir)
-
-
 def training(local_rank: int, cfg: Config, plan: RunPlan) -> None:
     rank = idist.get_rank()
-    # Under torchrun each process named the new run folder itself; rank 0's name is the one.
-    plan = dataclasses.replace(plan, run_dir=Path(idist.broadcast(str(plan.run_dir), src=0, safe_mode=True)))
-    run = create_run(cfg, plan, initialize(cfg, local_rank))
+    parts = initialize(cfg, local_rank)
+    fingerprint = data_fingerprint(parts.data)
     # Loaded on the CPU; each object then moves its state to its device (the model and optimizer to
     # the training device, generator states stay CPU byte tensors), so a checkpoint resumes anywhere.
     checkpoint = load_checkpoint(plan.checkpoint) if plan.checkpoint else None
-    if checkpoint is not None and checkpoint["meta"].get("data") != run.to_save["meta"].data_fingerprint:
+    if checkpoint is not None and checkpoint["meta"].get("data") != fingerprint:
         raise UserError(f"{cfg.data.root}: not the data this run was trained on (fingerprint "
-                        f"{run.to_save['meta'].data_fingerprint} != {checkpoint['meta'].get('data')})")
+                        f"{fingerprint} != {checkpoint['meta'].get('data')})")
+    lock = None
+    if rank == 0:
+        plan, lock = claim_run_dir(cfg, plan)  # held until this process ends
+    # Rank 0's folder is the one (under torchrun each process named a new one itself).
+    plan = dataclasses.replace(plan, run_dir=Path(idist.broadcast(str(plan.run_dir), src=0, safe_mode=True)))
+    run = create_run(cfg, plan, parts, fingerprint)
     write = print if rank == 0 else (lambda _: None)
     tb = None
     if rank == 0:
-        if checkpoint is None:
-            prepare_run_dir(cfg, plan)
         resumed = int(checkpoint["trainer"]["iteration"]) if checkpoint else (0 if plan.resume else None)
         tb = attach_rank0_outputs(run, write, resumed)
     if checkpoint is not None:
@@ -298,6 +296,11 @@ def training(local_rank: int, cfg: Config, plan: RunPlan) -> None:
               f"{len(run.train_batches)} iterations per epoch")
     try:
         run.trainer.run(run.train_batches, max_epochs=cfg.train.epochs)
+    except TrainingInterrupted as e:
+        e.run_dir = plan.run_dir  # for the line that says how to resume
+        raise
     finally:
         if tb is not None:
             tb.close()
+        if lock is not None:
+            lock.release()

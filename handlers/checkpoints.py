@@ -16,13 +16,13 @@ from ignite.engine import Engine, Events
 from ignite.engine.events import EventsList
 from ignite.handlers import Checkpoint, DiskSaver, global_step_from_engine
 
-from handlers.atomic import write_atomic
+from handlers.atomic import OutputWriteError, write_atomic
 
 TRAINING_PREFIX = "training"
 _TRAINING_FILE = re.compile(rf"^{TRAINING_PREFIX}_checkpoint_(\d+)\.pt$")
 
 
-class CheckpointWriteError(RuntimeError):
+class CheckpointWriteError(OutputWriteError):
     """Writing a checkpoint failed (a full disk, say); the files written before it are intact."""
 
 
@@ -62,9 +62,16 @@ def _root_cause(error: BaseException) -> str:
 
 
 def checkpoint_event(every_iters: int = 0) -> Events | EventsList:
-    """Every epoch end and, if `every_iters` > 0, every that many iterations too."""
+    """Every epoch end and, if `every_iters` > 0, every that many iterations too, except an epoch's last
+    iteration: there the epoch-end save comes after the evaluation, and one save is enough."""
     event = Events.EPOCH_COMPLETED
-    return event | Events.ITERATION_COMPLETED(every=every_iters) if every_iters else event
+    if not every_iters:
+        return event
+
+    def between_epoch_ends(engine: Engine, iteration: int) -> bool:
+        return iteration % every_iters == 0 and iteration % engine.state.epoch_length != 0
+
+    return event | Events.ITERATION_COMPLETED(event_filter=between_epoch_ends)
 
 
 def _iteration(engine: Engine) -> int:
@@ -82,14 +89,14 @@ def best_model_checkpoint(folder: str | Path, to_save: Mapping[str, Any], traine
 
 
 def attach_training_checkpoint(trainer: Engine, folder: str | Path, to_save: Mapping[str, Any], *,
-                               keep_last: int, every_iters: int = 0) -> Checkpoint:
-    """Save at every epoch end and, if `every_iters` > 0, every that many iterations too."""
+                               keep_last: int, event: Events | EventsList) -> tuple[Checkpoint, SaveThenRemove]:
+    """Save at `event` (`checkpoint_event(every_iters)`, say); returns the handler and its saver."""
+    saver = SaveThenRemove(folder)
     handler = Checkpoint(
-        dict(to_save), SaveThenRemove(folder),
-        filename_prefix=TRAINING_PREFIX, score_function=_iteration, n_saved=keep_last,
+        dict(to_save), saver, filename_prefix=TRAINING_PREFIX, score_function=_iteration, n_saved=keep_last,
     )
-    trainer.add_event_handler(checkpoint_event(every_iters), handler)
-    return handler
+    trainer.add_event_handler(event, handler)
+    return handler, saver
 
 
 def training_checkpoints(folder: str | Path) -> list[Path]:

@@ -29,7 +29,7 @@ class RunResults:
 
     def attach(self, trainer: Engine, evaluator: Engine) -> "RunResults":
         evaluator.add_event_handler(Events.COMPLETED, self._record, trainer)
-        trainer.add_event_handler(Events.COMPLETED, self._write, "finished")
+        trainer.add_event_handler(Events.COMPLETED, self.write, "finished")
         return self
 
     def wall_time(self) -> float:
@@ -40,9 +40,10 @@ class RunResults:
         self.final = {**m, "epoch": trainer.state.epoch}
         if not self.best or m[self.metric] > self.best[self.metric]:
             self.best = dict(self.final)
-        self._write(trainer, "running")
+        self.write(trainer, "running")
 
-    def _write(self, trainer: Engine, status: str) -> None:
+    def write(self, trainer: Engine, status: str) -> None:
+        """results.json with `status`: running, finished, or interrupted (a graceful stop)."""
         write_json_atomic(self.path, {
             "status": status,
             "best": self.best,

@@ -1,9 +1,11 @@
 """Kill a training run at seeded random moments, resume it each time, and compare its final weights
 with an uninterrupted run of the same config.
 
-Used by tests/test_crash_resume.py with a few kill points; run by hand for more:
+The kill is SIGKILL by default; with `--signal TERM` or `INT` it is the signal a scheduler or Ctrl-C
+sends, which the run answers by saving a checkpoint of its last step and exiting 143 or 130 (checked
+at every kill). Used by tests/test_crash_resume.py with a few kill points; run by hand for more:
 
-    python tests/crash_harness.py --kills 20 [--every-iters 4] [--nproc 2]
+    python tests/crash_harness.py --kills 20 [--every-iters 4] [--nproc 2] [--signal TERM]
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ class CrashReport:
     resumes_completed: int
     identical_weights: bool
     same_metrics: bool
+    exit_codes: list[int]  # of the processes that got the signal
 
 
 def _config(path: Path, data: Path, out: Path, every_iters: int, epochs: int, batch: int) -> Path:
@@ -76,7 +79,7 @@ def _final(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def crash_resume(work: Path, *, kills: int, seed: int = 0, every_iters: int = 0, nproc: int = 1,
-                 n_train: int = 64, epochs: int = 3, batch: int = 16) -> CrashReport:
+                 n_train: int = 64, epochs: int = 3, batch: int = 16, sig: int = signal.SIGKILL) -> CrashReport:
     data = write_cifar100(work / "data", n_train, 40, seed=seed)
     cfg = _config(work / "config.json", data, work / "runs", every_iters, epochs, batch)
 
@@ -89,6 +92,7 @@ def crash_resume(work: Path, *, kills: int, seed: int = 0, every_iters: int = 0,
 
     rng = random.Random(seed)
     tried = done_kills = resumes = 0
+    exit_codes: list[int] = []
     args = ["--config", str(cfg), "--run-name", "crashed"]
     while True:
         proc = _start(args, nproc)
@@ -101,8 +105,13 @@ def crash_resume(work: Path, *, kills: int, seed: int = 0, every_iters: int = 0,
             while proc.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.02)
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                os.killpg(proc.pid, sig)
+                _, err = proc.communicate(timeout=120)
+                exit_codes.append(proc.returncode)
+                if sig != signal.SIGKILL:  # a graceful stop, unless it had just finished
+                    assert proc.returncode in (0, 128 + sig), (proc.returncode, err)
+                    if proc.returncode == 0:
+                        break
                 done_kills += 1
                 args = ["--config", str(cfg), "--resume", str(work / "runs" / "crashed")]
                 if (work / "runs" / "crashed" / "config.json").exists():
@@ -117,7 +126,7 @@ def crash_resume(work: Path, *, kills: int, seed: int = 0, every_iters: int = 0,
     ref_model, ref_metrics = _final(work / "runs" / "reference")
     model, metrics = _final(work / "runs" / "crashed")
     identical = ref_model.keys() == model.keys() and all(torch.equal(ref_model[k], model[k]) for k in ref_model)
-    return CrashReport(tried, done_kills, resumes, identical, metrics == ref_metrics)
+    return CrashReport(tried, done_kills, resumes, identical, metrics == ref_metrics, exit_codes)
 
 
 def main() -> None:
@@ -130,10 +139,12 @@ def main() -> None:
     p.add_argument("--nproc", type=int, default=1)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--n-train", type=int, default=64, help="training images (batch 16)")
+    p.add_argument("--signal", choices=["KILL", "TERM", "INT"], default="KILL")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as work:
         report = crash_resume(Path(work), kills=args.kills, seed=args.seed, every_iters=args.every_iters,
-                              nproc=args.nproc, epochs=args.epochs, n_train=args.n_train)
+                              nproc=args.nproc, epochs=args.epochs, n_train=args.n_train,
+                              sig=getattr(signal, f"SIG{args.signal}"))
     print(json.dumps(report.__dict__))
 
 

@@ -1,0 +1,115 @@
+"""SIGTERM and SIGINT, what schedulers and Ctrl-C send before they kill: the run saves a checkpoint of its
+last step, marks results.json interrupted, says how to resume, exits 143 or 130, and resumed it ends as
+an uninterrupted run would (CPU, bit for bit)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from ignite.engine import Engine, Events
+
+from conftest import ROOT, write_cifar100, write_config
+from crash_harness import crash_resume
+from handlers.preemption import GracefulStop, StopEvents, TrainingInterrupted
+
+
+def test_sigterm_at_random_moments_then_resume_ends_bit_identical(tmp_path: Path) -> None:
+    report = crash_resume(tmp_path, kills=2, seed=5, every_iters=0, sig=signal.SIGTERM)
+    assert report.kills >= 1 and set(report.exit_codes) == {143}, report
+    assert report.identical_weights and report.same_metrics, report
+
+
+def test_a_stop_saves_the_last_completed_step_before_the_schedule_moves() -> None:
+    """A real Engine: SIGTERM arrives during step 3; step 3 completes, step 4 does not start, the stop
+    event sees iteration 3, and a handler attached after the stop (the lr scheduler's place) never
+    sees step 4."""
+    started, at_stop = [], []
+
+    def step(engine, _):
+        if engine.state.iteration == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    trainer = Engine(step)
+    stop = GracefulStop().attach(trainer)
+    trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: started.append(e.state.iteration))
+    trainer.add_event_handler(StopEvents.STOP_REQUESTED, lambda e: at_stop.append(e.state.iteration))
+    try:
+        with pytest.raises(TrainingInterrupted) as e:
+            trainer.run(range(5), max_epochs=2)
+    finally:
+        stop._uninstall(trainer)
+    assert (e.value.iteration, e.value.epoch, e.value.exit_code) == (3, 1, 143)
+    assert started == [1, 2, 3] and at_stop == [3]
+
+
+def test_a_second_signal_during_the_save_stops_at_once(tmp_path: Path) -> None:
+    """The user insisting: the process dies of the second signal in the middle of the (slow) save."""
+    script = textwrap.dedent(f"""
+        import os, signal, sys, time
+        sys.path.insert(0, {str(ROOT)!r})
+        from ignite.engine import Engine
+        from handlers.preemption import GracefulStop, StopEvents
+
+        def slow_save(engine):
+            open({str(tmp_path / "save-started")!r}, "w").close()
+            time.sleep(30)
+            open({str(tmp_path / "saved")!r}, "w").close()
+
+        trainer = Engine(lambda e, b: os.kill(os.getpid(), signal.SIGTERM) if e.state.iteration == 2 else None)
+        GracefulStop().attach(trainer)
+        trainer.add_event_handler(StopEvents.STOP_REQUESTED, slow_save)
+        trainer.run(range(10))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "save-started").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.2)  # past the second within which a repeated signal is the same request
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == -signal.SIGTERM and time.monotonic() - started < 5
+    assert not (tmp_path / "saved").exists()
+
+
+def _run_and_signal(args: list[str], signum: int, after_line: str, *, group: bool) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "app", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    out = []
+    for line in proc.stdout:
+        out.append(line)
+        if line.startswith(after_line):
+            break
+    (os.killpg if group else os.kill)(proc.pid, signum)
+    signalled = time.monotonic()
+    rest, err = proc.communicate(timeout=120)
+    assert time.monotonic() - signalled < 60
+    return subprocess.CompletedProcess(proc.args, proc.returncode, "".join(out) + rest, err)
+
+
+@pytest.mark.parametrize("signum,code,nproc,group", [(signal.SIGINT, 130, 1, True), (signal.SIGTERM, 143, 2, False)],
+                         ids=["SIGINT to the process group", "SIGTERM to the launcher of 2 processes"])
+def test_interrupted_run_saves_marks_and_says_how_to_resume(tmp_path: Path, signum, code, nproc, group) -> None:
+    data = write_cifar100(tmp_path / "data", 192, 20)
+    cfg = write_config(tmp_path / "c.json", data={"root": str(data), "download": False},
+                       train={"epochs": 4, "batch_size": 32}, eval={"batch_size": 10},
+                       logging={"output_dir": str(tmp_path / "runs"), "log_every_iters": 1})
+    extra = ["--nproc-per-node", "2", "--backend", "gloo"] if nproc > 1 else []
+    result = _run_and_signal(["--config", str(cfg), "--run-name", "r", *extra], signum, "epoch 1/4", group=group)
+    run_dir = tmp_path / "runs" / "r"
+    assert result.returncode == code, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    iteration = int(lines[0].split("after iteration ")[1].split()[0])
+    assert lines[0].startswith(f"interrupted by {signal.Signals(signum).name} after iteration {iteration}")
+    assert f"continue with --resume {run_dir}" in lines[0]
+    assert (run_dir / "checkpoints" / f"training_checkpoint_{iteration}.pt").exists()
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["status"] == "interrupted" and results["iterations"] == iteration
