@@ -17,7 +17,7 @@ from torch import nn
 
 from app.config import Config, config_from_dict
 from app.data import ensure_dataset, load_cifar100
-from app.errors import UserError
+from app.errors import ConfigError, UserError
 from app.model import build_model
 from app.runs import load_checkpoint
 from app.builders import build_evaluator, evaluation_batches, tune_backends  # training's evaluator
@@ -34,6 +34,11 @@ def model_from_checkpoint(path: Path, device: torch.device) -> tuple[nn.Module, 
         classes = json.loads(ckpt["meta"]["classes"])
     except (KeyError, TypeError, json.JSONDecodeError) as e:
         raise UserError(f"{path}: damaged meta ({e})") from None
+    except ConfigError as e:  # a bad checkpoint, not a bad config of the user's: exit 1
+        raise UserError(str(e)) from None
+    if not (isinstance(classes, list) and len(classes) == cfg.model.num_classes
+            and all(isinstance(c, str) for c in classes)):
+        raise UserError(f"{path}: damaged meta (classes: {cfg.model.num_classes} names expected)")
     model = build_model(cfg.model.name, cfg.model.num_classes)
     try:
         model.load_state_dict(ckpt["model"])

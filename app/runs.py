@@ -25,6 +25,7 @@ import shutil
 import socket
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, NoReturn, Optional
@@ -36,11 +37,13 @@ from ignite.handlers import Checkpoint
 
 from app.config import Config, config_from_dict, to_dict
 from app.errors import ConfigError, UserError
+from app.model import build_model
 from handlers.atomic import umask
 from handlers.checkpoints import attach_training_checkpoint, training_checkpoints
 from handlers.results import write_json_atomic
 
 LATEST = "latest"  # the value of --resume given without a path
+MAX_CHECKPOINT_BYTES = 2**30  # what a checkpoint may expand to in memory; the recipe's take about 90 MB
 LOCK_FILE = ".lock"
 CHECKPOINT_KEYS = ("trainer", "model", "optimizer", "lr_scheduler", "augment", "meta")
 
@@ -234,7 +237,12 @@ def checkpoint_iteration(path: Path) -> int:
 
 
 def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
-    """torch.load with weights_only=True: a checkpoint file can hold tensors and plain data, never code."""
+    """torch.load with weights_only=True: a checkpoint file can hold tensors and plain data, never code;
+    and refused unread if it would expand beyond MAX_CHECKPOINT_BYTES in memory."""
+    size = _expanded_size(path)
+    if size > MAX_CHECKPOINT_BYTES:
+        raise UserError(f"{path}: refused, it would take {size / 2**30:.1f} GiB in memory (a checkpoint of this "
+                        f"application takes about 0.1 GiB; the limit is {MAX_CHECKPOINT_BYTES / 2**30:.0f} GiB)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
@@ -247,28 +255,65 @@ def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
     return ckpt
 
 
-def check_training_checkpoint(path: Path) -> dict[str, Any]:
+def _expanded_size(path: Path) -> int:
+    """What loading would read into memory: a zip's (torch.save's format) entries uncompressed, as its
+    directory declares them (a small file can declare gigabytes); otherwise the file's own size."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                return sum(info.file_size for info in z.infolist())
+        return path.stat().st_size
+    except FileNotFoundError:
+        raise UserError(f"{path}: checkpoint not found") from None
+    except (OSError, zipfile.BadZipFile) as e:
+        raise UserError(f"{path}: not a loadable checkpoint ({e})") from None
+
+
+def expected_model_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the model `cfg.model` describes, with its shape (built without memory)."""
+    with torch.device("meta"):
+        model = build_model(cfg.model.name, cfg.model.num_classes)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def check_training_checkpoint(path: Path, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+    """A loadable training checkpoint of this run: every part a resume needs, the model's tensors in
+    `shapes` (`expected_model_shapes`), the trainer's position and the run's meta as written."""
     ckpt = load_checkpoint(path)
     missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
     if missing:
         raise UserError(f"{path}: not a training checkpoint (missing {', '.join(missing)})")
+    model = ckpt["model"]
+    found = {k: tuple(v.shape) for k, v in model.items() if isinstance(v, torch.Tensor)} \
+        if isinstance(model, dict) else {}
+    if found != dict(shapes):
+        wrong = sorted(set(found) ^ set(shapes)) or sorted(k for k in shapes if found[k] != shapes[k])
+        raise UserError(f"{path}: not a checkpoint of this run's model ({len(wrong)} tensors differ, e.g. "
+                        f"{wrong[0]})")
+    trainer, meta = ckpt["trainer"], ckpt["meta"]
+    if not (isinstance(trainer, dict) and all(isinstance(trainer.get(k), int) and trainer[k] >= 0
+                                              for k in ("iteration", "epoch_length"))):
+        raise UserError(f"{path}: damaged trainer state (iteration and epoch_length expected)")
+    if not (isinstance(meta, dict) and all(isinstance(meta.get(k), str) for k in ("config", "classes", "data"))):
+        raise UserError(f"{path}: damaged meta (config, classes and data expected)")
     return ckpt
 
 
-def _newest_intact(run_dir: Path, warn) -> RunPlan:
-    """The run resumed from its newest loadable training checkpoint; from the start if it has none
-    yet (killed in its first epoch: it starts again in the same folder)."""
+def _newest_intact(run_dir: Path, cfg: Config, warn) -> RunPlan:
+    """The run resumed from its newest intact training checkpoint (loadable, of this run's model); from
+    the start if it has none yet (killed in its first epoch: it starts again in the same folder)."""
     if not (run_dir / "config.json").is_file():
         raise UserError(f"{run_dir}: not a run folder (no config.json)")
     problems = []
+    shapes = expected_model_shapes(cfg)
     for path in training_checkpoints(checkpoints_dir(run_dir)):
         try:
-            trainer_state = check_training_checkpoint(path)["trainer"]
+            trainer_state = check_training_checkpoint(path, shapes)["trainer"]
         except UserError as e:
             problems.append(str(e))
             continue
         for p in problems:
-            warn(f"skipping damaged checkpoint: {p}")
+            warn(f"skipping unusable checkpoint: {p}")
         if problems:
             warn(f"resuming from {path} instead")
         return RunPlan(run_dir, path, resume=True, trainer_state=trainer_state)
@@ -290,13 +335,13 @@ def latest_run(output_dir: Path) -> Path:
 def resume_run(cfg: Config, resume: str, warn=print) -> RunPlan:
     """--resume (latest run under the output folder), --resume RUN_DIR or --resume CHECKPOINT_FILE."""
     if resume == LATEST:
-        return _newest_intact(latest_run(Path(cfg.logging.output_dir)), warn)
+        return _newest_intact(latest_run(Path(cfg.logging.output_dir)), cfg, warn)
     path = Path(resume)
     if path.is_dir():
-        return _newest_intact(path, warn)
+        return _newest_intact(path, cfg, warn)
     if not path.exists():
         raise UserError(f"{path}: no such run folder or checkpoint")
-    trainer_state = check_training_checkpoint(path)["trainer"]
+    trainer_state = check_training_checkpoint(path, expected_model_shapes(cfg))["trainer"]
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
     return RunPlan(run_dir, path, resume=True, trainer_state=trainer_state)
 

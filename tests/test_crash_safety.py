@@ -182,3 +182,54 @@ def test_when_one_process_dies_the_others_exit_promptly(tmp_path: Path) -> None:
     assert time.monotonic() - killed < 30
     assert proc.returncode != 0
     assert not Path(f"/proc/{workers[0]}").exists() or b"zombie" in Path(f"/proc/{workers[0]}/status").read_bytes()
+
+
+def test_newest_checkpoint_of_another_model_falls_back_to_the_newest_that_fits(finished, tmp_path: Path) -> None:
+    run_dir, cfg = _copy(finished, tmp_path)
+    newest = run_dir / "checkpoints" / "training_checkpoint_10.pt"
+    ckpt = torch.load(newest, weights_only=True)
+    ckpt["model"]["fc.weight"], ckpt["model"]["fc.bias"] = torch.zeros(10, 512), torch.zeros(10)
+    torch.save(ckpt, newest)
+    result = run_app("--config", str(cfg), "--resume", str(run_dir))
+    assert result.returncode == 0, result.stderr
+    assert f"{newest}: not a checkpoint of this run's model" in result.stderr
+    assert "resuming from" in result.stderr and "training_checkpoint_5.pt" in result.stderr
+    assert [line.split()[1] for line in result.stdout.splitlines() if line.startswith("epoch ")] == ["2/2"]
+
+
+def test_checkpoint_meta_that_does_not_fit_the_model_is_one_line(finished, tmp_path: Path) -> None:
+    run_dir, _ = _copy(finished, tmp_path)
+    bad = tmp_path / "bad_meta.pt"
+    ckpt = torch.load(run_dir / "checkpoints" / "training_checkpoint_10.pt", weights_only=True)
+    ckpt["meta"]["classes"] = json.dumps(["cat", "dog"])  # 2 names for a 100-class model
+    torch.save(ckpt, bad)
+    result = run_app("evaluate", "--checkpoint", str(bad), "--device", "cpu")
+    assert result.returncode == 1 and f"{bad}: damaged meta (classes: 100 names expected)" in _one_error_line(result)
+
+
+def test_a_small_checkpoint_that_would_expand_to_gigabytes_is_refused_unread(tmp_path: Path) -> None:
+    """A real torch.save file of 1.1 GiB of zeros, its zip entries deflated to about 1 MB: torch.load
+    would take 1.6 GB of memory for it (measured). Refused by its declared size before anything is
+    read, in a process that stays far smaller."""
+    import shutil
+    import zipfile
+
+    raw, bomb = tmp_path / "raw.pt", tmp_path / "bomb.pt"
+    torch.save({"model": torch.zeros(2**28 + 2**25)}, raw)
+    with zipfile.ZipFile(raw) as src, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            with src.open(info) as fin, dst.open(info.filename, "w", force_zip64=True) as fout:
+                shutil.copyfileobj(fin, fout, 2**24)
+    raw.unlink()
+    assert bomb.stat().st_size < 3 * 2**20  # small on disk
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+    # VmHWM: this process image's peak resident memory (ru_maxrss would count the forking parent's)
+    script = ("import sys; from pathlib import Path; from app.cli import main; code = main(sys.argv[1:]); "
+              "print(next(line.split()[1] for line in Path('/proc/self/status').read_text().splitlines() "
+              "if line.startswith('VmHWM')), file=sys.stderr); sys.exit(code)")
+    result = subprocess.run([sys.executable, "-c", script, "evaluate", "--checkpoint", str(bomb), "--device", "cpu"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    line, maxrss_kb = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {bomb}: refused, it would take 1.1 GiB in memory"), line
+    assert int(maxrss_kb) < 800 * 1024
