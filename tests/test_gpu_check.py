@@ -22,7 +22,7 @@ def test_the_acceptance_script_runs_its_checks_on_a_cpu(tmp_path: Path) -> None:
     checks = report["checks"]
     status = {name: c["status"] for name, c in checks.items()}
     assert {status[n] for n in ("cuda-tests", "evaluate-cpu", "cross-device")} == {"SKIP"}
-    for name in ("graphed-vs-eager", "kill-resume", "evaluate-gpu", "predict-gpu", "tensorboard"):
+    for name in ("graphed-vs-eager", "kill-resume", "sigterm-resume", "evaluate-gpu", "predict-gpu", "tensorboard"):
         assert status[name] == "PASS", (name, checks[name])
     # Not judged here: 8 iterations do not teach a 100-class head (the GPU check trains 4 x 391).
     assert status["learns"] in ("PASS", "FAIL")
