@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,8 +145,25 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is tuple:
         return f"a list of {len(typing.get_args(tp))} numbers"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+    return {int: "an integer", float: "a finite number", bool: "true or false", str: "a string",
             type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """A value as JSON, cut short: an error stays one readable line whatever was in the file."""
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _finite_float(value: Any) -> Optional[float]:
+    """JSON (Python's) reads NaN, Infinity and integers too large for a float; no setting can use them."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -171,12 +189,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     elif tp is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif tp is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
+        number = _finite_float(value)
+        ok = number is not None
+        value = number if ok else value
     elif tp is str:
         ok = isinstance(value, str)
     if not ok:
-        raise ConfigError(f"{where} must be {_type_name(tp)}, got {json.dumps(value)}")
+        raise ConfigError(f"{where} must be {_type_name(tp)}, got {_show(value)}")
     return value
 
 
@@ -202,7 +221,7 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
         check = fields[name].metadata.get("check")
         problem = check(value) if check and value is not None else None
         if problem:
-            raise ConfigError(f"{source}: {key} {problem}, got {json.dumps(value)}")
+            raise ConfigError(f"{source}: {key} {problem}, got {_show(value)}")
         kwargs[name] = value
     return cls(**kwargs)
 

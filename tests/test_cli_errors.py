@@ -86,3 +86,13 @@ def test_help_documents_every_flag() -> None:
     for flag in ("--config", "--lr", "--batch-size", "--epochs", "--resume", "--data-root", "--output-dir",
                  "--run-name", "--nproc-per-node", "--backend", "--seed", "--device"):
         assert flag in result.stdout
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--lr", "nan"], "--lr: must be a finite number, got NaN"),
+    (["--lr", "inf"], "--lr: must be a finite number, got Infinity"),
+])
+def test_dry_run_refuses_flags_no_run_could_use(tmp_path: Path, out: Path, small_data: Path, flags, words) -> None:
+    cfg = write_config(tmp_path / "c.json", data={"root": str(small_data), "download": False})
+    _assert_clean_failure(run_app("--config", str(cfg), "--output-dir", str(out), "--dry-run", *flags), 2, words,
+                          out=out)

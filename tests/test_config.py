@@ -73,3 +73,20 @@ def test_partial_file_takes_defaults_and_overrides_revalidate(tmp_path: Path) ->
     with pytest.raises(ConfigError, match="optimizer.lr must be > 0"):
         override(cfg, {"optimizer.lr": 0.0})
     assert config_from_dict(to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize("text,message", [
+    ('{"optimizer": {"lr": NaN}}', "optimizer.lr must be a finite number, got NaN"),
+    ('{"schedule": {"div_factor": Infinity}}', "schedule.div_factor must be a finite number, got Infinity"),
+    ('{"augment": {"rotation": -Infinity}}', "augment.rotation must be a finite number, got -Infinity"),
+    ('{"optimizer": {"weight_decay": 1e400}}', "optimizer.weight_decay must be a finite number, got Infinity"),
+    ('{"augment": {"std": [0.2, NaN, 0.2]}}', "augment.std[1] must be a finite number, got NaN"),
+    ('{"schedule": {"final_div_factor": 1' + "0" * 400 + "}}", "schedule.final_div_factor must be a finite number"),
+], ids=["nan", "infinity", "minus-infinity", "overflow", "nan-in-list", "huge-integer"])
+def test_refuses_numbers_that_are_not_finite(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "c.json"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value).startswith(f"{path}: ") and message in str(e.value)
+    assert len(str(e.value)) < 200  # one readable line, however long the number in the file
