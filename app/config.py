@@ -33,6 +33,12 @@ def _unit_closed(v: Any) -> Optional[str]:
     return None if 0 <= v <= 1 else "must be between 0 and 1"
 
 
+def _seed_range(v: Any) -> Optional[str]:
+    # torch generators take seeds below 2**64; training derives seed * 1_000_003 + epoch (app/loader.py)
+    # and seed * 7919 + rank (app/training.py), which stay far below that for any seed below 2**32.
+    return None if 0 <= v < 2**32 else f"must be from 0 to {2**32 - 1} (2**32 - 1)"
+
+
 def _check(fn) -> Any:
     return {"check": fn}
 
@@ -124,7 +130,7 @@ class DistributedConfig:
 
 @dataclass(frozen=True)
 class Config:
-    seed: int = field(default=0, metadata=_check(_non_negative))
+    seed: int = field(default=0, metadata=_check(_seed_range))
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     optimizer: OptimizerConfig = OptimizerConfig()

@@ -91,6 +91,7 @@ def test_help_documents_every_flag() -> None:
 @pytest.mark.parametrize("flags,words", [
     (["--lr", "nan"], "--lr: must be a finite number, got NaN"),
     (["--lr", "inf"], "--lr: must be a finite number, got Infinity"),
+    (["--seed", str(2**32)], "--seed: must be from 0 to 4294967295"),
 ])
 def test_dry_run_refuses_flags_no_run_could_use(tmp_path: Path, out: Path, small_data: Path, flags, words) -> None:
     cfg = write_config(tmp_path / "c.json", data={"root": str(small_data), "download": False})

@@ -3,9 +3,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from app.config import Config, config_from_dict, load_config, momentum_range, override, to_dict
 from app.errors import ConfigError
+from app.loader import ShardedBatches
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,3 +92,15 @@ def test_refuses_numbers_that_are_not_finite(tmp_path: Path, text: str, message:
         load_config(path)
     assert str(e.value).startswith(f"{path}: ") and message in str(e.value)
     assert len(str(e.value)) < 200  # one readable line, however long the number in the file
+
+
+def test_seed_stays_where_every_generator_seed_derived_from_it_is_valid() -> None:
+    largest = 2**32 - 1
+    cfg = config_from_dict({"seed": largest})
+    images, labels = torch.zeros(4, 3, 32, 32, dtype=torch.uint8), torch.arange(4)
+    batches = ShardedBatches(images, labels, batch_size=2, shuffle=True, seed=cfg.seed)
+    batches.set_epoch(10_000)
+    assert len(list(batches)) == 2  # seeds its permutation with seed * 1_000_003 + epoch
+    for seed in (2**32, 2**64):
+        with pytest.raises(ConfigError, match=r"^my.json: seed must be from 0 to 4294967295 \(2\*\*32 - 1\)"):
+            config_from_dict({"seed": seed}, "my.json")
