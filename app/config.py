@@ -39,6 +39,16 @@ def _seed_range(v: Any) -> Optional[str]:
     return None if 0 <= v < 2**32 else f"must be from 0 to {2**32 - 1} (2**32 - 1)"
 
 
+# Normalisation works on pixels scaled to [0, 1]: a mean outside [0, 1] or a std above 1 is a value in
+# other units (0..255, say), which would train silently on badly scaled inputs; a std of 0 divides by 0.
+def _pixel_means(v: Any) -> Optional[str]:
+    return None if all(0 <= m <= 1 for m in v) else "entries must be between 0 and 1 (pixels scaled to [0, 1])"
+
+
+def _pixel_stds(v: Any) -> Optional[str]:
+    return None if all(0 < s <= 1 for s in v) else "entries must be above 0 and at most 1 (pixels scaled to [0, 1])"
+
+
 def _check(fn) -> Any:
     return {"check": fn}
 
@@ -88,8 +98,8 @@ class AugmentConfig:
     brightness: float = field(default=0.2, metadata=_check(_unit_closed))
     contrast: float = field(default=0.2, metadata=_check(_unit_closed))
     saturation: float = field(default=0.2, metadata=_check(_unit_closed))
-    mean: tuple[float, float, float] = (0.5071, 0.4865, 0.4409)
-    std: tuple[float, float, float] = (0.2673, 0.2564, 0.2762)
+    mean: tuple[float, float, float] = field(default=(0.5071, 0.4865, 0.4409), metadata=_check(_pixel_means))
+    std: tuple[float, float, float] = field(default=(0.2673, 0.2564, 0.2762), metadata=_check(_pixel_stds))
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,18 @@ def test_partial_file_takes_defaults_and_overrides_revalidate(tmp_path: Path) ->
     assert config_from_dict(to_dict(cfg)) == cfg
 
 
+@pytest.mark.parametrize("raw,message", [
+    ({"augment": {"std": [0.2673, 0.0, 0.2762]}}, "augment.std entries must be above 0 and at most 1"),
+    ({"augment": {"std": [0.2673, -0.2564, 0.2762]}}, "augment.std entries must be above 0 and at most 1"),
+    ({"augment": {"std": [68.2, 65.4, 70.4]}}, "augment.std entries must be above 0 and at most 1"),
+    ({"augment": {"mean": [129.3, 124.1, 112.4]}}, "augment.mean entries must be between 0 and 1"),
+])
+def test_refuses_normalisation_that_divides_by_zero_or_is_in_other_units(raw, message) -> None:
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(raw, "my.json")
+    assert str(e.value).startswith("my.json: ") and message in str(e.value)
+
+
 @pytest.mark.parametrize("text,message", [
     ('{"optimizer": {"lr": NaN}}', "optimizer.lr must be a finite number, got NaN"),
     ('{"schedule": {"div_factor": Infinity}}', "schedule.div_factor must be a finite number, got Infinity"),
