@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import typing
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -215,9 +216,25 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+class _JsonObject(dict):
+    """A JSON object that remembers a key it held twice: json.loads keeps the last value silently."""
+
+    duplicate: Optional[str] = None
+
+    @classmethod
+    def from_pairs(cls, pairs: list[tuple[str, Any]]) -> _JsonObject:
+        obj = cls(pairs)
+        if len(obj) < len(pairs):
+            obj.duplicate = next(k for k, n in Counter(k for k, _ in pairs).items() if n > 1)
+        return obj
+
+
 def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: {prefix.rstrip('.') or 'the top level'} must be an object")
+    duplicate = getattr(raw, "duplicate", None)
+    if duplicate is not None:
+        raise ConfigError(f"{source}: duplicate key '{prefix}{duplicate}'; keep only one")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
@@ -280,15 +297,22 @@ def momentum_range(cfg: Config) -> tuple[float, float]:
 def load_config(path: str | Path) -> Config:
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                          f"save the file as UTF-8") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config file ({e.strerror})") from None
     try:
-        raw = json.loads(text)
+        raw = json.loads(text, object_pairs_hook=_JsonObject.from_pairs)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid JSON: nested too deeply to read") from None
+    except ValueError:  # what json.loads raises for an integer longer than Python converts (4300 digits)
+        raise ConfigError(f"{path}: invalid JSON: a number with too many digits") from None
     return config_from_dict(raw, str(path))
 
 

@@ -97,3 +97,18 @@ def test_dry_run_refuses_flags_no_run_could_use(tmp_path: Path, out: Path, small
     cfg = write_config(tmp_path / "c.json", data={"root": str(small_data), "download": False})
     _assert_clean_failure(run_app("--config", str(cfg), "--output-dir", str(out), "--dry-run", *flags), 2, words,
                           out=out)
+
+
+@pytest.mark.parametrize("edit,words", [
+    (lambda text: text.replace('"lr": 0.1', '"lr": NaN'), "optimizer.lr must be a finite number, got NaN"),
+    (lambda text: text.replace('"epochs": 100', '"epochs": 100, "epochs": 3'), "duplicate key 'train.epochs'"),
+    (lambda text: text.replace('"run_name": null', '"run_name": "caf\u00e9"').encode("latin-1"), "not UTF-8 text"),
+    (lambda text: "[" * 100_000, "nested too deeply"),
+], ids=["nan", "duplicate", "latin-1", "deep"])
+def test_dry_run_refuses_config_files_no_run_could_use(tmp_path: Path, out: Path, small_data: Path, edit,
+                                                       words) -> None:
+    path = write_config(tmp_path / "c.json", data={"root": str(small_data), "download": False})
+    content = edit(path.read_text())
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    _assert_clean_failure(run_app("--config", str(path), "--output-dir", str(out), "--dry-run"), 2, str(path), words,
+                          out=out)

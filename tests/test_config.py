@@ -116,3 +116,18 @@ def test_seed_stays_where_every_generator_seed_derived_from_it_is_valid() -> Non
     for seed in (2**32, 2**64):
         with pytest.raises(ConfigError, match=r"^my.json: seed must be from 0 to 4294967295 \(2\*\*32 - 1\)"):
             config_from_dict({"seed": seed}, "my.json")
+
+
+@pytest.mark.parametrize("content,message", [
+    (b'{"train": {"epochs": 3, "batch_size": 64, "epochs": 5}}', "duplicate key 'train.epochs'; keep only one"),
+    (b'{"seed": 1, "train": {}, "seed": 2}', "duplicate key 'seed'"),
+    ('{"logging": {"run_name": "caf\u00e9"}}'.encode("latin-1"), "not UTF-8 text (byte 0xe9 at offset 29)"),
+    (b"[" * 100_000, "invalid JSON: nested too deeply"),
+    (b'{"seed": ' + b"1" * 5000 + b"}", "invalid JSON: a number with too many digits"),
+], ids=["duplicate", "duplicate-top-level", "latin-1", "deep", "long-number"])
+def test_refuses_files_that_json_would_misread_or_fail_on(tmp_path: Path, content: bytes, message: str) -> None:
+    path = tmp_path / "c.json"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value).startswith(f"{path}: ") and message in str(e.value)
