@@ -76,13 +76,15 @@ def _read_split(path: Path, num_classes: int) -> Split:
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         desc = f"{getattr(data, 'dtype', type(data).__name__)} {getattr(data, 'shape', '')}"
         raise UserError(f"{path}: 'data' must be a uint8 array of shape (N, 3072), found {desc}")
+    if data.shape[0] == 0:
+        raise UserError(f"{path}: holds no images ('data' has 0 rows); use a complete copy of CIFAR-100")
     try:
         labels = np.asarray(d["fine_labels"], dtype=np.int64)
     except (TypeError, ValueError):
         raise UserError(f"{path}: 'fine_labels' must be a list of integers") from None
     if labels.shape != (data.shape[0],):
         raise UserError(f"{path}: {data.shape[0]} images but {labels.size} fine_labels")
-    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+    if labels.min() < 0 or labels.max() >= num_classes:
         raise UserError(f"{path}: fine_labels must lie in 0..{num_classes - 1}, "
                         f"found {labels.min()}..{labels.max()}")
     images = torch.from_numpy(data.reshape(-1, *IMAGE_SHAPE).copy())

@@ -1,12 +1,13 @@
 """Bad input ends in one clear line, a non-zero exit, no traceback, and nothing under the output folder."""
 from __future__ import annotations
 
+import pickle
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import run_app, write_config
+from conftest import run_app, write_cifar100, write_config
 
 
 @pytest.fixture()
@@ -111,4 +112,19 @@ def test_dry_run_refuses_config_files_no_run_could_use(tmp_path: Path, out: Path
     content = edit(path.read_text())
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
     _assert_clean_failure(run_app("--config", str(path), "--output-dir", str(out), "--dry-run"), 2, str(path), words,
+                          out=out)
+
+
+@pytest.mark.parametrize("split,labels,words", [
+    ("train", lambda n: [], "holds no images"),
+], ids=["no-images"])
+def test_dry_run_refuses_data_no_run_could_use(tmp_path: Path, out: Path, split, labels, words) -> None:
+    root = write_cifar100(tmp_path / "data", 8, 4)
+    path = root / "cifar-100-python" / split
+    d = pickle.loads(path.read_bytes())
+    d["fine_labels"] = labels(len(d["fine_labels"]))
+    d["data"] = d["data"][:len(d["fine_labels"])]
+    path.write_bytes(pickle.dumps(d))
+    cfg = write_config(tmp_path / "c.json", data={"root": str(root), "download": False})
+    _assert_clean_failure(run_app("--config", str(cfg), "--output-dir", str(out), "--dry-run"), 1, str(path), words,
                           out=out)

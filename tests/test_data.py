@@ -48,6 +48,8 @@ def _corrupt(root: Path, name: str, change) -> Path:
     ("test", lambda d: d.update(fine_labels=d["fine_labels"][:-1]), "fine_labels"),
     ("train", lambda d: d.update(fine_labels=[100] * len(d["fine_labels"])), "0..99"),
     ("meta", lambda d: d.update(fine_label_names=["a"] * 3), "fine_label_names"),
+    ("train", lambda d: d.update(data=d["data"][:0], fine_labels=[]), "holds no images ('data' has 0 rows)"),
+    ("test", lambda d: d.update(data=d["data"][:0], fine_labels=[]), "holds no images ('data' has 0 rows)"),
 ])
 def test_malformed_file_is_named(tmp_path: Path, name, change, words) -> None:
     path = _corrupt(write_cifar100(tmp_path, 8, 4), name, change)
