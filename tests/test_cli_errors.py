@@ -117,7 +117,8 @@ def test_dry_run_refuses_config_files_no_run_could_use(tmp_path: Path, out: Path
 
 @pytest.mark.parametrize("split,labels,words", [
     ("train", lambda n: [], "holds no images"),
-], ids=["no-images"])
+    ("test", lambda n: [0.5] * n, "found 0.5 at index 0"),
+], ids=["no-images", "float-labels"])
 def test_dry_run_refuses_data_no_run_could_use(tmp_path: Path, out: Path, split, labels, words) -> None:
     root = write_cifar100(tmp_path / "data", 8, 4)
     path = root / "cifar-100-python" / split
