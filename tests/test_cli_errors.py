@@ -1,13 +1,16 @@
 """Bad input ends in one clear line, a non-zero exit, no traceback, and nothing under the output folder."""
 from __future__ import annotations
 
+import os
 import pickle
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import run_app, write_cifar100, write_config
+from conftest import ROOT, run_app, write_cifar100, write_config
 
 
 @pytest.fixture()
@@ -129,3 +132,23 @@ def test_dry_run_refuses_data_no_run_could_use(tmp_path: Path, out: Path, split,
     cfg = write_config(tmp_path / "c.json", data={"root": str(root), "download": False})
     _assert_clean_failure(run_app("--config", str(cfg), "--output-dir", str(out), "--dry-run"), 1, str(path), words,
                           out=out)
+
+
+def run_into_closed_pipe(*args: str, buffered: bool = True) -> subprocess.CompletedProcess:
+    """`python -m app ARGS | head -1` where head has already exited: stdout is a pipe nobody reads."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "" if buffered else "1"}
+    try:
+        return subprocess.run([sys.executable, "-m", "app", *args], cwd=ROOT, env=env, stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=600)
+    finally:
+        os.close(write_end)
+
+
+@pytest.mark.parametrize("args,buffered", [(["--help"], True), (["--dry-run"], True), (["--dry-run"], False)],
+                         ids=["help", "dry-run", "dry-run-unbuffered"])
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path: Path, out: Path, small_data: Path, args, buffered) -> None:
+    cfg = write_config(tmp_path / "c.json", data={"root": str(small_data), "download": False})
+    result = run_into_closed_pipe("--config", str(cfg), "--output-dir", str(out), *args, buffered=buffered)
+    assert result.returncode == 141 and result.stderr == ""

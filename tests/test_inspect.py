@@ -12,6 +12,7 @@ from PIL import Image
 from app.errors import UserError
 from app.predict import load_image
 from conftest import run_app, write_config
+from test_cli_errors import run_into_closed_pipe
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +96,14 @@ def test_predict_names_a_file_that_is_not_an_image(run_dir: Path, tmp_path: Path
     result = run_app("predict", "--checkpoint", checkpoint, str(notes))
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and str(notes) in result.stderr and "not an image" in result.stderr
+
+
+def test_evaluate_into_a_closed_pipe_ends_quietly(run_dir: Path) -> None:
+    checkpoint = str(run_dir / "checkpoints" / "training_checkpoint_10.pt")
+    for buffered in (True, False):
+        result = run_into_closed_pipe("evaluate", "--checkpoint", checkpoint, "--json", "--device", "cpu",
+                                      buffered=buffered)
+        assert result.returncode == 141 and result.stderr == "", result.stderr
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
