@@ -4,7 +4,8 @@ that fail fast; the launch of 1..N processes.
 What a user can get wrong is checked before any file is written: flags, config, devices, the run to
 resume and its checkpoint, the output folder, the data's presence here; the data's structure in each
 process, before rank 0 creates the run folder. Each failure is one line naming the file, key, flag or
-path (exit 2 for config and flags, 1 otherwise, 3 for a diverged loss), without a traceback.
+path (exit 2 for config and flags, 1 otherwise, 3 for a diverged loss), without a traceback. Output into
+a pipe whose reader has gone (`| head -1`) ends quietly with exit code 141, as SIGPIPE would.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from handlers.loss_buffer import LossNotFinite
 from handlers.preemption import TrainingInterrupted
 
 EXIT_DIVERGED = 3
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
 
 
 class _Parser(argparse.ArgumentParser):
@@ -142,6 +144,10 @@ def _in_process(local_rank: int, fn: Callable[..., None], *args: Any) -> None:
     _quiet_libraries()  # again: a spawned process starts with fresh logging
     try:
         fn(local_rank, *args)
+        sys.stdout.flush()  # a closed pipe shows here, not at this process's exit
+    except BrokenPipeError:  # before OSError: a reader that went away is not a failure to report
+        _discard_output()
+        sys.exit(EXIT_BROKEN_PIPE)
     except UserError as e:
         _fail(str(e), e.exit_code)
     except LossNotFinite as e:
@@ -181,6 +187,12 @@ def _quiet_libraries() -> None:
     logging.getLogger("ignite.engine").setLevel(logging.CRITICAL)
     logging.getLogger("ignite.distributed.launcher.Parallel").setLevel(logging.WARNING)  # kept by ignite
     logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
+
+
+def _discard_output() -> None:
+    """The reader of stdout has gone (`python -m app evaluate ... | head -1`). Point stdout at /dev/null,
+    so that Python's last flush at exit cannot fail again and print "Exception ignored"."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _launch(backend: Optional[str], spawn: Optional[int], fn: Callable[..., None], *args: Any) -> None:
@@ -261,10 +273,18 @@ COMMANDS = {"evaluate": evaluate, "predict": predict}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run a command; its exit code. A closed stdout gives 141, as a shell reports a process that
+    SIGPIPE ended (`yes | head -1`): with `set -o pipefail` a pipeline fails as with any Unix tool."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = COMMANDS.get(argv[0]) if argv else None
     try:
-        return command(argv[1:]) if command else train(argv)
+        try:
+            return command(argv[1:]) if command else train(argv)
+        finally:
+            sys.stdout.flush()  # here, where a closed pipe can still be handled (also after --help's exit)
+    except BrokenPipeError:
+        _discard_output()
+        return EXIT_BROKEN_PIPE
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -30,6 +32,22 @@ def _unit_open(v: Any) -> Optional[str]:
 
 def _unit_closed(v: Any) -> Optional[str]:
     return None if 0 <= v <= 1 else "must be between 0 and 1"
+
+
+def _seed_range(v: Any) -> Optional[str]:
+    # torch generators take seeds below 2**64; training derives seed * 1_000_003 + epoch (app/loader.py)
+    # and seed * 7919 + rank (app/training.py), which stay far below that for any seed below 2**32.
+    return None if 0 <= v < 2**32 else f"must be from 0 to {2**32 - 1} (2**32 - 1)"
+
+
+# Normalisation works on pixels scaled to [0, 1]: a mean outside [0, 1] or a std above 1 is a value in
+# other units (0..255, say), which would train silently on badly scaled inputs; a std of 0 divides by 0.
+def _pixel_means(v: Any) -> Optional[str]:
+    return None if all(0 <= m <= 1 for m in v) else "entries must be between 0 and 1 (pixels scaled to [0, 1])"
+
+
+def _pixel_stds(v: Any) -> Optional[str]:
+    return None if all(0 < s <= 1 for s in v) else "entries must be above 0 and at most 1 (pixels scaled to [0, 1])"
 
 
 def _check(fn) -> Any:
@@ -81,8 +99,8 @@ class AugmentConfig:
     brightness: float = field(default=0.2, metadata=_check(_unit_closed))
     contrast: float = field(default=0.2, metadata=_check(_unit_closed))
     saturation: float = field(default=0.2, metadata=_check(_unit_closed))
-    mean: tuple[float, float, float] = (0.5071, 0.4865, 0.4409)
-    std: tuple[float, float, float] = (0.2673, 0.2564, 0.2762)
+    mean: tuple[float, float, float] = field(default=(0.5071, 0.4865, 0.4409), metadata=_check(_pixel_means))
+    std: tuple[float, float, float] = field(default=(0.2673, 0.2564, 0.2762), metadata=_check(_pixel_stds))
 
 
 @dataclass(frozen=True)
@@ -123,7 +141,7 @@ class DistributedConfig:
 
 @dataclass(frozen=True)
 class Config:
-    seed: int = field(default=0, metadata=_check(_non_negative))
+    seed: int = field(default=0, metadata=_check(_seed_range))
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
@@ -144,8 +162,25 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is tuple:
         return f"a list of {len(typing.get_args(tp))} numbers"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+    return {int: "an integer", float: "a finite number", bool: "true or false", str: "a string",
             type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """A value as JSON, cut short: an error stays one readable line whatever was in the file."""
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _finite_float(value: Any) -> Optional[float]:
+    """JSON (Python's) reads NaN, Infinity and integers too large for a float; no setting can use them."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -171,18 +206,35 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     elif tp is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif tp is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
+        number = _finite_float(value)
+        ok = number is not None
+        value = number if ok else value
     elif tp is str:
         ok = isinstance(value, str)
     if not ok:
-        raise ConfigError(f"{where} must be {_type_name(tp)}, got {json.dumps(value)}")
+        raise ConfigError(f"{where} must be {_type_name(tp)}, got {_show(value)}")
     return value
+
+
+class _JsonObject(dict):
+    """A JSON object that remembers a key it held twice: json.loads keeps the last value silently."""
+
+    duplicate: Optional[str] = None
+
+    @classmethod
+    def from_pairs(cls, pairs: list[tuple[str, Any]]) -> _JsonObject:
+        obj = cls(pairs)
+        if len(obj) < len(pairs):
+            obj.duplicate = next(k for k, n in Counter(k for k, _ in pairs).items() if n > 1)
+        return obj
 
 
 def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: {prefix.rstrip('.') or 'the top level'} must be an object")
+    duplicate = getattr(raw, "duplicate", None)
+    if duplicate is not None:
+        raise ConfigError(f"{source}: duplicate key '{prefix}{duplicate}'; keep only one")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
@@ -202,7 +254,7 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
         check = fields[name].metadata.get("check")
         problem = check(value) if check and value is not None else None
         if problem:
-            raise ConfigError(f"{source}: {key} {problem}, got {json.dumps(value)}")
+            raise ConfigError(f"{source}: {key} {problem}, got {_show(value)}")
         kwargs[name] = value
     return cls(**kwargs)
 
@@ -245,15 +297,22 @@ def momentum_range(cfg: Config) -> tuple[float, float]:
 def load_config(path: str | Path) -> Config:
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                          f"save the file as UTF-8") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config file ({e.strerror})") from None
     try:
-        raw = json.loads(text)
+        raw = json.loads(text, object_pairs_hook=_JsonObject.from_pairs)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid JSON: nested too deeply to read") from None
+    except ValueError:  # what json.loads raises for an integer longer than Python converts (4300 digits)
+        raise ConfigError(f"{path}: invalid JSON: a number with too many digits") from None
     return config_from_dict(raw, str(path))
 
 

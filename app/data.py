@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import reprlib
 import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -67,6 +68,23 @@ def _unpickle(path: Path) -> dict:
     return obj
 
 
+def _first_non_integer(labels: Any) -> str:
+    """What in `labels` is not an integer ("" if nothing): a cast to int64 would turn 1.5 into 1, True
+    into 1 and "7" into 7, and training would use labels that the file does not hold."""
+    if isinstance(labels, np.ndarray):
+        return "" if labels.dtype.kind in "iu" else f"an array of {labels.dtype}"
+    if not isinstance(labels, (list, tuple)):
+        return type(labels).__name__
+
+    def integer(t: type) -> bool:
+        return t is int or issubclass(t, np.integer)  # exact: bool, a subclass of int, is refused
+
+    if all(integer(t) for t in set(map(type, labels))):  # one check per distinct type: fast for 50,000
+        return ""
+    index, value = next((i, v) for i, v in enumerate(labels) if not integer(type(v)))
+    return f"{reprlib.repr(value)} at index {index}"
+
+
 def _read_split(path: Path, num_classes: int) -> Split:
     d = _unpickle(path)
     for key in ("data", "fine_labels"):
@@ -76,13 +94,19 @@ def _read_split(path: Path, num_classes: int) -> Split:
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         desc = f"{getattr(data, 'dtype', type(data).__name__)} {getattr(data, 'shape', '')}"
         raise UserError(f"{path}: 'data' must be a uint8 array of shape (N, 3072), found {desc}")
+    if data.shape[0] == 0:
+        raise UserError(f"{path}: holds no images ('data' has 0 rows); use a complete copy of CIFAR-100")
+    not_integer = _first_non_integer(d["fine_labels"])
+    if not_integer:
+        raise UserError(f"{path}: 'fine_labels' must be a list of integers, found {not_integer}")
     try:
         labels = np.asarray(d["fine_labels"], dtype=np.int64)
-    except (TypeError, ValueError):
-        raise UserError(f"{path}: 'fine_labels' must be a list of integers") from None
+    except OverflowError:
+        raise UserError(f"{path}: fine_labels must lie in 0..{num_classes - 1}, found an integer beyond 64 bits"
+                        ) from None
     if labels.shape != (data.shape[0],):
         raise UserError(f"{path}: {data.shape[0]} images but {labels.size} fine_labels")
-    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+    if labels.min() < 0 or labels.max() >= num_classes:
         raise UserError(f"{path}: fine_labels must lie in 0..{num_classes - 1}, "
                         f"found {labels.min()}..{labels.max()}")
     images = torch.from_numpy(data.reshape(-1, *IMAGE_SHAPE).copy())

@@ -7,6 +7,7 @@ normalised exactly as the test set is.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +21,26 @@ from app.evaluate import model_from_checkpoint, resolve_eval_device
 
 
 def load_image(path: Path) -> torch.Tensor:
-    """A (3, 32, 32) uint8 tensor, or a UserError naming the file."""
+    """A (3, 32, 32) uint8 tensor, or a UserError naming the file.
+
+    An image of more than Image.MAX_IMAGE_PIXELS pixels is refused from its header, before decoding:
+    PIL refuses only above twice that, and in between warns and then decodes it whole.
+    """
     try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img = img.convert("RGB")
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise UserError(f"{path}: image too large to decode safely (more than {Image.MAX_IMAGE_PIXELS:,} "
+                        f"pixels); scale it down first") from None
     except (UnidentifiedImageError, OSError) as e:
         raise UserError(f"{path}: not an image that can be read (PNG or JPEG expected; {e.__class__.__name__})"
                         ) from None
+    except ValueError as e:  # PIL's refusal of, say, a compressed text chunk too large to unpack
+        raise UserError(f"{path}: not an image that can be read ({e})") from None
     img = TF.resize(img, 32, antialias=True)
     return TF.pil_to_tensor(TF.center_crop(img, [32, 32]))
 

@@ -1,12 +1,16 @@
 """Bad input ends in one clear line, a non-zero exit, no traceback, and nothing under the output folder."""
 from __future__ import annotations
 
+import os
+import pickle
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import run_app, write_config
+from conftest import ROOT, run_app, write_cifar100, write_config
 
 
 @pytest.fixture()
@@ -86,3 +90,65 @@ def test_help_documents_every_flag() -> None:
     for flag in ("--config", "--lr", "--batch-size", "--epochs", "--resume", "--data-root", "--output-dir",
                  "--run-name", "--nproc-per-node", "--backend", "--seed", "--device"):
         assert flag in result.stdout
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--lr", "nan"], "--lr: must be a finite number, got NaN"),
+    (["--lr", "inf"], "--lr: must be a finite number, got Infinity"),
+    (["--seed", str(2**32)], "--seed: must be from 0 to 4294967295"),
+])
+def test_dry_run_refuses_flags_no_run_could_use(tmp_path: Path, out: Path, small_data: Path, flags, words) -> None:
+    cfg = write_config(tmp_path / "c.json", data={"root": str(small_data), "download": False})
+    _assert_clean_failure(run_app("--config", str(cfg), "--output-dir", str(out), "--dry-run", *flags), 2, words,
+                          out=out)
+
+
+@pytest.mark.parametrize("edit,words", [
+    (lambda text: text.replace('"lr": 0.1', '"lr": NaN'), "optimizer.lr must be a finite number, got NaN"),
+    (lambda text: text.replace('"epochs": 100', '"epochs": 100, "epochs": 3'), "duplicate key 'train.epochs'"),
+    (lambda text: text.replace('"run_name": null', '"run_name": "caf\u00e9"').encode("latin-1"), "not UTF-8 text"),
+    (lambda text: "[" * 100_000, "nested too deeply"),
+], ids=["nan", "duplicate", "latin-1", "deep"])
+def test_dry_run_refuses_config_files_no_run_could_use(tmp_path: Path, out: Path, small_data: Path, edit,
+                                                       words) -> None:
+    path = write_config(tmp_path / "c.json", data={"root": str(small_data), "download": False})
+    content = edit(path.read_text())
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    _assert_clean_failure(run_app("--config", str(path), "--output-dir", str(out), "--dry-run"), 2, str(path), words,
+                          out=out)
+
+
+@pytest.mark.parametrize("split,labels,words", [
+    ("train", lambda n: [], "holds no images"),
+    ("test", lambda n: [0.5] * n, "found 0.5 at index 0"),
+], ids=["no-images", "float-labels"])
+def test_dry_run_refuses_data_no_run_could_use(tmp_path: Path, out: Path, split, labels, words) -> None:
+    root = write_cifar100(tmp_path / "data", 8, 4)
+    path = root / "cifar-100-python" / split
+    d = pickle.loads(path.read_bytes())
+    d["fine_labels"] = labels(len(d["fine_labels"]))
+    d["data"] = d["data"][:len(d["fine_labels"])]
+    path.write_bytes(pickle.dumps(d))
+    cfg = write_config(tmp_path / "c.json", data={"root": str(root), "download": False})
+    _assert_clean_failure(run_app("--config", str(cfg), "--output-dir", str(out), "--dry-run"), 1, str(path), words,
+                          out=out)
+
+
+def run_into_closed_pipe(*args: str, buffered: bool = True) -> subprocess.CompletedProcess:
+    """`python -m app ARGS | head -1` where head has already exited: stdout is a pipe nobody reads."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "" if buffered else "1"}
+    try:
+        return subprocess.run([sys.executable, "-m", "app", *args], cwd=ROOT, env=env, stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=600)
+    finally:
+        os.close(write_end)
+
+
+@pytest.mark.parametrize("args,buffered", [(["--help"], True), (["--dry-run"], True), (["--dry-run"], False)],
+                         ids=["help", "dry-run", "dry-run-unbuffered"])
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path: Path, out: Path, small_data: Path, args, buffered) -> None:
+    cfg = write_config(tmp_path / "c.json", data={"root": str(small_data), "download": False})
+    result = run_into_closed_pipe("--config", str(cfg), "--output-dir", str(out), *args, buffered=buffered)
+    assert result.returncode == 141 and result.stderr == ""

@@ -3,9 +3,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from app.config import Config, config_from_dict, load_config, momentum_range, override, to_dict
 from app.errors import ConfigError
+from app.loader import ShardedBatches
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,3 +75,59 @@ def test_partial_file_takes_defaults_and_overrides_revalidate(tmp_path: Path) ->
     with pytest.raises(ConfigError, match="optimizer.lr must be > 0"):
         override(cfg, {"optimizer.lr": 0.0})
     assert config_from_dict(to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize("raw,message", [
+    ({"augment": {"std": [0.2673, 0.0, 0.2762]}}, "augment.std entries must be above 0 and at most 1"),
+    ({"augment": {"std": [0.2673, -0.2564, 0.2762]}}, "augment.std entries must be above 0 and at most 1"),
+    ({"augment": {"std": [68.2, 65.4, 70.4]}}, "augment.std entries must be above 0 and at most 1"),
+    ({"augment": {"mean": [129.3, 124.1, 112.4]}}, "augment.mean entries must be between 0 and 1"),
+])
+def test_refuses_normalisation_that_divides_by_zero_or_is_in_other_units(raw, message) -> None:
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(raw, "my.json")
+    assert str(e.value).startswith("my.json: ") and message in str(e.value)
+
+
+@pytest.mark.parametrize("text,message", [
+    ('{"optimizer": {"lr": NaN}}', "optimizer.lr must be a finite number, got NaN"),
+    ('{"schedule": {"div_factor": Infinity}}', "schedule.div_factor must be a finite number, got Infinity"),
+    ('{"augment": {"rotation": -Infinity}}', "augment.rotation must be a finite number, got -Infinity"),
+    ('{"optimizer": {"weight_decay": 1e400}}', "optimizer.weight_decay must be a finite number, got Infinity"),
+    ('{"augment": {"std": [0.2, NaN, 0.2]}}', "augment.std[1] must be a finite number, got NaN"),
+    ('{"schedule": {"final_div_factor": 1' + "0" * 400 + "}}", "schedule.final_div_factor must be a finite number"),
+], ids=["nan", "infinity", "minus-infinity", "overflow", "nan-in-list", "huge-integer"])
+def test_refuses_numbers_that_are_not_finite(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "c.json"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value).startswith(f"{path}: ") and message in str(e.value)
+    assert len(str(e.value)) < 200  # one readable line, however long the number in the file
+
+
+def test_seed_stays_where_every_generator_seed_derived_from_it_is_valid() -> None:
+    largest = 2**32 - 1
+    cfg = config_from_dict({"seed": largest})
+    images, labels = torch.zeros(4, 3, 32, 32, dtype=torch.uint8), torch.arange(4)
+    batches = ShardedBatches(images, labels, batch_size=2, shuffle=True, seed=cfg.seed)
+    batches.set_epoch(10_000)
+    assert len(list(batches)) == 2  # seeds its permutation with seed * 1_000_003 + epoch
+    for seed in (2**32, 2**64):
+        with pytest.raises(ConfigError, match=r"^my.json: seed must be from 0 to 4294967295 \(2\*\*32 - 1\)"):
+            config_from_dict({"seed": seed}, "my.json")
+
+
+@pytest.mark.parametrize("content,message", [
+    (b'{"train": {"epochs": 3, "batch_size": 64, "epochs": 5}}', "duplicate key 'train.epochs'; keep only one"),
+    (b'{"seed": 1, "train": {}, "seed": 2}', "duplicate key 'seed'"),
+    ('{"logging": {"run_name": "caf\u00e9"}}'.encode("latin-1"), "not UTF-8 text (byte 0xe9 at offset 29)"),
+    (b"[" * 100_000, "invalid JSON: nested too deeply"),
+    (b'{"seed": ' + b"1" * 5000 + b"}", "invalid JSON: a number with too many digits"),
+], ids=["duplicate", "duplicate-top-level", "latin-1", "deep", "long-number"])
+def test_refuses_files_that_json_would_misread_or_fail_on(tmp_path: Path, content: bytes, message: str) -> None:
+    path = tmp_path / "c.json"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value).startswith(f"{path}: ") and message in str(e.value)

@@ -48,6 +48,14 @@ def _corrupt(root: Path, name: str, change) -> Path:
     ("test", lambda d: d.update(fine_labels=d["fine_labels"][:-1]), "fine_labels"),
     ("train", lambda d: d.update(fine_labels=[100] * len(d["fine_labels"])), "0..99"),
     ("meta", lambda d: d.update(fine_label_names=["a"] * 3), "fine_label_names"),
+    ("train", lambda d: d.update(data=d["data"][:0], fine_labels=[]), "holds no images ('data' has 0 rows)"),
+    ("test", lambda d: d.update(data=d["data"][:0], fine_labels=[]), "holds no images ('data' has 0 rows)"),
+    ("train", lambda d: d["fine_labels"].__setitem__(3, 1.5), "must be a list of integers, found 1.5 at index 3"),
+    ("test", lambda d: d["fine_labels"].__setitem__(0, True), "must be a list of integers, found True at index 0"),
+    ("train", lambda d: d["fine_labels"].__setitem__(1, "7"), "must be a list of integers, found '7' at index 1"),
+    ("train", lambda d: d.update(fine_labels=np.asarray(d["fine_labels"], dtype=np.float64)),
+     "must be a list of integers, found an array of float64"),
+    ("test", lambda d: d["fine_labels"].__setitem__(2, 2**70), "0..99, found an integer beyond 64 bits"),
 ])
 def test_malformed_file_is_named(tmp_path: Path, name, change, words) -> None:
     path = _corrupt(write_cifar100(tmp_path, 8, 4), name, change)

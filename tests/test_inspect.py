@@ -2,12 +2,17 @@
 from __future__ import annotations
 
 import json
+import struct
+import zlib
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from app.errors import UserError
+from app.predict import load_image
 from conftest import run_app, write_config
+from test_cli_errors import run_into_closed_pipe
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +96,50 @@ def test_predict_names_a_file_that_is_not_an_image(run_dir: Path, tmp_path: Path
     result = run_app("predict", "--checkpoint", checkpoint, str(notes))
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and str(notes) in result.stderr and "not an image" in result.stderr
+
+
+def test_evaluate_into_a_closed_pipe_ends_quietly(run_dir: Path) -> None:
+    checkpoint = str(run_dir / "checkpoints" / "training_checkpoint_10.pt")
+    for buffered in (True, False):
+        result = run_into_closed_pipe("evaluate", "--checkpoint", checkpoint, "--json", "--device", "cpu",
+                                      buffered=buffered)
+        assert result.returncode == 141 and result.stderr == "", result.stderr
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _write_black_png(path: Path, width: int, height: int, extra_chunk: bytes = b"") -> Path:
+    """A valid 1-bit greyscale PNG, all black: under 50 kB even at 20000 x 20000."""
+    pack = zlib.compressobj(9)
+    row = bytes(1 + (width + 7) // 8)  # filter byte, then the row's bits
+    pixels = b"".join(pack.compress(row) for _ in range(height)) + pack.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + extra_chunk + _chunk(b"IDAT", pixels)
+                     + _chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.filterwarnings("error::PIL.Image.DecompressionBombWarning")
+@pytest.mark.parametrize("width,height,extra_chunk,words", [
+    (20_000, 20_000, b"", "image too large to decode safely"),  # above twice PIL's limit: PIL raises
+    (10_000, 10_000, b"", "image too large to decode safely"),  # between once and twice: PIL only warns
+    (4, 4, _chunk(b"zTXt", b"note\x00\x00" + zlib.compress(b" " * (2 << 20))),  # text that unpacks to 2 MB
+     "Decompressed data too large"),
+], ids=["twice-the-limit", "over-the-limit", "text-chunk"])
+def test_predict_refuses_images_too_large_to_decode_safely(tmp_path: Path, width, height, extra_chunk,
+                                                           words) -> None:
+    path = _write_black_png(tmp_path / "big.png", width, height, extra_chunk)
+    assert path.stat().st_size < 100_000
+    with pytest.raises(UserError) as e:
+        load_image(path)
+    assert str(e.value).startswith(f"{path}: ") and words in str(e.value)
+
+
+def test_predict_names_an_image_too_large_in_one_line(run_dir: Path, tmp_path: Path) -> None:
+    big = _write_black_png(tmp_path / "big.png", 20_000, 20_000)
+    checkpoint = str(run_dir / "checkpoints" / "training_checkpoint_10.pt")
+    result = run_app("predict", "--checkpoint", checkpoint, str(big))
+    assert result.returncode == 1 and result.stdout == "" and result.stderr.count("\n") == 1
+    assert str(big) in result.stderr and "too large to decode safely" in result.stderr
