@@ -16,6 +16,7 @@ from torch import nn
 from app.augment import BatchAugment, Normalize
 from app.config import AugmentConfig, Config, momentum_range
 from app.cuda_graph import CudaGraphStep
+from app.errors import ConfigError
 from app.engines import Precision, TrainStep, create_evaluator, make_train_step
 from app.loader import ShardedBatches
 from app.sgd import CapturableSGD
@@ -48,8 +49,12 @@ def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, iterations_pe
     """The recipe's one-cycle schedule of lr (and momentum, with schedule.cycle_momentum), one step per
     iteration over the whole run."""
     s = cfg.schedule
+    total_steps = total_steps or cfg.train.epochs * iterations_per_epoch
+    if s.pct_start * total_steps <= 1:  # OneCycleLR would divide by a warm-up of length zero, or less
+        raise ConfigError(f"schedule.pct_start {s.pct_start} gives a warm-up of {s.pct_start * total_steps:g} of the "
+                          f"run's {total_steps} iterations; it needs more than 1 (train longer or raise pct_start)")
     return torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=cfg.optimizer.lr, total_steps=total_steps or cfg.train.epochs * iterations_per_epoch,
+        optimizer, max_lr=cfg.optimizer.lr, total_steps=total_steps,
         pct_start=s.pct_start, anneal_strategy=s.anneal_strategy, div_factor=s.div_factor,
         final_div_factor=s.final_div_factor, cycle_momentum=s.cycle_momentum, base_momentum=s.base_momentum,
         max_momentum=s.max_momentum)
