@@ -22,7 +22,8 @@ from handlers.preemption import GracefulStop, StopEvents, TrainingInterrupted
 
 def test_sigterm_at_random_moments_then_resume_ends_bit_identical(tmp_path: Path) -> None:
     report = crash_resume(tmp_path, kills=2, seed=5, every_iters=0, sig=signal.SIGTERM)
-    assert report.kills >= 1 and set(report.exit_codes) == {143}, report
+    # 143 for each graceful stop; 0 only for a signal that came as the run was ending anyway
+    assert 143 in report.exit_codes and set(report.exit_codes) <= {143, 0}, report
     assert report.identical_weights and report.same_metrics, report
 
 

@@ -103,17 +103,17 @@ def test_files_and_folders_follow_the_umask(tmp_path: Path, small_data: Path) ->
 
 
 def test_keep_last_holds_across_resumes(tmp_path: Path, small_data: Path) -> None:
-    cfg = _config(tmp_path, small_data, epochs=3, checkpoint={"every_iters": 2})
+    cfg = _config(tmp_path, small_data, epochs=2, checkpoint={"every_iters": 2})
     ckpts = tmp_path / "runs" / "r" / "checkpoints"
     run_until(ckpts / "training_checkpoint_4.pt", "--config", str(cfg), "--run-name", "r")
-    run_until(ckpts / "training_checkpoint_8.pt", "--config", str(cfg), "--resume")
+    run_until(ckpts / "training_checkpoint_6.pt", "--config", str(cfg), "--resume")
     # files an older version left beyond keep_last go too, once a newer checkpoint is on disk
     for stale in (1, 3):
         shutil.copy(training_checkpoints(ckpts)[-1], ckpts / f"training_checkpoint_{stale}.pt")
     assert len(training_checkpoints(ckpts)) >= 4
     result = run_app("--config", str(cfg), "--resume")
     assert result.returncode == 0, result.stderr
-    assert [p.name for p in training_checkpoints(ckpts)] == ["training_checkpoint_15.pt", "training_checkpoint_14.pt"]
+    assert [p.name for p in training_checkpoints(ckpts)] == ["training_checkpoint_10.pt", "training_checkpoint_8.pt"]
 
 
 def test_an_epoch_end_on_the_every_iters_grid_is_saved_once_after_its_evaluation() -> None:
