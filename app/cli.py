@@ -10,6 +10,7 @@ a pipe whose reader has gone (`| head -1`) ends quietly with exit code 141, as S
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import multiprocessing
 import os
@@ -144,6 +145,7 @@ def _in_process(local_rank: int, fn: Callable[..., None], *args: Any) -> None:
     _quiet_libraries()  # again: a spawned process starts with fresh logging
     try:
         fn(local_rank, *args)
+        gc.collect()  # the run's objects (DDP's hold on the process group) go before the group does
         sys.stdout.flush()  # a closed pipe shows here, not at this process's exit
     except BrokenPipeError:  # before OSError: a reader that went away is not a failure to report
         _discard_output()
@@ -165,6 +167,15 @@ def _in_process(local_rank: int, fn: Callable[..., None], *args: Any) -> None:
 def _fail(message: str, code: int, prefix: str = "error: ") -> NoReturn:
     if idist.get_rank() == 0:
         print(f"{prefix}{message}", file=sys.stderr, flush=True)
+    if idist.get_world_size() > 1:
+        # One of a group of processes leaves the group and then exits without the interpreter's
+        # teardown: seen here (1 exit in 10), that teardown can abort in C++ ("terminate called
+        # without an active exception"), turning the exit code into SIGABRT's. Everything the run
+        # writes is on disk by now (atomic, fsync'd); finalize is local, not a collective.
+        idist.finalize()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code)
 
 

@@ -133,14 +133,14 @@ def sync_buffers(model: nn.Module) -> None:
         torch.distributed.broadcast(buffer, src=0)
 
 
-def create_run(cfg: Config, plan: RunPlan, parts: Parts, fingerprint: str) -> Run:
+def create_run(cfg: Config, plan: RunPlan, parts: Parts, fingerprint: str, stop: GracefulStop) -> Run:
     """The trainer and the evaluator, with the handlers every process needs (1-3 of the order above)."""
     world = idist.get_world_size()
     trainer = create_trainer(parts.step, parts.device)
     # Evaluation uses the plain module: no DDP collectives, so uneven shards cannot deadlock.
     evaluator = build_evaluator(cfg, parts.model, parts.device)
 
-    GracefulStop(every=cfg.logging.log_every_iters).attach(trainer)  # before the scheduler
+    stop.attach(trainer)  # before the scheduler
     lr_scheduler = LRScheduler(parts.scheduler)  # sets lr and, with cycle_momentum, momentum
     trainer.add_event_handler(Events.ITERATION_STARTED, lr_scheduler)
 
@@ -267,6 +267,7 @@ def describe_schedule(cfg: Config, iterations_per_epoch: int) -> list[str]:
 
 def training(local_rank: int, cfg: Config, plan: RunPlan) -> None:
     rank = idist.get_rank()
+    stop = GracefulStop(every=cfg.logging.log_every_iters)  # SIGTERM/SIGINT from now on: a graceful stop
     parts = initialize(cfg, local_rank)
     fingerprint = data_fingerprint(parts.data)
     # Loaded on the CPU; each object then moves its state to its device (the model and optimizer to
@@ -280,7 +281,7 @@ def training(local_rank: int, cfg: Config, plan: RunPlan) -> None:
         plan, lock = claim_run_dir(cfg, plan)  # held until this process ends
     # Rank 0's folder is the one (under torchrun each process named a new one itself).
     plan = dataclasses.replace(plan, run_dir=Path(idist.broadcast(str(plan.run_dir), src=0, safe_mode=True)))
-    run = create_run(cfg, plan, parts, fingerprint)
+    run = create_run(cfg, plan, parts, fingerprint, stop)
     write = print if rank == 0 else (lambda _: None)
     tb = None
     if rank == 0:

@@ -9,7 +9,9 @@ an epoch's last step is followed by its evaluation and epoch-end checkpoint as u
 handler before the learning-rate scheduler, so that the saved schedule has not moved past the step.
 
 With several processes they agree first: every `every` iterations (the losses' flush interval) one
-all_reduce tells each whether any was signalled, so that all stop before the same step. A launcher
+all_reduce tells each whether any was signalled, so that all stop before the same step; and they
+leave together, after the saving handlers of every process (rank 0's checkpoint) have run, so that a
+launcher that stops the others when one exits cannot cut the checkpoint short. A launcher
 may deliver one request twice (the terminal signals the whole process group, and torchrun or our
 spawn launcher forwards what it gets), so a second signal within a second of the first counts as the
 same request. A later one is the user insisting: the process dies of it at once; the checkpoint saved
@@ -41,22 +43,21 @@ class TrainingInterrupted(Exception):
 
 class GracefulStop:
     def __init__(self, every: int = 1, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)) -> None:
+        """Takes over the signals at once: create it as the process starts its work, so that a request
+        while the run is still being built is kept (the run then stops before its first step, with a
+        checkpoint of the state it starts from); they stay taken until `restore`."""
         self.every, self.signals = every, tuple(signals)
         self.signum: Optional[int] = None
         self._first_at = 0.0
-        self._previous: dict[int, Any] = {}
+        self._previous = {s: signal.signal(s, self._on_signal) for s in self.signals}
 
     def attach(self, engine: Engine) -> "GracefulStop":
-        """Takes over the signals now (a request before the first step saves the state it starts from)
-        and gives them back when the run completes."""
         engine.register_events(*StopEvents)
-        for s in self.signals:
-            self._previous[s] = signal.signal(s, self._on_signal)
         engine.add_event_handler(Events.ITERATION_STARTED, self._check)
-        engine.add_event_handler(Events.COMPLETED, self._uninstall)
         return self
 
-    def _uninstall(self, _: Engine) -> None:
+    def restore(self) -> None:
+        """The signal handlers from before."""
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous.clear()
@@ -80,5 +81,7 @@ class GracefulStop:
             # saved (the trainer's state included) must be the last completed step.
             engine.state.iteration -= 1
             engine.fire_event(StopEvents.STOP_REQUESTED)
+            if idist.get_world_size() > 1:
+                idist.barrier()  # all leave once rank 0's checkpoint is written, none while it is
             iteration = engine.state.iteration
             raise TrainingInterrupted(requested, iteration, -(-iteration // engine.state.epoch_length))

@@ -45,7 +45,7 @@ def test_a_stop_saves_the_last_completed_step_before_the_schedule_moves() -> Non
         with pytest.raises(TrainingInterrupted) as e:
             trainer.run(range(5), max_epochs=2)
     finally:
-        stop._uninstall(trainer)
+        stop.restore()
     assert (e.value.iteration, e.value.epoch, e.value.exit_code) == (3, 1, 143)
     assert started == [1, 2, 3] and at_stop == [3]
 
