@@ -3,7 +3,8 @@ config and class names, every process's augmentation generator, and a fingerprin
 
 A checkpoint is loaded on the CPU (`app.runs.load_checkpoint`) and each object moves its own state to
 where it lives: the model and optimizer copy theirs to the training device; a generator takes only a
-CPU byte tensor, whatever device the checkpoint was written on.
+CPU byte tensor, whatever device the checkpoint was written on, and only the state of its own kind of
+generator (see GeneratorStates.load_state_dict).
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ class GeneratorStates:
     def __init__(self, generator: torch.Generator) -> None:
         self.generator = generator
         self._gathered: torch.Tensor | None = None
+        self.reseeded = False  # set by a load of another kind of generator's state
 
     def gather(self, _: Engine | None = None) -> None:
         if idist.get_world_size() > 1:
@@ -59,8 +61,18 @@ class GeneratorStates:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # With another number of processes than the run had, resume is no longer exact (the data
         # shards change anyway); each process takes a row so that their streams stay distinct.
-        rows = state["generators"]
-        self.generator.set_state(rows[idist.get_rank() % len(rows)].to("cpu", copy=True))
+        row = state["generators"][idist.get_rank() % len(state["generators"])].to("cpu", copy=True)
+        own = self.generator.get_state()
+        if row.numel() == own.numel():
+            self.generator.set_state(row)
+            return
+        # A checkpoint from another device: a CUDA generator's state (Philox: seed and offset, 16 bytes)
+        # does not fit a CPU generator (Mersenne Twister, 5056 bytes), nor the reverse. The stream cannot
+        # continue, so it restarts from a seed derived from the saved state: deterministic (the same
+        # checkpoint resumes the same way every time) and distinct per process.
+        digest = hashlib.sha256(row.numpy().tobytes() + idist.get_rank().to_bytes(4, "little")).digest()
+        self.generator.manual_seed(int.from_bytes(digest[:8], "little"))
+        self.reseeded = True
 
 
 def data_fingerprint(data: Cifar100) -> str:

@@ -291,6 +291,10 @@ def training(local_rank: int, cfg: Config, plan: RunPlan) -> None:
         Checkpoint.load_objects(to_load=run.to_save, checkpoint=checkpoint)
         write(f"resuming {plan.run_dir} from {plan.checkpoint.name} "
               f"(epoch {run.trainer.state.epoch}, iteration {run.trainer.state.iteration})")
+        if run.to_save["augment"].reseeded:
+            write("note: the checkpoint was written on another kind of device; its augmentation generator "
+                  "cannot continue here, so augmentation restarts from a seed derived from it (the run "
+                  "goes on, but not as it would have without the move)")
     else:
         write(f"run {plan.run_dir}: ResNet18 with {count_parameters(run.model):,} parameters on "
               f"{idist.get_world_size()} x {run.device.type}, batch {cfg.train.batch_size}, "

@@ -3,8 +3,8 @@
 Each check prints PASS, FAIL or SKIP with its figures; the table is printed at the end and written
 with every figure to OUT_DIR/gpu_check.json; the exit code is 1 if any check failed. It drives the real
 application (`python -m app ...` in fresh processes, as users run it) on synthetic data in the real
-CIFAR-100 format: `bench.synthetic --hard`, 100 classes that a model learns but not to 100% in a few
-epochs, full size by default (50,000 + 10,000 images).
+CIFAR-100 format: `bench.synthetic --hard`, 100 classes that a model learns to about 75% top-1 at most
+(a quarter of the labels are noise), full size by default (50,000 + 10,000 images).
 
 Checks, and the tolerances they use (why, in each function's docstring):
   cuda-tests        tests/test_cuda_graph.py (graphed vs eager under the real OneCycleLR, fp32 and bf16)
@@ -105,11 +105,13 @@ def epoch_metrics(run_dir: Path) -> dict[int, dict[str, float]]:
 
 
 def agreement(a: dict[int, dict[str, float]], b: dict[int, dict[str, float]]) -> tuple[float, float]:
-    """The largest per-epoch difference of top-1 (percentage points) and of loss (relative)."""
+    """The largest per-epoch difference of top-1 (percentage points) and of loss (relative), from epoch 2
+    on where there are several (see graphed_vs_eager for why not epoch 1)."""
     if sorted(a) != sorted(b):
         raise AssertionError(f"epochs differ: {sorted(a)} vs {sorted(b)}")
-    top1 = max(100 * abs(a[e]["top1"] - b[e]["top1"]) for e in a)
-    loss = max(abs(a[e]["loss"] - b[e]["loss"]) / a[e]["loss"] for e in a)
+    epochs = [e for e in a if e >= 2] or list(a)
+    top1 = max(100 * abs(a[e]["top1"] - b[e]["top1"]) for e in epochs)
+    loss = max(abs(a[e]["loss"] - b[e]["loss"]) / a[e]["loss"] for e in epochs)
     return top1, loss
 
 
@@ -117,6 +119,9 @@ def within_tolerance(check: Check, label: str, a: dict, b: dict) -> None:
     top1, loss = agreement(a, b)
     check.figures[f"{label}_max_top1_points"] = round(top1, 3)
     check.figures[f"{label}_max_loss_relative"] = round(loss, 5)
+    check.figures[f"{label}_per_epoch"] = {e: {"top1": [round(a[e]["top1"], 4), round(b[e]["top1"], 4)],
+                                               "loss": [round(a[e]["loss"], 4), round(b[e]["loss"], 4)]}
+                                           for e in sorted(a)}
     if top1 > TOP1_POINTS or loss > LOSS_RELATIVE:
         raise AssertionError(f"{label}: per-epoch top-1 differs by up to {top1:.2f} points (tolerance "
                              f"{TOP1_POINTS}), loss by {100 * loss:.2f}% (tolerance {100 * LOSS_RELATIVE}%)")
@@ -170,7 +175,9 @@ def graphed_vs_eager(check: Check, r: Runner, ctx: dict) -> None:
     and kernels that add with atomics differ in the last bits from the first step on, training amplifies
     that, and after a few epochs two such runs are about as far apart as two seeds. So the comparison
     is per epoch, within 2.5 points of top-1 and 7.5% of validation loss: five standard deviations of
-    top-1's sampling noise alone on 10,000 test images (about 0.5 points). kill-resume reports the same
+    top-1's sampling noise alone on 10,000 test images (about 0.5 points). Epoch 1 is reported, not
+    judged: it ends on the steep part of the learning curve, where two graphed runs, differing only by
+    nondeterminism, were measured 1.74 points apart (H200, 2026-11-28). kill-resume reports the same
     figures for two graphed runs, the spread that nothing but nondeterminism makes."""
     if "graphed" not in ctx:
         return check.skip("learns failed")

@@ -17,9 +17,12 @@ def write_cifar100(root: Path, n_train: int, n_test: int, *, used_classes: int =
 
     Labels are drawn from the first `used_classes` of the 100. With `learnable`, each class has its own
     colour and stripe pattern plus noise, so a model can learn it (quickly: a few epochs reach almost
-    100%). With `hard`, each class is a coarse 4x4 layout of colours, and every image is 60% its class's
-    layout and 40% another class's, plus noise: learnable, with room to tell a better training from a
-    worse one.
+    100%). With `hard`, each class is a coarse 4x4 layout of colours, every image is 60% its class's
+    layout and 40% another class's, plus noise, and a quarter of the labels (in both splits) are replaced
+    by a random class: top-1 cannot pass about 75% and validation loss stays near 1 or above, as on the
+    real CIFAR-100, so two trainings can be compared by either. (Without the noisy labels, an H200 took
+    this data to 99.99% top-1 and a loss of 0.005 in 4 epochs, where relative loss differences say
+    nothing.)
     """
     root = Path(root)
     rng = np.random.default_rng(seed)
@@ -38,6 +41,8 @@ def write_cifar100(root: Path, n_train: int, n_test: int, *, used_classes: int =
                 other = rng.integers(0, used_classes, size=len(y))
                 images = 0.6 * layouts[y] + 0.4 * layouts[other] + rng.normal(0, 40, size=(len(y), 3, 32, 32))
                 data[i:i + 5000] = np.clip(images, 0, 255).astype(np.uint8).reshape(len(y), 3072)
+            noisy = rng.random(n) < 0.25
+            labels = np.where(noisy, rng.integers(0, used_classes, size=n), labels)
         elif learnable:
             yy = np.arange(32, dtype=np.float32)[None, None, :, None]
             stripes = np.sin(yy * freqs[labels][:, None, None, None] * np.pi / 16) * 60
@@ -63,7 +68,7 @@ def main() -> None:
     p.add_argument("--train", type=int, default=50_000)
     p.add_argument("--test", type=int, default=10_000)
     p.add_argument("--learnable", action="store_true", help="classes a model learns in a few epochs")
-    p.add_argument("--hard", action="store_true", help="learnable, but not to 100%% in a few epochs")
+    p.add_argument("--hard", action="store_true", help="learnable, to about 75%% top-1 at most")
     args = p.parse_args()
     write_cifar100(Path(args.root), args.train, args.test, learnable=args.learnable, hard=args.hard)
     print(f"wrote {args.train} training and {args.test} test images to {Path(args.root) / 'cifar-100-python'}")
