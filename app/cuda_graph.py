@@ -48,12 +48,12 @@ class CudaGraphStep:
                 print(f"warning: CUDA graph capture failed ({str(e).splitlines()[0]}); training eagerly",
                       file=sys.stderr)
                 return self.eager_step(images, labels)
-        graph, static_images, static_labels, static_loss = self._graphs[key]
+        graph, static_images, static_labels, static_output = self._graphs[key]
         static_images.copy_(images, non_blocking=True)
         static_labels.copy_(labels, non_blocking=True)
         self.optimizer.load_scheduled_values()
         graph.replay()
-        return static_loss.clone()
+        return static_output.clone()
 
     def _snapshot(self) -> dict[str, Any]:
         return {
@@ -88,8 +88,8 @@ class CudaGraphStep:
             graph = torch.cuda.CUDAGraph()
             graph.register_generator_state(self.generator)
             with torch.cuda.graph(graph):  # its own memory pool: graphs replay in any order
-                static_loss = self.eager_step(static_images, static_labels)
+                static_output = self.eager_step(static_images, static_labels)
         finally:
             torch.cuda.synchronize()
             self._restore(snapshot)
-        return graph, static_images, static_labels, static_loss
+        return graph, static_images, static_labels, static_output

@@ -34,21 +34,24 @@ def _autocast(device: torch.device, precision: Precision):
 
 
 TrainStep = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""(images, labels) -> a device tensor of two values: the batch's loss and its top-1 accuracy."""
 
 
 def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
                     augment: Callable[[torch.Tensor], torch.Tensor], device: torch.device, precision: Precision,
                     scaler: Optional[torch.amp.GradScaler] = None, channels_last: bool = False) -> TrainStep:
     """One optimizer step on a uint8 batch already on the device: augment there, forward, backward,
-    step. Returns the loss as a device tensor (reading it would synchronise; LossBuffer reads it in
-    batches)."""
+    step. Returns the batch's loss and top-1 (of the logits this step trained on, augmented images,
+    model in training mode) as one device tensor: reading it would synchronise, so LossBuffer reads
+    it in batches; captured in a CUDA graph, it is the graph's one output.)"""
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         model.train()
         x = augment(images).contiguous(memory_format=memory_format)
         with _autocast(device, precision):
-            loss = F.cross_entropy(model(x), labels)
+            logits = model(x)
+            loss = F.cross_entropy(logits, labels)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -57,7 +60,8 @@ def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
         else:
             loss.backward()
             optimizer.step()
-        return loss.detach()
+        top1 = (logits.detach().argmax(1) == labels).float().mean()
+        return torch.stack([loss.detach().float(), top1])
 
     return step
 

@@ -200,31 +200,30 @@ def attach_rank0_outputs(run: Run, write: Callable[[str], None], resumed_iterati
     EpochSummary(evaluator, write, idist.get_world_size()).attach(trainer)
 
     # A resumed run hides what the killed process logged after its checkpoint (TensorBoard's purge).
-    purge = None if resumed_iteration is None else (resumed_iteration + 1,
-                                                     resumed_iteration // len(run.train_batches) + 1)
+    purge = None if resumed_iteration is None else resumed_iteration + 1
     tb = TensorBoardLogging(plan.run_dir / "tb", purge_from=purge).attach(
-        trainer, evaluator, sample_images=None if resumed_iteration else lambda: augmented_samples(run))
-
-    @trainer.on(Events.COMPLETED)
-    def _final_hparams(_: Engine) -> None:
-        low, high = momentum_range(cfg)  # what the optimizer used: the cycle's range, or the constant
-        hp = {"lr": cfg.optimizer.lr, "batch_size": cfg.train.batch_size, "epochs": cfg.train.epochs,
-              "cycle_momentum": cfg.schedule.cycle_momentum, "momentum_min": low, "momentum_max": high,
-              "weight_decay": cfg.optimizer.weight_decay, "amp": cfg.train.amp, "seed": cfg.seed,
-              "world_size": idist.get_world_size()}
-        metrics = {"hparam/best_top1": results.best.get("top1", 0.0),
-                   "hparam/final_top1": results.final.get("top1", 0.0),
-                   "hparam/final_top5": results.final.get("top5", 0.0)}
-        tb.log_hparams(hp, metrics)
+        trainer, evaluator, best=lambda: results.best, class_names=run.to_save["meta"].classes,
+        sample_images=None if resumed_iteration else lambda: augmented_samples(run))
 
     trainer.add_event_handler(StopEvents.STOP_REQUESTED, results.write, "interrupted")  # 4.
     trainer.add_event_handler(run.saves, tb.flush)  # 5.
     attach_checkpoints(trainer, plan.run_dir, run.to_save, keep_last=cfg.checkpoint.keep_last, event=run.saves)
     if plan.checkpoint is None:
         tb.log_config(to_dict(cfg))
+        tb.log_hparams(hparams(cfg))
     remove_partial_files(plan.checkpoints_dir)
     remove_partial_files(plan.run_dir)
     return tb
+
+
+def hparams(cfg: Config) -> dict[str, Any]:
+    """What the HParams tab shows of a run, each in its own type."""
+    low, high = momentum_range(cfg)  # what the optimizer used: the cycle's range, or the constant
+    return {"lr": float(cfg.optimizer.lr), "batch_size": cfg.train.batch_size, "epochs": cfg.train.epochs,
+            "weight_decay": float(cfg.optimizer.weight_decay), "cycle_momentum": cfg.schedule.cycle_momentum,
+            "momentum_min": float(low), "momentum_max": float(high), "pct_start": float(cfg.schedule.pct_start),
+            "nesterov": cfg.optimizer.nesterov, "amp": cfg.train.amp, "seed": cfg.seed,
+            "world_size": idist.get_world_size()}
 
 
 def describe_run(cfg: Config, world: int) -> str:

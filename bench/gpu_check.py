@@ -91,16 +91,19 @@ def _ok(result: subprocess.CompletedProcess, what: str) -> None:
         raise AssertionError(f"{what} exited {result.returncode}: {_tail(result.stderr or result.stdout)}")
 
 
-def epoch_metrics(run_dir: Path) -> dict[int, dict[str, float]]:
-    """Per-epoch validation metrics as TensorBoard shows them (its own reader)."""
+def epoch_metrics(run_dir: Path, per_epoch: int) -> dict[int, dict[str, float]]:
+    """Per-epoch validation metrics as TensorBoard shows them (its own reader), logged at the trainer's
+    iteration at each epoch's end."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(run_dir / "tb" / "validation"))
     acc.Reload()
     out: dict[int, dict[str, float]] = {}
     for tag in ("top1", "top5", "loss"):
-        for e in acc.Scalars(f"validation/{tag}"):
-            out.setdefault(e.step, {})[tag] = e.value
+        for e in acc.Scalars(f"metrics/{tag}"):
+            if e.step % per_epoch:
+                raise AssertionError(f"validation {tag} at iteration {e.step}, not at an epoch's end")
+            out.setdefault(e.step // per_epoch, {})[tag] = e.value
     return out
 
 
@@ -153,10 +156,10 @@ def learns(check: Check, r: Runner, ctx: dict) -> None:
     _ok(result, "training")
     run_dir = r.work / "runs" / "graphed"
     ctx["graphed"] = run_dir
-    metrics = epoch_metrics(run_dir)
+    metrics = epoch_metrics(run_dir, ctx["iterations_per_epoch"])
     acc = EventAccumulator(str(run_dir / "tb" / "train"))
     acc.Reload()
-    losses = [e.value for e in acc.Scalars("train/loss")]
+    losses = [e.value for e in acc.Scalars("metrics/loss")]
     k = max(1, len(losses) // 10)
     first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
     final = metrics[max(metrics)]
@@ -186,7 +189,9 @@ def graphed_vs_eager(check: Check, r: Runner, ctx: dict) -> None:
                    "--run-name", "eager")
     check.figures["seconds"] = round(time.perf_counter() - start, 1)
     _ok(result, "training")
-    within_tolerance(check, "graphed_vs_eager", epoch_metrics(ctx["graphed"]), epoch_metrics(r.work / "runs" / "eager"))
+    per_epoch = ctx["iterations_per_epoch"]
+    within_tolerance(check, "graphed_vs_eager", epoch_metrics(ctx["graphed"], per_epoch),
+                     epoch_metrics(r.work / "runs" / "eager", per_epoch))
 
 
 def kill_resume(check: Check, r: Runner, ctx: dict) -> None:
@@ -227,19 +232,20 @@ def kill_resume(check: Check, r: Runner, ctx: dict) -> None:
 
     acc = EventAccumulator(str(run_dir / "tb" / "train"))
     acc.Reload()
-    steps = [e.step for e in acc.Scalars("train/loss")]
+    steps = [e.step for e in acc.Scalars("metrics/loss")]
     # Every step once: what the killed process logged up to its checkpoint was on disk before the
     # checkpoint was written, what it logged after is purged, and the resumed process logs the rest.
     if steps != list(range(1, per_epoch * r.epochs + 1)):
-        raise AssertionError(f"train/loss steps are not each iteration once ({len(steps)} points, "
+        raise AssertionError(f"training loss steps are not each iteration once ({len(steps)} points, "
                              f"{len(set(steps))} distinct, of {per_epoch * r.epochs})")
-    validation = sorted(epoch_metrics(run_dir))
+    validation = sorted(epoch_metrics(run_dir, per_epoch))
     if validation != list(range(1, r.epochs + 1)):
         raise AssertionError(f"validation steps {validation}, not each epoch once")
     status = json.loads((run_dir / "results.json").read_text())["status"]
     if status != "finished":
         raise AssertionError(f"results.json says {status}")
-    within_tolerance(check, "resumed_vs_uninterrupted", epoch_metrics(ctx["graphed"]), epoch_metrics(run_dir))
+    within_tolerance(check, "resumed_vs_uninterrupted", epoch_metrics(ctx["graphed"], per_epoch),
+                     epoch_metrics(run_dir, per_epoch))
 
 
 def sigterm_resume(check: Check, r: Runner, ctx: dict) -> None:
@@ -376,8 +382,8 @@ def cross_device(check: Check, r: Runner, ctx: dict) -> None:
 
 
 def tensorboard(check: Check, r: Runner, ctx: dict) -> None:
-    """Every iteration's loss, lr and momentum (the momentum cycling 0.95 -> 0.85 -> 0.95), each epoch's
-    validation metrics, equal to results.json."""
+    """Every iteration's loss, top-1, lr and momentum (the momentum cycling 0.95 -> 0.85 -> 0.95), each
+    epoch's validation metrics, equal to results.json."""
     if "graphed" not in ctx:
         return check.skip("learns failed")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -385,15 +391,15 @@ def tensorboard(check: Check, r: Runner, ctx: dict) -> None:
     acc = EventAccumulator(str(ctx["graphed"] / "tb" / "train"))
     acc.Reload()
     n = ctx["iterations_per_epoch"] * r.epochs
-    for tag in ("train/loss", "train/lr", "train/momentum"):
+    for tag in ("metrics/loss", "metrics/top1", "schedule/lr", "schedule/momentum"):
         steps = [e.step for e in acc.Scalars(tag)]
         if steps != list(range(1, n + 1)):
             raise AssertionError(f"{tag}: {len(steps)} points, not one per iteration ({n})")
-    momentum = [e.value for e in acc.Scalars("train/momentum")]
+    momentum = [e.value for e in acc.Scalars("schedule/momentum")]
     check.figures["momentum_first_min_last"] = [round(momentum[0], 4), round(min(momentum), 4), round(momentum[-1], 4)]
     if not (math.isclose(momentum[0], 0.95, rel_tol=1e-3) and math.isclose(min(momentum), 0.85, rel_tol=1e-2)):
         raise AssertionError(f"momentum did not cycle: {check.figures['momentum_first_min_last']}")
-    metrics = epoch_metrics(ctx["graphed"])
+    metrics = epoch_metrics(ctx["graphed"], ctx["iterations_per_epoch"])
     final = json.loads((ctx["graphed"] / "results.json").read_text())["final"]
     if sorted(metrics) != list(range(1, r.epochs + 1)) or not math.isclose(metrics[r.epochs]["top1"], final["top1"],
                                                                             rel_tol=1e-6):

@@ -1,12 +1,14 @@
-"""Training loss without a host synchronisation every iteration.
+"""Training loss and batch top-1 without a host synchronisation every iteration.
 
-The loss stays on the device; every `every` iterations (and at the end of each epoch) the buffered
-values are copied to the host in one transfer. Then the engine fires LossEvents.LOSS_FLUSHED with
-`engine.state.flushed_losses` = [(iteration, loss, {"lr": ..., ...}), ...] (each step's scheduled
-values, as `scheduled` returned them after the step) and `engine.state.running_loss` and
+The step's output, a device tensor [loss, top-1] (a plain loss tensor works too), stays on the
+device; every `every` iterations (and at the end of each epoch) the buffered values are copied to the
+host in one transfer. Then the engine fires LossEvents.LOSS_FLUSHED with `engine.state.flushed_losses`
+= [(iteration, {"loss": ..., "top1": ...}, {"lr": ..., ...}), ...] (each step's measured values, and
+its scheduled values as `scheduled` returned them after the step) and `engine.state.running_loss` and
 `engine.state.lr` updated, for loggers to use. A NaN or infinite loss raises LossNotFinite there,
-before any later handler of the same event (a checkpoint, say) can save the diverged weights. Under several processes they agree first
-(one all-reduce per flush), so that all of them stop together instead of some waiting forever.
+before any later handler of the same event (a checkpoint, say) can save the diverged weights. Under
+several processes they agree first (one all-reduce per flush), so that all of them stop together
+instead of some waiting forever.
 """
 from __future__ import annotations
 
@@ -48,14 +50,16 @@ class LossBuffer:
 
     def _collect(self, engine: Engine) -> None:
         # Read before the scheduler steps for the next iteration: the values this step used.
-        self._losses.append(engine.state.output.detach().float().reshape(()))
+        self._losses.append(engine.state.output.detach().float().reshape(-1))
         self._steps.append((engine.state.iteration, dict(self.scheduled())))
 
     def flush(self, engine: Engine) -> None:
         if not self._losses:
             return
-        values = torch.stack(self._losses).tolist()  # the one host synchronisation
+        rows = torch.stack(self._losses).tolist()  # the one host synchronisation
         steps, self._losses, self._steps = self._steps, [], []
+        measured = [dict(zip(("loss", "top1"), row)) for row in rows]
+        values = [m["loss"] for m in measured]
         bad = next(((it, v) for (it, _), v in zip(steps, values) if not math.isfinite(v)), None)
         if idist.get_world_size() > 1:
             anywhere = idist.all_reduce(float(bad is not None), op="MAX")
@@ -66,7 +70,7 @@ class LossBuffer:
         for value in values:
             a = self.smoothing
             self.running_loss = value if self.running_loss is None else a * self.running_loss + (1 - a) * value
-        engine.state.flushed_losses = [(it, v, scheduled) for (it, scheduled), v in zip(steps, values)]
+        engine.state.flushed_losses = [(it, m, scheduled) for (it, scheduled), m in zip(steps, measured)]
         engine.state.running_loss = self.running_loss
         engine.state.lr = steps[-1][1].get("lr")
         engine.fire_event(LossEvents.LOSS_FLUSHED)

@@ -1,32 +1,54 @@
-"""TensorBoard event files, written through to disk.
+"""TensorBoard for one run, laid out for the first screen and for comparing runs.
 
-Two event files, `train/` (step = iteration) and `validation/` (step = epoch), so that a resumed run can
-purge each from its own resume step: TensorBoard then hides what a killed process logged after its last
-checkpoint, and the curves continue without doubled points.
+RUN_DIR/tb holds two TensorBoard runs, `train` and `validation`, and every step is the trainer's
+iteration (validation: the iteration at which its epoch ended):
 
-Why not tensorboardX's SummaryWriter: it hands events to a queue that a writer thread drains, and its
-flush() flushes the file but not the queue, so events logged just before a checkpoint could still be
-in memory when a kill came (and a full disk surfaced as tracebacks from that thread). EventLog writes
-each event into the file as it is logged, with tensorboardX's own record writer and summary builders,
-and `flush` puts everything written so far on disk (fsync): the training checkpoint handler's
-`flush` before every save makes what it saved and what TensorBoard shows agree.
+  train/       every iteration: metrics/loss, metrics/top1 (of the batch the step trained on),
+               schedule/lr, schedule/momentum; every epoch: system/*; once: train/augmented_images,
+               the config (text)
+  validation/  every epoch: metrics/loss, metrics/top1, metrics/top5, summary/best_* (the best epoch
+               by top-1 so far), validation/confusion_matrix, validation/most_confused (text),
+               validation/per_class_accuracy; the run's hyperparameters, written when it starts
+
+Why: TensorBoard draws one chart per tag and overlays that tag across runs, never two tags of one run,
+so training and validation share tags in two runs (what Keras's TensorBoard callback does), and they
+share one x axis only if both count the same thing: the trainer's iteration, as Lightning's logger
+uses its global step for both (Ignite's `setup_tb_logging` puts validation at the trainer's epoch, a
+unit that cannot share an axis with per-iteration curves). Time Series sorts groups by name and opens
+the first two: `metrics`, then `schedule`; everything else sorts after them. The hyperparameters are
+a session of the validation run, so its metrics (best and last top-1, top-5, loss) are that run's
+scalars, which TensorBoard's HParams tab reads as they are written: a running or crashed run is there
+with what it reached.
+
+Event files are written through to disk (EventLog): tensorboardX's SummaryWriter hands events to a
+queue that a writer thread drains, and its flush() flushes the file but not the queue, so events
+logged just before a checkpoint could still be in memory when a kill came (and a full disk surfaced as
+tracebacks from that thread). EventLog writes each event into the file as it is logged, with
+tensorboardX's own record writer and summary builders; `push` hands what was written to the OS after
+every batch of losses and every evaluation, so a running run's curves are current in TensorBoard; and
+`flush` puts everything on disk (fsync) before every checkpoint, so that what a checkpoint saved and
+what TensorBoard shows agree even after a kill. A resumed run's new files purge from the step after its checkpoint, so
+TensorBoard hides what a killed process logged after it and the curves continue without doubled points.
 """
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from tensorboardX.event_file_writer import EventsWriter
 from tensorboardX.proto.event_pb2 import Event, SessionLog
-from tensorboardX.proto.summary_pb2 import Summary
-from tensorboardX.summary import histogram, hparams, image, scalar, text
+from tensorboardX.proto.api_pb2 import DataType, Experiment, HParamInfo, MetricInfo, MetricName, Status
+from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData, SessionEndInfo, SessionStartInfo
+from tensorboardX.proto.summary_pb2 import Summary, SummaryMetadata
+from tensorboardX.summary import histogram, image, scalar, text
 
 from handlers.atomic import OutputWriteError
+from handlers.confusion import confusion_image, most_confused_table
 from handlers.loss_buffer import LossEvents
 
 
@@ -61,8 +83,15 @@ class EventLog:
         with self._naming_errors():
             self._writer.write_event(event)
 
+    def push(self) -> None:
+        """Everything written so far, handed to the OS: TensorBoard sees it now (a file object keeps
+        up to 8 KB until flushed, which would hide a live run's curves until its next checkpoint).
+        Durable only after `flush`; cheap enough for every batch of losses (no fsync)."""
+        with self._naming_errors():
+            self._writer._py_recordio_writer._writer.flush()  # tensorboardX < 3: the RecordWriter's file
+
     def flush(self) -> None:
-        """Everything written so far, on disk."""
+        """Everything written so far, on disk (fsync)."""
         with self._naming_errors():
             self._writer.flush()
 
@@ -74,23 +103,31 @@ class EventLog:
         return OutputWriteError.naming(self.folder, "cannot write TensorBoard events")
 
 
-class TensorBoardLogging:
-    def __init__(self, log_dir: str | Path, *, purge_from: tuple[int, int] | None = None) -> None:
-        """`purge_from`: (iteration, epoch) from which earlier event files of this run are hidden."""
-        log_dir = Path(log_dir)
-        purge_train, purge_val = purge_from if purge_from else (None, None)
-        self.train = EventLog(log_dir / "train", purge_train)
-        self.validation = EventLog(log_dir / "validation", purge_val)
+HPARAMS_METRICS = (("summary/best_top1", "best top-1"), ("summary/best_top5", "top-5 at best top-1"),
+                   ("summary/best_loss", "loss at best top-1"), ("metrics/top1", "last top-1"),
+                   ("metrics/top5", "last top-5"), ("metrics/loss", "last loss"))
 
-    def attach(self, trainer: Engine, evaluator: Engine,
+
+class TensorBoardLogging:
+    def __init__(self, log_dir: str | Path, *, purge_from: Optional[int] = None) -> None:
+        """`purge_from`: the iteration from which earlier event files of this run are hidden."""
+        log_dir = Path(log_dir)
+        self.train = EventLog(log_dir / "train", purge_from)
+        self.validation = EventLog(log_dir / "validation", purge_from)
+
+    def attach(self, trainer: Engine, evaluator: Engine, *, best: Callable[[], Mapping[str, float]],
+               class_names: Optional[Sequence[str]] = None,
                sample_images: Optional[Callable[[], torch.Tensor]] = None) -> "TensorBoardLogging":
         """`trainer` must have a LossBuffer attached; `evaluator` must compute top1, top5 and loss, and
-        may compute "confusion" (a ConfusionMatrix). `sample_images` gives (N, 3, H, W) images in
+        may compute "confusion" (a ConfusionMatrix). `best()` gives the metrics of the best evaluation
+        so far (attach this after whatever updates it). `sample_images` gives (N, 3, H, W) images in
         [0, 1] to show once at the start (augmented training images, say). Attach after EpochSummary
         to log its epoch time and images per second."""
+        self._best, self._class_names = best, class_names
         trainer.add_event_handler(LossEvents.LOSS_FLUSHED, self._log_losses)
         evaluator.add_event_handler(Events.COMPLETED, self._log_validation, trainer)
         trainer.add_event_handler(Events.EPOCH_COMPLETED, self._log_epoch)
+        trainer.add_event_handler(Events.COMPLETED, self._log_success)
         trainer.add_event_handler(Events.COMPLETED, self.flush)
         if sample_images is not None:
             trainer.add_event_handler(Events.STARTED, lambda e: self.train.image(
@@ -98,42 +135,54 @@ class TensorBoardLogging:
         return self
 
     def _log_losses(self, trainer: Engine) -> None:
-        for iteration, loss, scheduled in trainer.state.flushed_losses:
-            self.train.scalar("train/loss", loss, iteration)
-            for name, value in scheduled.items():  # train/lr, train/momentum
-                self.train.scalar(f"train/{name}", value, iteration)
+        for iteration, measured, scheduled in trainer.state.flushed_losses:
+            for name, value in measured.items():  # metrics/loss, metrics/top1
+                self.train.scalar(f"metrics/{name}", value, iteration)
+            for name, value in scheduled.items():  # schedule/lr, schedule/momentum
+                self.train.scalar(f"schedule/{name}", value, iteration)
+        self.train.push()
 
     def _log_validation(self, evaluator: Engine, trainer: Engine) -> None:
-        epoch = trainer.state.epoch
+        step = trainer.state.iteration
         for name, value in evaluator.state.metrics.items():
             if isinstance(value, (int, float)):
-                self.validation.scalar(f"validation/{name}", value, epoch)
+                self.validation.scalar(f"metrics/{name}", value, step)
+        for name, value in self._best().items():
+            if name in ("top1", "top5", "loss"):
+                self.validation.scalar(f"summary/best_{name}", value, step)
         confusion = evaluator.state.metrics.get("confusion")
         if isinstance(confusion, torch.Tensor):
-            self.validation.image("validation/confusion_matrix", confusion_image(confusion), epoch)
+            confusion = confusion.detach().cpu()
+            names = self._class_names or [str(i) for i in range(len(confusion))]
+            self.validation.image("validation/confusion_matrix", confusion_image(confusion, names), step)
+            self.validation.text("validation/most_confused", most_confused_table(confusion, names), step)
             per_class = confusion.diag().float() / confusion.sum(1).clamp(min=1).float()
-            self.validation.histogram("validation/per_class_accuracy", per_class.cpu(), epoch,
+            self.validation.histogram("validation/per_class_accuracy", per_class, step,
                                       bins=np.linspace(0.0, 1.0, 21))
+        self.validation.push()
 
     def _log_epoch(self, trainer: Engine) -> None:
-        epoch = trainer.state.epoch
-        for tag, attr in (("epoch/seconds", "epoch_seconds"), ("epoch/images_per_second", "images_per_second")):
+        step = trainer.state.iteration
+        for tag, attr in (("system/epoch_seconds", "epoch_seconds"),
+                          ("system/images_per_second", "images_per_second")):
             value = getattr(trainer.state, attr, None)
             if value is not None:
-                self.validation.scalar(tag, value, epoch)
+                self.train.scalar(tag, value, step)
         if torch.cuda.is_available() and torch.cuda.is_initialized():
-            self.validation.scalar("epoch/peak_gpu_memory_gib", torch.cuda.max_memory_allocated() / 2**30, epoch)
+            self.train.scalar("system/peak_gpu_memory_gib", torch.cuda.max_memory_allocated() / 2**30, step)
+        self.train.push()
 
     def log_config(self, config: Mapping[str, Any]) -> None:
         self.train.text("config", "```\n" + json.dumps(config, indent=2) + "\n```", 0)
 
-    def log_hparams(self, hparams_: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
-        """Hyperparameters with the run's final metrics, in the same event file, for the HPARAMS tab."""
-        for summary in hparams(dict(hparams_), dict(metrics)):
-            self.validation.summary(summary)
-        for name, value in metrics.items():
-            self.validation.scalar(name, value)
+    def log_hparams(self, hparams_: Mapping[str, Any]) -> None:
+        """At the start of a run: the HParams tab lists it from now on, with the metrics it reaches."""
+        for summary in hparams_summaries(hparams_, HPARAMS_METRICS):
+            self.validation.summary(summary, 0)
         self.validation.flush()
+
+    def _log_success(self, _: Engine) -> None:
+        self.validation.summary(session_end_summary(), 0)
 
     def flush(self, _: Engine | None = None) -> None:
         """Attach right before the training checkpoint handler, on its events."""
@@ -143,6 +192,41 @@ class TensorBoardLogging:
     def close(self) -> None:
         self.train.close()
         self.validation.close()
+
+
+def hparams_summaries(values: Mapping[str, Any], metrics: Sequence[tuple[str, str]]) -> list[Summary]:
+    """The HParams plugin's experiment and session-start summaries, built like tensorboardX's `hparams`
+    but with each value in its own type: a bool as a bool, a float as a number, an int as text, which
+    the HParams tab shows as "128" (it prints every number with 5 digits, "128.00"), and metrics with
+    display names."""
+    start = SessionStartInfo()
+    infos = []
+    for name, value in values.items():
+        if isinstance(value, bool):
+            start.hparams[name].bool_value = value
+            kind = "DATA_TYPE_BOOL"
+        elif isinstance(value, float):
+            start.hparams[name].number_value = value
+            kind = "DATA_TYPE_FLOAT64"
+        else:
+            start.hparams[name].string_value = str(value)
+            kind = "DATA_TYPE_STRING"
+        infos.append(HParamInfo(name=name, type=DataType.Value(kind)))
+    experiment = Experiment(hparam_infos=infos, metric_infos=[
+        MetricInfo(name=MetricName(tag=tag), display_name=label) for tag, label in metrics])
+    return [_hparams_summary("_hparams_/experiment", HParamsPluginData(experiment=experiment, version=0)),
+            _hparams_summary("_hparams_/session_start_info", HParamsPluginData(session_start_info=start, version=0))]
+
+
+def session_end_summary() -> Summary:
+    end = SessionEndInfo(status=Status.Value("STATUS_SUCCESS"))
+    return _hparams_summary("_hparams_/session_end_info", HParamsPluginData(session_end_info=end, version=0))
+
+
+def _hparams_summary(tag: str, content: HParamsPluginData) -> Summary:
+    metadata = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name="hparams",
+                                                                      content=content.SerializeToString()))
+    return Summary(value=[Summary.Value(tag=tag, metadata=metadata)])
 
 
 def image_grid(images: torch.Tensor, columns: int = 8) -> torch.Tensor:
@@ -156,9 +240,3 @@ def image_grid(images: torch.Tensor, columns: int = 8) -> torch.Tensor:
     return grid
 
 
-def confusion_image(confusion: torch.Tensor, scale: int = 3) -> torch.Tensor:
-    """Rows (true class) normalised to sum 1, white (0) to dark blue (1), each cell scale x scale pixels."""
-    m = confusion.detach().float().cpu()
-    m = m / m.sum(1, keepdim=True).clamp(min=1)
-    rgb = torch.stack([1 - m, 1 - m, 1 - 0.5 * m])
-    return rgb.repeat_interleave(scale, 1).repeat_interleave(scale, 2)

@@ -81,8 +81,8 @@ def compare_steps(reference: Side, candidate: Side, epoch: list[tuple[torch.Tens
         images, labels = epoch[i % len(epoch)]
         _take_state(reference, candidate)
         before = [p.detach().clone() for p in candidate.model.parameters()]
-        loss_c = candidate.step(images, labels).item()
-        loss_r = reference.step(images, labels).item()
+        loss_c = candidate.step(images, labels)[0].item()
+        loss_r = reference.step(images, labels)[0].item()
         for side in (reference, candidate):
             side.scheduler.step()
         worst = abs(loss_c - loss_r) / (rtol * abs(loss_r))

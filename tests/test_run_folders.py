@@ -135,14 +135,17 @@ def test_what_was_logged_before_a_checkpoint_is_on_disk_when_it_appears(tmp_path
     run_until(run_dir / "checkpoints" / "training_checkpoint_7.pt", "--config", str(cfg), "--run-name", "r")
     train = EventAccumulator(str(run_dir / "tb" / "train"))
     train.Reload()
-    for tag in ("train/loss", "train/lr", "train/momentum"):
+    for tag in ("metrics/loss", "metrics/top1", "schedule/lr", "schedule/momentum"):
         assert [e.step for e in train.Scalars(tag)][:7] == list(range(1, 8)), tag
+    for tag in ("system/epoch_seconds", "system/images_per_second"):
+        assert [e.step for e in train.Scalars(tag)][:1] == [5], tag
     val = EventAccumulator(str(run_dir / "tb" / "validation"), size_guidance={"images": 0, "histograms": 0})
     val.Reload()
-    for tag in ("validation/top1", "validation/loss", "epoch/seconds", "epoch/images_per_second"):
-        assert [e.step for e in val.Scalars(tag)][:1] == [1], tag
-    assert [e.step for e in val.Histograms("validation/per_class_accuracy")][:1] == [1]
-    assert [e.step for e in val.Images("validation/confusion_matrix")][:1] == [1]
+    for tag in ("metrics/top1", "metrics/loss", "summary/best_top1"):
+        assert [e.step for e in val.Scalars(tag)][:1] == [5], tag
+    assert [e.step for e in val.Histograms("validation/per_class_accuracy")][:1] == [5]
+    assert [e.step for e in val.Images("validation/confusion_matrix")][:1] == [5]
+    assert "_hparams_/session_start_info" in val.PluginTagToContent("hparams")  # from the start
 
 
 def test_a_full_disk_before_the_first_file_is_one_line_and_leaves_nothing(tmp_path: Path, small_data: Path) -> None:

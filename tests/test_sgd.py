@@ -61,7 +61,7 @@ def test_the_projects_step_under_a_real_one_cycle_equals_torch_sgd(settings: dic
     def _record(engine) -> None:  # what the update read: the optimizer's own tensors
         t = optimizer.scheduled_tensors()
         used.append((t["lr"].item(), t["momentum"].item()))
-        losses.append(engine.state.output.item())
+        losses.append(engine.state.output[0].item())
 
     trainer.run(epoch, max_epochs=epochs)
 
@@ -77,7 +77,7 @@ def test_the_projects_step_under_a_real_one_cycle_equals_torch_sgd(settings: dic
     for _ in range(epochs):
         for images, labels in epoch:
             ref_used.append((ref_opt.param_groups[0]["lr"], ref_opt.param_groups[0]["momentum"]))
-            ref_losses.append(ref_step(images, labels).item())
+            ref_losses.append(ref_step(images, labels)[0].item())
             ref_sched.step()
 
     assert len(used) == len(ref_used) == 12

@@ -55,12 +55,16 @@ def test_writes_config_results_and_checkpoints(finished_run) -> None:
     assert ckpt["trainer"]["iteration"] == 10 and ckpt["trainer"]["epoch_length"] == 5
 
 
-def test_tensorboard_has_loss_lr_momentum_per_iteration_and_validation_per_epoch(finished_run) -> None:
+def test_tensorboard_overlays_training_and_validation_on_the_trainers_iterations(finished_run) -> None:
+    """Training: loss, top-1, lr and momentum at every iteration; validation: loss, top-1, top-5 at the
+    iteration each epoch ended; the same tags in both runs, so TensorBoard draws them in one chart."""
     run_dir, _ = finished_run
-    loss = _scalars(run_dir / "tb" / "train", "train/loss")
-    lr = _scalars(run_dir / "tb" / "train", "train/lr")
-    momentum = _scalars(run_dir / "tb" / "train", "train/momentum")
-    assert [s for s, _ in loss] == [s for s, _ in lr] == [s for s, _ in momentum] == list(range(1, 11))
+    train, validation = run_dir / "tb" / "train", run_dir / "tb" / "validation"
+    loss, top1 = _scalars(train, "metrics/loss"), _scalars(train, "metrics/top1")
+    lr, momentum = _scalars(train, "schedule/lr"), _scalars(train, "schedule/momentum")
+    assert [s for s, _ in loss] == [s for s, _ in top1] == [s for s, _ in lr] == [s for s, _ in momentum] \
+        == list(range(1, 11))
+    assert all(abs(v * 48 - round(v * 48)) < 1e-4 and 0 <= v <= 1 for _, v in top1)  # a share of a batch of 48
     assert max(v for _, v in lr) == pytest.approx(0.1, rel=1e-3) and lr[-1][1] < 1e-4  # one cycle
     # ... and momentum the other way: lowest where the learning rate peaks
     assert momentum[0][1] == pytest.approx(0.95) and momentum[-1][1] == pytest.approx(0.95)
@@ -68,12 +72,20 @@ def test_tensorboard_has_loss_lr_momentum_per_iteration_and_validation_per_epoch
     assert min(v for _, v in momentum) == pytest.approx(0.85) == momentum[peak][1]
     results = json.loads((run_dir / "results.json").read_text())
     for tag in ("top1", "top5", "loss"):
-        values = _scalars(run_dir / "tb" / "validation", f"validation/{tag}")
-        assert [s for s, _ in values] == [1, 2]
+        values = _scalars(validation, f"metrics/{tag}")
+        assert [s for s, _ in values] == [5, 10]
         assert values[-1][1] == pytest.approx(results["final"][tag], rel=1e-5)
-    acc = EventAccumulator(str(run_dir / "tb" / "validation"))
+        best = _scalars(validation, f"summary/best_{tag}")
+        assert [s for s, _ in best] == [5, 10] and best[-1][1] == pytest.approx(results["best"][tag], rel=1e-5)
+    groups = {tag.split("/")[0] for folder in (train, validation) for tag in _tags(folder)}
+    assert sorted(groups)[:2] == ["metrics", "schedule"]  # the two groups Time Series opens
+    assert "hparam" not in groups and "epoch" not in groups
+
+
+def _tags(folder: Path) -> list[str]:
+    acc = EventAccumulator(str(folder), size_guidance={"images": 0, "histograms": 0})
     acc.Reload()
-    assert "hparam/final_top1" in acc.Tags()["scalars"]
+    return [tag for kind in ("scalars", "images", "histograms") for tag in acc.Tags()[kind]]
 
 
 def test_tensorboard_has_images_histograms_epoch_figures_and_hparams(finished_run) -> None:
@@ -82,14 +94,18 @@ def test_tensorboard_has_images_histograms_epoch_figures_and_hparams(finished_ru
     train.Reload()
     grid = train.Images("train/augmented_images")
     assert len(grid) == 1 and (grid[0].width, grid[0].height) == (272, 272)  # 8 x 8 images of 32 + 2
-    val = EventAccumulator(str(run_dir / "tb" / "validation"), size_guidance={"images": 0, "histograms": 0})
+    assert [e.step for e in train.Scalars("system/images_per_second")] == [5, 10]
+    assert all(e.value > 0 for e in train.Scalars("system/epoch_seconds"))
+    val = EventAccumulator(str(run_dir / "tb" / "validation"),
+                           size_guidance={"images": 0, "histograms": 0, "tensors": 0})
     val.Reload()
-    assert [e.step for e in val.Images("validation/confusion_matrix")] == [1, 2]
-    assert [e.step for e in val.Histograms("validation/per_class_accuracy")] == [1, 2]
-    assert [e.step for e in val.Scalars("epoch/images_per_second")] == [1, 2]
-    assert all(e.value > 0 for e in val.Scalars("epoch/seconds"))
+    matrices = val.Images("validation/confusion_matrix")
+    assert [e.step for e in matrices] == [5, 10] and matrices[0].width >= 600
+    assert [e.step for e in val.Histograms("validation/per_class_accuracy")] == [5, 10]
+    table = val.Tensors("validation/most_confused/text_summary")  # tensorboardX names text tags so
+    assert [e.step for e in table] == [5, 10] and b"| true class | predicted as |" in table[-1].tensor_proto.string_val[0]
     hparams = val.PluginTagToContent("hparams")
-    assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(hparams)
+    assert {"_hparams_/experiment", "_hparams_/session_start_info", "_hparams_/session_end_info"} <= set(hparams)
     start = hparams["_hparams_/session_start_info"]
     assert b"batch_size" in start and b"momentum_min" in start and b"momentum_max" in start
 
@@ -129,9 +145,9 @@ def test_resume_after_kill_continues_same_run_without_repeating_an_epoch(tmp_pat
     epochs = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("epoch ")]
     assert epochs[0] in ("2/3", "3/3") and epochs[-1] == "3/3" and "1/3" not in epochs
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["r"]
-    steps = [s for s, _ in _scalars(run_dir / "tb" / "validation", "validation/top1")]
-    assert steps == [1, 2, 3]
-    assert [s for s, _ in _scalars(run_dir / "tb" / "train", "train/loss")] == list(range(1, 16))
+    steps = [s for s, _ in _scalars(run_dir / "tb" / "validation", "metrics/top1")]
+    assert steps == [5, 10, 15]
+    assert [s for s, _ in _scalars(run_dir / "tb" / "train", "metrics/loss")] == list(range(1, 16))
     assert json.loads((run_dir / "results.json").read_text())["epochs"] == 3
 
     again = run_app("--config", str(cfg), "--resume")
