@@ -123,6 +123,7 @@ class EvalConfig:
 class CheckpointConfig:
     keep_last: int = field(default=2, metadata=_check(_positive))
     every_iters: int = field(default=0, metadata=_check(_non_negative))
+    background_write: bool = True
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ from app.config import Config, config_from_dict, to_dict
 from app.errors import ConfigError, UserError
 from app.model import build_model
 from handlers.atomic import umask
-from handlers.checkpoints import attach_training_checkpoint, training_checkpoints
+from handlers.checkpoints import SaveThenRemove, attach_training_checkpoint, training_checkpoints
 from handlers.results import write_json_atomic
 
 LATEST = "latest"  # the value of --resume given without a path
@@ -218,18 +218,19 @@ def check_writable(folder: Path) -> None:
 
 
 def attach_checkpoints(trainer: Engine, run_dir: Path, to_save: Mapping[str, Any], *, keep_last: int,
-                       event: Events | EventsList) -> Checkpoint:
-    """The training checkpoints, saved at `event`, keeping the newest `keep_last` counted from the files
-    on disk: after a resume the handler knows the files earlier processes wrote, and any beyond
-    `keep_last` (left by an older version, say) go once this process has written a newer one."""
+                       event: Events | EventsList, background: bool = False) -> tuple[Checkpoint, SaveThenRemove]:
+    """The training checkpoints, saved at `event` (written in the background if `background`),
+    keeping the newest `keep_last` counted from the files on disk: after a resume the handler knows the
+    files earlier processes wrote, and any beyond `keep_last` (left by an older version, say) go once
+    this process has written a newer one. Returns the handler and its saver."""
     handler, saver = attach_training_checkpoint(trainer, checkpoints_dir(run_dir), to_save, keep_last=keep_last,
-                                                event=event)
+                                                event=event, background=background)
     on_disk = training_checkpoints(checkpoints_dir(run_dir))  # newest first
     kept, stale = on_disk[:keep_last], on_disk[keep_last:]
     handler.load_state_dict({"_saved": [(checkpoint_iteration(p), p.name) for p in reversed(kept)]})
     for p in stale:
         saver.remove(p.name)  # deleted after the next checkpoint is complete on disk
-    return handler
+    return handler, saver
 
 
 def checkpoint_iteration(path: Path) -> int:

@@ -94,6 +94,7 @@ class Run:
     train_batches: ShardedBatches
     to_save: dict[str, Any]
     saves: EventsList  # every event on which a training checkpoint is saved
+    writers: list = dataclasses.field(default_factory=list)  # checkpoint savers to wait for at the end
 
 
 def initialize(cfg: Config, local_rank: int) -> Parts:
@@ -189,7 +190,9 @@ def attach_rank0_outputs(run: Run, write: Callable[[str], None], resumed_iterati
     """Files, TensorBoard, progress and the per-epoch line: rank 0 only. Adds the objects whose state
     must survive a resume (best-model tracker, results) to `run.to_save`."""
     cfg, plan, trainer, evaluator = run.cfg, run.plan, run.trainer, run.evaluator
-    best = best_model_checkpoint(plan.checkpoints_dir, {"model": run.model, "meta": run.to_save["meta"]}, trainer)
+    background = cfg.checkpoint.background_write
+    best = best_model_checkpoint(plan.checkpoints_dir, {"model": run.model, "meta": run.to_save["meta"]}, trainer,
+                                 background=background)
     evaluator.add_event_handler(Events.COMPLETED, best)
     results = RunResults(plan.run_dir / "results.json").attach(trainer, evaluator)
     run.to_save.update(best_checkpoint=best, results=results)
@@ -207,7 +210,9 @@ def attach_rank0_outputs(run: Run, write: Callable[[str], None], resumed_iterati
 
     trainer.add_event_handler(StopEvents.STOP_REQUESTED, results.write, "interrupted")  # 4.
     trainer.add_event_handler(run.saves, tb.flush)  # 5.
-    attach_checkpoints(trainer, plan.run_dir, run.to_save, keep_last=cfg.checkpoint.keep_last, event=run.saves)
+    _, saver = attach_checkpoints(trainer, plan.run_dir, run.to_save, keep_last=cfg.checkpoint.keep_last,
+                                  event=run.saves, background=background)
+    run.writers.extend([saver, best.save_handler])
     if plan.checkpoint is None:
         tb.log_config(to_dict(cfg))
         tb.log_hparams(hparams(cfg))
@@ -298,12 +303,22 @@ def training(local_rank: int, cfg: Config, plan: RunPlan) -> None:
         write(f"run {plan.run_dir}: ResNet18 with {count_parameters(run.model):,} parameters on "
               f"{idist.get_world_size()} x {run.device.type}, batch {cfg.train.batch_size}, "
               f"{len(run.train_batches)} iterations per epoch")
+    completed = interrupted = False
     try:
         run.trainer.run(run.train_batches, max_epochs=cfg.train.epochs)
+        completed = True
     except TrainingInterrupted as e:
         e.run_dir = plan.run_dir  # for the line that says how to resume
+        interrupted = True
         raise
     finally:
+        for writer in run.writers:  # a checkpoint written in the background lands before the process ends
+            try:
+                writer.wait()
+            except Exception:
+                if completed or interrupted:
+                    raise  # the stop's checkpoint did not land: that is what to report
+                # else the error that ended the run is the one to report
         if tb is not None:
             tb.close()
         if lock is not None:

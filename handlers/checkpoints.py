@@ -5,15 +5,24 @@ only once complete and flushed to disk. Ignite's Checkpoint asks its saver to de
 replaces *before* writing the new one; SaveThenRemove reverses that, so a kill or a full disk mid-write
 never costs the last good file. A failed write raises CheckpointWriteError naming the file.
 Training checkpoints are numbered by iteration, so epoch-end and every-N-iteration saves sort together.
+
+With `background`, a save copies the checkpoint to host memory (training goes on changing the live
+tensors) and a thread writes, fsyncs and renames it while training continues: the write is off the
+critical path, and crash safety is the same, since the file still appears complete or not at all and
+replaced files go only after it. One write at a time: a save first waits for the one in flight, and a
+failed background write raises its CheckpointWriteError there, or in `wait`, in the training thread.
 """
 from __future__ import annotations
 
+import copy
 import re
+import threading
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ignite.engine import Engine, Events
 from ignite.engine.events import EventsList
+import torch
 from ignite.handlers import Checkpoint, DiskSaver, global_step_from_engine
 
 from handlers.atomic import OutputWriteError, write_atomic
@@ -28,23 +37,51 @@ class CheckpointWriteError(OutputWriteError):
 
 class SaveThenRemove(DiskSaver):
     """A DiskSaver that writes through a flushed temporary file and deletes replaced files only
-    after the new file is complete on disk."""
+    after the new file is complete on disk; in a background thread if `background`."""
 
-    def __init__(self, dirname: str | Path) -> None:
+    def __init__(self, dirname: str | Path, background: bool = False) -> None:
         super().__init__(str(dirname), atomic=True, require_empty=False)
+        self.background = background
         self._pending: list[str] = []
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     def remove(self, filename: str) -> None:
         self._pending.append(filename)
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        self.wait()  # the write in flight first: one at a time, in order
+        pending, self._pending = self._pending, []
+        if not self.background:
+            self._write(checkpoint, filename, metadata, pending)
+            return
+        snapshot = host_copy(checkpoint)
+        self._thread = threading.Thread(target=self._write_in_background, name=f"write {filename}",
+                                        args=(snapshot, filename, metadata, pending))
+        self._thread.start()
+
+    def wait(self, _: Engine | None = None) -> None:
+        """Return once the write in flight is on disk; raise its error, if it failed, here."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def _write_in_background(self, checkpoint: Mapping, filename: str, metadata: Mapping | None,
+                             pending: list[str]) -> None:
+        try:
+            self._write(checkpoint, filename, metadata, pending)
+        except BaseException as e:  # noqa: BLE001 - handed to the training thread by wait()
+            self._error = e
+
+    def _write(self, checkpoint: Mapping, filename: str, metadata: Mapping | None, pending: list[str]) -> None:
         try:
             super().__call__(checkpoint, filename, metadata)
         except Exception as e:  # torch.save wraps the OSError of a full disk in a RuntimeError
-            self._pending = []
             raise CheckpointWriteError(f"{Path(self.dirname) / filename}: cannot write checkpoint "
                                        f"({_root_cause(e)}); earlier checkpoints are intact") from None
-        pending, self._pending = self._pending, []
         for old in pending:
             if old != filename:
                 # missing_ok: a run resumed from an older checkpoint remembers files that a later
@@ -53,6 +90,22 @@ class SaveThenRemove(DiskSaver):
 
     def _save_func(self, checkpoint: Mapping, path: Path, func: Callable) -> None:
         write_atomic(path, lambda f: func(checkpoint, f, **self.kwargs))
+
+
+def host_copy(obj: Any) -> Any:
+    """A copy in host memory of everything a checkpoint holds: tensors copied to the CPU (a new
+    tensor even for CPU ones, which training changes in place), containers rebuilt with their type
+    and attributes (a state_dict's `_metadata`), anything else deep-copied."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        out = type(obj)((k, host_copy(v)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):
+            out._metadata = copy.deepcopy(obj._metadata)
+        return out
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(host_copy(v) for v in obj)
+    return copy.deepcopy(obj)
 
 
 def _root_cause(error: BaseException) -> str:
@@ -79,23 +132,36 @@ def _iteration(engine: Engine) -> int:
 
 
 def best_model_checkpoint(folder: str | Path, to_save: Mapping[str, Any], trainer: Engine,
-                          metric: str = "top1") -> Checkpoint:
-    """A Checkpoint for the evaluator's COMPLETED event; keeps the single best file."""
+                          metric: str = "top1", background: bool = False) -> Checkpoint:
+    """A Checkpoint for the evaluator's COMPLETED event; keeps the single best file. Its saver is
+    `handler.save_handler` (to `wait` for before the process ends)."""
     return Checkpoint(
-        dict(to_save), SaveThenRemove(folder),
+        dict(to_save), SaveThenRemove(folder, background),
         filename_prefix="best", score_function=Checkpoint.get_default_score_fn(metric), score_name=metric,
         n_saved=1, global_step_transform=global_step_from_engine(trainer),
     )
 
 
 def attach_training_checkpoint(trainer: Engine, folder: str | Path, to_save: Mapping[str, Any], *,
-                               keep_last: int, event: Events | EventsList) -> tuple[Checkpoint, SaveThenRemove]:
-    """Save at `event` (`checkpoint_event(every_iters)`, say); returns the handler and its saver."""
-    saver = SaveThenRemove(folder)
+                               keep_last: int, event: Events | EventsList,
+                               background: bool = False) -> tuple[Checkpoint, SaveThenRemove]:
+    """Save at `event` (`checkpoint_event(every_iters)`, say); returns the handler and its saver. With
+    `background`, every save but the run's last is written while training goes on; the last is
+    written before the trainer completes, so a finished run's results never run ahead of its
+    checkpoint."""
+    saver = SaveThenRemove(folder, background)
     handler = Checkpoint(
         dict(to_save), saver, filename_prefix=TRAINING_PREFIX, score_function=_iteration, n_saved=keep_last,
     )
-    trainer.add_event_handler(event, handler)
+
+    def save(engine: Engine) -> None:
+        last = engine.state.iteration >= engine.state.epoch_length * engine.state.max_epochs
+        saver.background = background and not last
+        handler(engine)
+        if last:
+            saver.wait()
+
+    trainer.add_event_handler(event, save)
     return handler, saver
 
 
