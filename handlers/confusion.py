@@ -39,24 +39,27 @@ def row_shares(confusion: torch.Tensor) -> np.ndarray:
 
 
 def most_confused(confusion: torch.Tensor, k: int = 10) -> list[tuple[int, int, int, float]]:
-    """The k largest off-diagonal cells: (true, predicted, images, share of the true class), by images."""
-    counts = confusion.detach().cpu().long().numpy()
+    """The k largest off-diagonal cells: (true, predicted, images, share of the true class), by images,
+    then share, then position."""
+    counts = confusion.detach().cpu().long().numpy().copy()
+    np.fill_diagonal(counts, 0)
     shares = row_shares(confusion)
-    cells = [(int(counts[i, j]), float(shares[i, j]), i, j) for i in range(len(counts)) for j in range(len(counts))
-             if i != j and counts[i, j] > 0]
-    cells.sort(key=lambda c: (-c[0], -c[1], c[2], c[3]))
-    return [(i, j, n, share) for n, share, i, j in cells[:k]]
+    true, predicted = np.nonzero(counts)
+    order = np.lexsort((predicted, true, -shares[true, predicted], -counts[true, predicted]))[:k]
+    return [(int(true[o]), int(predicted[o]), int(counts[true[o], predicted[o]]), float(shares[true[o], predicted[o]]))
+            for o in order]
 
 
-def most_confused_table(confusion: torch.Tensor, names: Sequence[str], k: int = 10) -> str:
-    """Markdown, for TensorBoard's text tab."""
-    rows = [f"| {names[i]} | {names[j]} | {n} | {100 * share:.1f}% |" for i, j, n, share in most_confused(confusion, k)]
+def most_confused_table(pairs: Sequence[tuple[int, int, int, float]], names: Sequence[str]) -> str:
+    """Markdown of `most_confused`'s pairs, for TensorBoard's text tab."""
+    rows = [f"| {names[i]} | {names[j]} | {n} | {100 * share:.1f}% |" for i, j, n, share in pairs]
     return "\n".join(["| true class | predicted as | images | share of the true class |", "|---|---|---|---|", *rows]
                      if rows else ["no confusions"])
 
 
-def confusion_image(confusion: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
-    """(3, H, W) floats in [0, 1]: the framed matrix, its colour bars and the most confused pairs."""
+def confusion_image(confusion: torch.Tensor, names: Sequence[str],
+                    pairs: Sequence[tuple[int, int, int, float]]) -> torch.Tensor:
+    """(3, H, W) floats in [0, 1]: the framed matrix, its colour bars and `pairs` (`most_confused`)."""
     n = len(confusion)
     cell = max(3, min(40, 600 // max(n, 1)))
     size = n * cell
@@ -94,7 +97,7 @@ def confusion_image(confusion: torch.Tensor, names: Sequence[str]) -> torch.Tens
                 height=60)
 
     draw.text((list_x, top), "most confused (true -> predicted):", fill="black", font=font)
-    for row, (i, j, count, share) in enumerate(most_confused(confusion)):
+    for row, (i, j, count, share) in enumerate(pairs):
         line = f"{names[i][:14]} -> {names[j][:14]}: {100 * share:.1f}% ({count})"
         draw.text((list_x, top + 16 * (row + 1)), line, fill="black", font=font)
     return torch.from_numpy(np.array(canvas)).permute(2, 0, 1).float() / 255

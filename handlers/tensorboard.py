@@ -48,7 +48,7 @@ from tensorboardX.proto.summary_pb2 import Summary, SummaryMetadata
 from tensorboardX.summary import histogram, image, scalar, text
 
 from handlers.atomic import OutputWriteError
-from handlers.confusion import confusion_image, most_confused_table
+from handlers.confusion import confusion_image, most_confused, most_confused_table
 from handlers.loss_buffer import LossEvents
 
 
@@ -154,8 +154,9 @@ class TensorBoardLogging:
         if isinstance(confusion, torch.Tensor):
             confusion = confusion.detach().cpu()
             names = self._class_names or [str(i) for i in range(len(confusion))]
-            self.validation.image("validation/confusion_matrix", confusion_image(confusion, names), step)
-            self.validation.text("validation/most_confused", most_confused_table(confusion, names), step)
+            pairs = most_confused(confusion)
+            self.validation.image("validation/confusion_matrix", confusion_image(confusion, names, pairs), step)
+            self.validation.text("validation/most_confused", most_confused_table(pairs, names), step)
             per_class = confusion.diag().float() / confusion.sum(1).clamp(min=1).float()
             self.validation.histogram("validation/per_class_accuracy", per_class, step,
                                       bins=np.linspace(0.0, 1.0, 21))
