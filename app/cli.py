@@ -1,4 +1,4 @@
-"""The command line: `train` (the default), `evaluate` and `predict`; flags over config.json; checks
+"""The command line: `train` (the default), `evaluate`, `predict` and `sweep`; flags over config.json; checks
 that fail fast; the launch of 1..N processes.
 
 What a user can get wrong is checked before any file is written: flags, config, devices, the run to
@@ -42,7 +42,8 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m app", description="Train a CIFAR ResNet18 on CIFAR-100 (PyTorch-Ignite). "
-                "Other commands: `python -m app evaluate --help`, `python -m app predict --help`.")
+                "Other commands: `python -m app evaluate --help`, `python -m app predict --help`, "
+                "`python -m app sweep --help`.")
     p.add_argument("--config", default="config.json", help="JSON config with every setting (default: config.json)")
     p.add_argument("--lr", type=float, help="peak learning rate of the one-cycle schedule (optimizer.lr)")
     p.add_argument("--batch-size", type=int, help="global batch of one optimizer step, split over processes "
@@ -73,7 +74,7 @@ _FLAG_KEYS = {"lr": "optimizer.lr", "batch_size": "train.batch_size", "epochs": 
 
 def resolve_config(args: argparse.Namespace) -> Config:
     cfg = load_config(args.config)
-    updates = {key: getattr(args, flag) for flag, key in _FLAG_KEYS.items() if getattr(args, flag) is not None}
+    updates = {key: getattr(args, flag) for flag, key in _FLAG_KEYS.items() if getattr(args, flag, None) is not None}
     if not updates:
         return cfg
     try:
@@ -280,7 +281,98 @@ def predict(argv: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS = {"evaluate": evaluate, "predict": predict}
+SWEEP_RUN_FLAGS = ("lr", "batch_size", "epochs", "data_root", "output_dir")
+
+
+def build_sweep_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m app sweep", description="Many runs at once: every seed of --seeds at every point "
+                "of the --grid, each an ordinary run folder under OUTPUT_DIR/NAME, run K at a time per device; "
+                "a table of each grid point's mean and spread over seeds in NAME/summary.md.")
+    p.add_argument("--config", help="the base config of every run (default: config.json)")
+    p.add_argument("--seeds", help="seeds, as 0,1,2 or 0-4 (default: the config's seed)")
+    p.add_argument("--grid", action="append", metavar="KEY=V1,V2",
+                   help="a config key and its values, e.g. optimizer.lr=0.05,0.1 (repeat for more keys)")
+    p.add_argument("--name", help="the sweep's folder under the output folder (default: sweep-TIMESTAMP)")
+    p.add_argument("--devices", help="GPUs to use, as 0,1, or cpu (default: every GPU, else the CPU)")
+    p.add_argument("--per-device", type=int, help="runs at once on each device (default 1)")
+    for flag in SWEEP_RUN_FLAGS:
+        action = next(a for a in build_parser()._actions if a.dest == flag)
+        p.add_argument(*action.option_strings, type=action.type, help=f"for every run: {action.help}")
+    p.add_argument("--resume", metavar="SWEEP", help="continue a sweep: unfinished runs resume, finished ones "
+                                                     "are skipped (with --devices, --per-device, --print-commands)")
+    p.add_argument("--summary", metavar="SWEEP", help="rewrite and print the sweep's table, from what has finished")
+    p.add_argument("--print-commands", action="store_true", help="create the sweep (or read it, with --resume) "
+                   "and print one `python -m app` command per unfinished run instead of running them; also "
+                   "writes SWEEP/slurm.sh, a SLURM job array")
+    return p
+
+
+def _given(args: argparse.Namespace, names: Sequence[str]) -> Optional[str]:
+    """The first of these options that was given, as its flag."""
+    for name in names:
+        if getattr(args, name) not in (None, False):
+            return "--" + name.replace("_", "-")
+    return None
+
+
+def sweep(argv: Sequence[str]) -> int:
+    from app.sweep import create_sweep, load_plan, make_plan, parse_grid, parse_seeds
+    from app.sweep_commands import commands, write_slurm_script
+    from app.sweep_runner import SweepRunner, check_not_running, device_slots
+    from app.sweep_summary import to_markdown, write_summary
+
+    args = build_sweep_parser().parse_args(argv)
+    plan_flags = ("config", "seeds", "grid", "name", *SWEEP_RUN_FLAGS)
+    if args.summary is not None:
+        extra = _given(args, (*plan_flags, "devices", "per_device", "resume", "print_commands"))
+        if extra:
+            raise ConfigError(f"{extra}: not with --summary")
+        plan, _ = load_plan(Path(args.summary))
+        print(to_markdown(write_summary(plan)), end="")
+        return 0
+    per_device = 1 if args.per_device is None else args.per_device
+    slots = [] if args.print_commands else device_slots(args.devices, per_device, torch.cuda.device_count(),
+                                                        os.cpu_count() or 1)
+    if args.resume is not None:
+        extra = _given(args, plan_flags)
+        if extra:
+            raise ConfigError(f"{extra}: not with --resume (the sweep's plan is in {args.resume}/sweep.json)")
+        plan, base = load_plan(Path(args.resume))
+        if not args.print_commands:
+            check_not_running(plan)
+    else:
+        if args.config is None:
+            args.config = "config.json"
+        base = resolve_config(args)
+        seeds = parse_seeds(args.seeds) if args.seeds is not None else [base.seed]
+        plan = make_plan(base, seeds, parse_grid(args.grid or [], base), args.name)
+    if args.print_commands:
+        if args.resume is None:
+            create_sweep(base, plan)
+        script = write_slurm_script(plan)  # the runs as they stand now
+        lines = commands(plan)
+        print("\n".join(lines) if lines else f"# every run of {plan.sweep_dir} is finished")
+        print(f"{len(lines)} of {len(plan.runs)} runs to run; as a SLURM job array: sbatch {script}; the table: "
+              f"python -m app sweep --summary {plan.sweep_dir}", file=sys.stderr)
+        return 0
+    for root, download in sorted({(r.data.root, r.data.download) for r in _run_configs(plan, base)}):
+        ensure_dataset(root, download)  # once, here: not by K runs at once
+    if args.resume is None:
+        create_sweep(base, plan)
+        write_slurm_script(plan)  # should the runs move to a cluster later
+        print(f"sweep {plan.sweep_dir}: {len(plan.runs)} runs on {len(slots)} slots "
+              f"({', '.join(sorted({s.label for s in slots}))}, {per_device} per device)")
+    return SweepRunner(plan, slots).run()
+
+
+def _run_configs(plan: Any, base: Config) -> list[Config]:
+    """Each run's whole config (plan: an app.sweep.SweepPlan, imported with the command)."""
+    from app.sweep import run_config
+
+    return [run_config(base, plan, r) for r in plan.runs]
+
+
+COMMANDS = {"evaluate": evaluate, "predict": predict, "sweep": sweep}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -132,6 +132,8 @@ class LoggingConfig:
     run_name: Optional[str] = None
     log_every_iters: int = field(default=20, metadata=_check(_positive))
     progress_bar: Literal["auto", "on", "off"] = "auto"
+    # Config keys shown in TensorBoard's HParams tab besides the usual ones (a sweep sets its grid keys).
+    hparams: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -161,6 +163,8 @@ def _type_name(tp: Any) -> str:
         return "one of " + ", ".join(json.dumps(a) for a in typing.get_args(tp))
     if origin is typing.Union:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple and typing.get_args(tp)[1:] == (Ellipsis,):
+        return f"a list of {_type_name(typing.get_args(tp)[0]).removeprefix('a ')}s"
     if origin is tuple:
         return f"a list of {len(typing.get_args(tp))} numbers"
     return {int: "an integer", float: "a finite number", bool: "true or false", str: "a string",
@@ -196,6 +200,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, arg, where)
             except ConfigError:
                 continue
+    elif origin is tuple and typing.get_args(tp)[1:] == (Ellipsis,):
+        if isinstance(value, (list, tuple)):
+            return tuple(_coerce(v, typing.get_args(tp)[0], f"{where}[{i}]") for i, v in enumerate(value))
     elif origin is tuple:
         args = typing.get_args(tp)
         if isinstance(value, (list, tuple)) and len(value) == len(args):
@@ -284,7 +291,28 @@ def _inconsistency(cfg: Config) -> Optional[str]:
                 f"{s.max_momentum}")
     if o.nesterov and min(momentum_range(cfg)) <= 0:
         return "optimizer.nesterov needs a momentum above 0"
+    unknown = [k for k in cfg.logging.hparams if k not in setting_keys()]
+    if unknown:
+        return f"logging.hparams: unknown config key '{unknown[0]}'"
     return None
+
+
+def flat_settings(cfg: Config) -> dict[str, Any]:
+    """Every setting by its dotted key ("optimizer.lr"), tuples as lists (as in the JSON file)."""
+    def flatten(d: dict[str, Any], prefix: str) -> dict[str, Any]:
+        flat: dict[str, Any] = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                flat.update(flatten(v, f"{prefix}{k}."))
+            else:
+                flat[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+        return flat
+    return flatten(to_dict(cfg), "")
+
+
+def setting_keys() -> list[str]:
+    """The dotted key of every setting."""
+    return list(flat_settings(Config()))
 
 
 def momentum_range(cfg: Config) -> tuple[float, float]:

@@ -35,7 +35,7 @@ from ignite.engine import Engine, Events
 from ignite.engine.events import EventsList
 from ignite.handlers import Checkpoint
 
-from app.config import Config, config_from_dict, to_dict
+from app.config import Config, config_from_dict, flat_settings, to_dict
 from app.errors import ConfigError, UserError
 from app.model import build_model
 from handlers.atomic import umask
@@ -347,20 +347,10 @@ def resume_run(cfg: Config, resume: str, warn=print) -> RunPlan:
     return RunPlan(run_dir, path, resume=True, trainer_state=trainer_state)
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            flat.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            flat[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
-    return flat
-
-
 def unsafe_changes(saved: Config, new: Config) -> list[str]:
     """Settings that differ between the run's saved config and this invocation and would change
     what is computed, as 'key: old -> new'."""
-    a, b = _flatten(to_dict(saved)), _flatten(to_dict(new))
+    a, b = flat_settings(saved), flat_settings(new)
     return [f"{k}: {json.dumps(a[k])} -> {json.dumps(b[k])}" for k in sorted(a)
             if a[k] != b[k] and not k.startswith(SAFE_TO_CHANGE)]
 

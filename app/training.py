@@ -47,7 +47,7 @@ from app.augment import BatchAugment
 from app.builders import (build_augment, build_evaluator, build_optimizer, build_scheduler, build_train_step,
                           evaluation_batches, resolve_device, scheduled_values, tune_backends)
 from app.checkpoint_state import GeneratorStates, RunMeta, data_fingerprint
-from app.config import Config, momentum_range, to_dict
+from app.config import Config, flat_settings, momentum_range, to_dict
 from app.data import Cifar100, load_cifar100
 from app.engines import Precision, TrainStep, create_trainer
 from app.errors import UserError
@@ -221,14 +221,28 @@ def attach_rank0_outputs(run: Run, write: Callable[[str], None], resumed_iterati
     return tb
 
 
+# The HParams tab's names for the settings it always shows.
+HPARAM_NAMES = {"optimizer.lr": "lr", "train.batch_size": "batch_size", "train.epochs": "epochs",
+                "optimizer.weight_decay": "weight_decay", "schedule.cycle_momentum": "cycle_momentum",
+                "schedule.pct_start": "pct_start", "optimizer.nesterov": "nesterov", "train.amp": "amp",
+                "seed": "seed"}
+
+
 def hparams(cfg: Config) -> dict[str, Any]:
-    """What the HParams tab shows of a run, each in its own type."""
+    """What the HParams tab shows of a run, each in its own type: the usual settings, then those
+    `logging.hparams` names (a sweep's grid keys) by their dotted keys."""
     low, high = momentum_range(cfg)  # what the optimizer used: the cycle's range, or the constant
-    return {"lr": float(cfg.optimizer.lr), "batch_size": cfg.train.batch_size, "epochs": cfg.train.epochs,
-            "weight_decay": float(cfg.optimizer.weight_decay), "cycle_momentum": cfg.schedule.cycle_momentum,
-            "momentum_min": float(low), "momentum_max": float(high), "pct_start": float(cfg.schedule.pct_start),
-            "nesterov": cfg.optimizer.nesterov, "amp": cfg.train.amp, "seed": cfg.seed,
-            "world_size": idist.get_world_size()}
+    shown = {"lr": float(cfg.optimizer.lr), "batch_size": cfg.train.batch_size, "epochs": cfg.train.epochs,
+             "weight_decay": float(cfg.optimizer.weight_decay), "cycle_momentum": cfg.schedule.cycle_momentum,
+             "momentum_min": float(low), "momentum_max": float(high), "pct_start": float(cfg.schedule.pct_start),
+             "nesterov": cfg.optimizer.nesterov, "amp": cfg.train.amp, "seed": cfg.seed,
+             "world_size": idist.get_world_size()}
+    settings = flat_settings(cfg)
+    for key in cfg.logging.hparams:
+        if key not in HPARAM_NAMES:
+            value = settings[key]
+            shown[key] = value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
+    return shown
 
 
 def describe_run(cfg: Config, world: int) -> str:

@@ -1,0 +1,229 @@
+"""A sweep's plan: which runs (seeds x grid points), their configs, and where they live.
+
+A sweep is a folder of ordinary run folders: SWEEP/NAME is what `python -m app --config
+SWEEP/configs/NAME.json` creates, so every run can be trained, resumed and evaluated on its own, by
+the sweep's scheduler on this machine (app/sweep_runner.py) or by any other (`--print-commands`).
+SWEEP/sweep.json holds the plan: the base config, the seeds, the grid, each run's name and settings,
+and the folder the commands run from (paths in the configs are relative to it, as the user gave them).
+
+Everything is checked before the folder exists: each grid key and value against the config, each
+run's whole config; then the folder is assembled under a hidden name and renamed into place.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from app.config import Config, config_from_dict, override, setting_keys, to_dict
+from app.errors import ConfigError, UserError
+from app.runs import check_writable
+from handlers.atomic import umask
+from handlers.results import write_json_atomic
+
+PLAN_FILE = "sweep.json"
+# Keys the sweep sets itself, or that belong to how a run is launched rather than what it computes.
+NOT_A_GRID_KEY = {"seed": "use --seeds", "logging.output_dir": "runs go in the sweep's folder",
+                  "logging.run_name": "the sweep names its runs", "logging.hparams": "the sweep sets it",
+                  "train.device": "use --devices", "distributed.backend": "each run is one process",
+                  "distributed.nproc_per_node": "each run is one process"}
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    name: str
+    seed: int
+    point: dict[str, Any]  # the grid values of this run, by dotted key
+
+    def config_file(self, sweep_dir: Path) -> Path:
+        return sweep_dir / "configs" / f"{self.name}.json"
+
+    def run_dir(self, sweep_dir: Path) -> Path:
+        return sweep_dir / self.name
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    sweep_dir: Path
+    workdir: Path  # the folder the runs' commands run from
+    seeds: list[int]
+    grid: dict[str, list[Any]]
+    runs: list[PlannedRun]
+
+    def points(self) -> list[dict[str, Any]]:
+        """The grid points, in the plan's order."""
+        return [dict(zip(self.grid, values)) for values in itertools.product(*self.grid.values())]
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0,1,2', '0-4' (both ends included) or a mix ('0-2,7')."""
+    if not text.strip():
+        raise ConfigError("--seeds: no seeds given")
+    seeds: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not m:
+            raise ConfigError(f"--seeds {text}: expected numbers and ranges like 0,1,2 or 0-4")
+        first, last = int(m.group(1)), int(m.group(2) or m.group(1))
+        if last < first:
+            raise ConfigError(f"--seeds {text}: the range {part} is empty")
+        seeds.extend(range(first, last + 1))
+    duplicate = next((s for s in seeds if seeds.count(s) > 1), None)
+    if duplicate is not None:
+        raise ConfigError(f"--seeds {text}: seed {duplicate} is given twice")
+    return seeds
+
+
+def _grid_values(text: str) -> list[Any]:
+    """'0.05,0.1' -> [0.05, 0.1]; 'bf16,off' -> ['bf16', 'off']; '[0.5,0.5,0.5],[0.4,0.4,0.4]' -> two
+    lists: the values as one JSON list if they read as one, else each as JSON or else as text."""
+    try:
+        values = json.loads(f"[{text}]")
+    except ValueError:
+        values = []
+        for item in text.split(","):
+            try:
+                values.append(json.loads(item))
+            except ValueError:
+                values.append(item.strip())
+    return values
+
+
+def parse_grid(items: Sequence[str], base: Config) -> dict[str, list[Any]]:
+    """--grid KEY=V1,V2 (repeated), each key a setting of the config and each value valid for it."""
+    keys = setting_keys()
+    grid: dict[str, list[Any]] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key or not text.strip():
+            raise ConfigError(f"--grid {item}: expected KEY=V1,V2,... (e.g. optimizer.lr=0.05,0.1)")
+        if key not in keys:
+            inside = [k for k in keys if k.startswith(key + ".")]
+            hint = f" (a section; e.g. {inside[0]})" if inside else ""
+            raise ConfigError(f"--grid {key}: unknown config key{hint}")
+        if key in NOT_A_GRID_KEY:
+            raise ConfigError(f"--grid {key}: not a grid key ({NOT_A_GRID_KEY[key]})")
+        if key in grid:
+            raise ConfigError(f"--grid {key}: given twice; list all its values in one --grid")
+        values = _grid_values(text)
+        for value in values:
+            if values.count(value) > 1:
+                raise ConfigError(f"--grid {key}: the value {json.dumps(value)} is given twice")
+            try:
+                override(base, {key: value}, "")
+            except ConfigError as e:
+                raise ConfigError(f"--grid {key}={text}: {str(e).removeprefix(': ')}") from None
+        grid[key] = values
+    return grid
+
+
+def _label(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return re.sub(r"[^A-Za-z0-9.+_-]+", "_", text).strip("_") or "_"
+
+
+def run_names(grid: dict[str, list[Any]], seeds: list[int]) -> list[tuple[str, int, dict[str, Any]]]:
+    """(name, seed, point) for each run, grid point by grid point: 'lr0.05-seed0'. A key is shortened
+    to its last part unless two grid keys share it."""
+    leaves = [k.rsplit(".", 1)[-1] for k in grid]
+    short = {k: (leaf if leaves.count(leaf) == 1 else k) for k, leaf in zip(grid, leaves)}
+    runs, taken = [], set()
+    points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    for point in points:
+        for seed in seeds:
+            name = "-".join([*(f"{short[k]}{_label(v)}" for k, v in point.items()), f"seed{seed}"])
+            n = 2
+            unique = name
+            while unique in taken:  # values that read alike once made safe for a folder name
+                unique, n = f"{name}-{n}", n + 1
+            taken.add(unique)
+            runs.append((unique, seed, point))
+    return runs
+
+
+def run_config(base: Config, plan: SweepPlan, run: PlannedRun) -> Config:
+    """The run's whole config: the base, its grid point and seed, its folder in the sweep."""
+    return override(base, {**run.point, "seed": run.seed, "logging.output_dir": str(plan.sweep_dir),
+                           "logging.run_name": run.name, "logging.hparams": list(plan.grid)},
+                    f"run {run.name}")
+
+
+def make_plan(base: Config, seeds: list[int], grid: dict[str, list[Any]], name: Optional[str]) -> SweepPlan:
+    """The plan of a new sweep, checked (each run's config validated); nothing is written."""
+    if not seeds:
+        raise ConfigError("--seeds: no seeds given")
+    if name is not None and (not name or "/" in name or name.startswith(".")):
+        raise ConfigError(f"--name {name!r}: must be a plain folder name")
+    for seed in seeds:
+        override(base, {"seed": seed}, "--seeds")
+    out = Path(base.logging.output_dir)
+    sweep_dir = out / (name or time.strftime("sweep-%Y%m%d-%H%M%S"))
+    if sweep_dir.exists():
+        raise UserError(f"{sweep_dir}: already exists; continue it with `python -m app sweep --resume "
+                        f"{sweep_dir}` or choose another --name")
+    runs = [PlannedRun(n, s, p) for n, s, p in run_names(grid, seeds)]
+    plan = SweepPlan(sweep_dir, Path.cwd(), seeds, grid, runs)
+    for run in runs:
+        try:
+            run_config(base, plan, run)
+        except ConfigError as e:  # settings valid one by one but not together
+            raise ConfigError(str(e)) from None
+    check_writable(sweep_dir)
+    return plan
+
+
+def create_sweep(base: Config, plan: SweepPlan) -> None:
+    """The sweep folder with its plan and every run's config file, renamed into place whole."""
+    parent = plan.sweep_dir.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=parent, prefix=f".partial-{plan.sweep_dir.name}-"))
+    try:
+        os.chmod(staging, 0o777 & ~umask())
+        (staging / "configs").mkdir()
+        (staging / "logs").mkdir()
+        for run in plan.runs:
+            write_json_atomic(staging / "configs" / f"{run.name}.json", to_dict(run_config(base, plan, run)))
+        write_json_atomic(staging / PLAN_FILE, {
+            "name": plan.sweep_dir.name, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "workdir": str(plan.workdir), "seeds": plan.seeds, "grid": plan.grid,
+            "runs": [{"name": r.name, "seed": r.seed, "point": r.point} for r in plan.runs],
+            "base_config": to_dict(base)})
+        try:
+            os.rename(staging, plan.sweep_dir)
+        except OSError:
+            raise UserError(f"{plan.sweep_dir}: already exists (created meanwhile by another process)") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def load_plan(sweep_dir: Path) -> tuple[SweepPlan, Config]:
+    """A sweep's plan and base config, from SWEEP/sweep.json."""
+    path = sweep_dir / PLAN_FILE
+    try:
+        raw = json.loads(path.read_text())
+        base = config_from_dict(raw["base_config"], f"{path}: base_config")
+        runs = [PlannedRun(r["name"], int(r["seed"]), dict(r["point"])) for r in raw["runs"]]
+        plan = SweepPlan(sweep_dir, Path(raw["workdir"]), list(raw["seeds"]), dict(raw["grid"]), runs)
+    except FileNotFoundError:
+        raise UserError(f"{sweep_dir}: not a sweep folder (no {PLAN_FILE})") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: not a readable sweep plan ({type(e).__name__}: {e})") from None
+    except ConfigError as e:
+        raise UserError(str(e)) from None
+    if not plan.workdir.is_dir():
+        raise UserError(f"{path}: workdir {plan.workdir} does not exist (the runs' paths are relative to it)")
+    return plan, base
+
+
+def point_label(point: dict[str, Any]) -> str:
+    """'optimizer.lr=0.05, train.amp=off'; '(no grid)' for a sweep of seeds alone."""
+    return ", ".join(f"{k}={json.dumps(v)}" for k, v in point.items()) or "(no grid)"

@@ -1,0 +1,71 @@
+"""A sweep beyond one machine: the runs as ordinary commands for a scheduler that already exists.
+
+`sweep --print-commands` prints, for each unfinished run, the command the sweep itself would run next
+(app/sweep_runner.py `next_command`: new, or resumed from its folder), and writes SWEEP/slurm.sh, a
+SLURM job array with one task per run that does the same. Every machine must see the sweep folder
+at the same path (a shared file system); each run's lock keeps two machines from training one run,
+and `sweep --summary` aggregates whatever has finished.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+from pathlib import Path
+
+from app.sweep import SweepPlan
+from app.sweep_runner import PROJECT_ROOT, next_command
+from handlers.atomic import umask, write_atomic
+
+
+def commands(plan: SweepPlan) -> list[str]:
+    """One shell line per unfinished run, runnable from any folder."""
+    lines = []
+    for run in plan.runs:
+        command = next_command(plan, run)
+        if command is not None:
+            lines.append(f"cd {shlex.quote(str(plan.workdir))} && {_pythonpath(plan)}{shlex.join(command)}")
+    return lines
+
+
+def _pythonpath(plan: SweepPlan) -> str:
+    """`python -m app` finds the project from its own folder; from another, it is put on PYTHONPATH."""
+    same = plan.workdir.resolve() == PROJECT_ROOT
+    return "" if same else f"PYTHONPATH={shlex.quote(str(PROJECT_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}} "
+
+
+def slurm_script(plan: SweepPlan) -> str:
+    rel = os.path.relpath(plan.sweep_dir.resolve(), plan.workdir)
+    names = " ".join(shlex.quote(r.name) for r in plan.runs)
+    return f"""#!/bin/bash
+# Sweep {plan.sweep_dir.name} as a SLURM job array: one task per run, one GPU each.
+#   sbatch {shlex.quote(str(plan.sweep_dir.resolve() / "slurm.sh"))}
+# with the project's Python environment active (or PYTHON=/path/to/python in the environment).
+# A task of a finished run ends at once; a task of a started run resumes it from its checkpoint, so
+# the whole array can be submitted again after a preemption or a failure. SIGTERM 120 s before the
+# time limit stops a run gracefully, with a checkpoint. Add your site's partition, account and time.
+#SBATCH --job-name={plan.sweep_dir.name}
+#SBATCH --array=0-{len(plan.runs) - 1}
+#SBATCH --gres=gpu:1
+#SBATCH --output={plan.sweep_dir.resolve()}/logs/slurm-%A_%a.log
+#SBATCH --signal=B:TERM@120
+#SBATCH --requeue
+set -euo pipefail
+cd {shlex.quote(str(plan.workdir))}
+export PYTHONPATH={shlex.quote(str(PROJECT_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}
+runs=({names})
+name=${{runs[$SLURM_ARRAY_TASK_ID]}}
+config={shlex.quote(rel)}/configs/$name.json
+run_dir={shlex.quote(rel)}/$name
+if [ -f "$run_dir/config.json" ]; then
+  exec "${{PYTHON:-python}}" -m app --config "$config" --resume "$run_dir"
+fi
+exec "${{PYTHON:-python}}" -m app --config "$config"
+"""
+
+
+def write_slurm_script(plan: SweepPlan) -> Path:
+    path = plan.sweep_dir / "slurm.sh"
+    text = slurm_script(plan)
+    write_atomic(path, lambda f: f.write(text.encode()))
+    path.chmod(0o777 & ~umask())  # executable, as the umask allows
+    return path

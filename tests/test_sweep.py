@@ -1,0 +1,215 @@
+"""`python -m app sweep`: seeds x grid points as ordinary run folders, run K at a time, a table of
+mean and spread that matches the runs' own results, failures reported, a killed sweep resumed without
+training anything twice, and bad input refused before anything is created."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+from app.cli import main
+from app.config import load_config, override
+from app.sweep_summary import read_results, run_status
+from app.training import hparams
+from bench.packing import sweep_throughput
+from conftest import ROOT, run_app, write_cifar100, write_config
+
+EPOCHS = 2  # of 2 iterations each: 64 training images in batches of 32
+
+
+@pytest.fixture(scope="module")
+def sweep_setup(tmp_path_factory) -> tuple[Path, Path]:
+    """A config for tiny runs (64 training and 20 test images, 2 epochs) and an output folder."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    data = write_cifar100(tmp / "data", 64, 20)
+    cfg = write_config(tmp / "tiny.json", data={"root": str(data), "download": False},
+                       train={"epochs": EPOCHS, "batch_size": 32})
+    return cfg, tmp / "runs"
+
+
+def _sweep(*args: str) -> subprocess.CompletedProcess:
+    return run_app("sweep", "--devices", "cpu", *args, env={"OMP_NUM_THREADS": ""})
+
+
+DIVERGES = "lr1e+30"  # lr 1e30: the training loss becomes NaN
+
+
+@pytest.fixture(scope="module")
+def grid_sweep(sweep_setup):
+    """2 seeds x 3 learning rates, 2 runs at a time; the runs of the largest learning rate diverge."""
+    cfg, out = sweep_setup
+    start = time.monotonic()
+    result = _sweep("--config", str(cfg), "--output-dir", str(out), "--name", "grid", "--seeds", "0,1",
+                    "--grid", "optimizer.lr=0.05,0.1,1e30", "--per-device", "2")
+    return out / "grid", result, time.monotonic() - start
+
+
+def test_a_grid_of_seeds_gives_one_ordinary_run_folder_per_combination(grid_sweep) -> None:
+    sweep_dir, result, _ = grid_sweep
+    names = {f"{lr}-seed{s}" for lr in ("lr0.05", "lr0.1", DIVERGES) for s in (0, 1)}
+    assert {p.name for p in sweep_dir.iterdir() if (p / "config.json").is_file()} == names
+    for lr in (0.05, 0.1):
+        for seed in (0, 1):
+            run_dir = sweep_dir / f"lr{lr}-seed{seed}"
+            saved = json.loads((run_dir / "config.json").read_text())
+            assert (saved["optimizer"]["lr"], saved["seed"]) == (lr, seed)
+            assert json.loads((run_dir / "results.json").read_text())["status"] == "finished"
+            assert len(list((run_dir / "checkpoints").glob("best_checkpoint_*.pt"))) == 1
+            start = HParamsPluginData.FromString(_validation(run_dir).PluginTagToContent("hparams")[
+                "_hparams_/session_start_info"]).session_start_info.hparams
+            assert (start["lr"].number_value, start["seed"].string_value) == (lr, str(seed))
+    plan = json.loads((sweep_dir / "sweep.json").read_text())
+    assert plan["seeds"] == [0, 1] and plan["grid"] == {"optimizer.lr": [0.05, 0.1, 1e30]}
+
+
+def test_a_failing_run_is_reported_and_the_others_finish(grid_sweep) -> None:
+    sweep_dir, result, _ = grid_sweep
+    assert result.returncode == 1
+    for seed in (0, 1):
+        assert f"{DIVERGES}-seed{seed}: failed (exit 3): error: training loss became nan" in result.stdout
+    assert "4 of 6 runs finished, 2 failed" in result.stdout
+    rows = {r["name"]: r for r in json.loads((sweep_dir / "summary.json").read_text())["runs"]}
+    assert [n for n, r in rows.items() if r["status"] == "finished"] == [f"lr{lr}-seed{s}" for lr in (0.05, 0.1)
+                                                                      for s in (0, 1)]
+    bad = rows[f"{DIVERGES}-seed0"]
+    assert bad["status"] == "failed" and bad["failure"]["exit_code"] == 3
+    assert "training loss became nan" in bad["failure"]["error"]
+    md = (sweep_dir / "summary.md").read_text()
+    assert f"| {DIVERGES}-seed0 | failed (exit 3: error: training loss became nan" in md
+    assert "| optimizer.lr=1e+30 | 0/2 | – |" in md
+
+
+def _validation(run_dir: Path) -> EventAccumulator:
+    acc = EventAccumulator(str(run_dir / "tb" / "validation"))
+    acc.Reload()
+    return acc
+
+
+def test_the_summary_equals_what_the_runs_results_give(grid_sweep, capsys) -> None:
+    sweep_dir, _, _ = grid_sweep
+    summary = json.loads((sweep_dir / "summary.json").read_text())
+    for point in summary["points"][:2]:  # the finished ones
+        lr = point["point"]["optimizer.lr"]
+        results = [json.loads((sweep_dir / f"lr{lr}-seed{s}" / "results.json").read_text()) for s in (0, 1)]
+        assert (point["finished"], point["seeds"]) == (2, 2)
+        for stat, values in {"final_top1": [r["final"]["top1"] for r in results],
+                             "best_top1": [r["best"]["top1"] for r in results],
+                             "final_top5": [r["final"]["top5"] for r in results],
+                             "best_top5": [r["best"]["top5"] for r in results],
+                             "wall_time_seconds": [r["wall_time_seconds"] for r in results]}.items():
+            mean = sum(values) / 2
+            std = math.sqrt(sum((v - mean) ** 2 for v in values) / (2 - 1))
+            got = point[stat]
+            assert got["mean"] == pytest.approx(mean, rel=1e-12, abs=1e-15), stat
+            assert got["std"] == pytest.approx(std, rel=1e-12, abs=1e-15), stat
+            assert (got["min"], got["max"]) == (min(values), max(values)), stat
+        row = f"| optimizer.lr={json.dumps(lr)} | 2/2 | "
+        assert row in (sweep_dir / "summary.md").read_text()
+    assert main(["sweep", "--summary", str(sweep_dir)]) == 0
+    assert capsys.readouterr().out == (sweep_dir / "summary.md").read_text()
+
+
+def test_what_is_left_to_run_is_printed_and_the_throughput_measured(grid_sweep, capsys) -> None:
+    sweep_dir, _, wall = grid_sweep
+    assert main(["sweep", "--resume", str(sweep_dir), "--print-commands"]) == 0
+    printed = capsys.readouterr()
+    lines = printed.out.strip().splitlines()
+    assert "2 of 6 runs to run" in printed.err
+    assert [line.split("--config ")[1] for line in lines] == [
+        f"{rel}/configs/{DIVERGES}-seed{s}.json --resume {rel}/{DIVERGES}-seed{s}"
+        for s in (0, 1) for rel in [os.path.relpath(sweep_dir, ROOT)]]  # the failed ones, from their folders
+    figures = sweep_throughput(sweep_dir, wall, 64)  # bench/packing.py's figures for one K
+    steady = figures["per_run_steady_images_per_second"]
+    assert figures["finished"] == 4 and len(steady) == 6 and all(v > 0 for v in steady[:4])  # the finished
+    assert figures["sweep_images_per_second"] == pytest.approx(6 * 64 * EPOCHS / wall, rel=0.01)
+
+
+def _fresh_starts(log: Path) -> int:
+    return log.read_text().count(": ResNet18 with")
+
+
+def test_a_killed_sweep_resumes_unfinished_runs_and_trains_nothing_twice(sweep_setup) -> None:
+    cfg, out = sweep_setup
+    sweep_dir = out / "killed"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+    proc = subprocess.Popen([sys.executable, "-m", "app", "sweep", "--config", str(cfg), "--output-dir", str(out),
+                             "--name", "killed", "--seeds", "0-2", "--devices", "cpu"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    epoch_one = sweep_dir / "seed1" / "checkpoints" / "training_checkpoint_2.pt"
+    deadline = time.monotonic() + 120
+    while not epoch_one.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # nothing passed on: the run learns of it from the kernel
+    proc.wait()
+    assert epoch_one.exists()
+    seed1 = sweep_dir / "seed1"
+    while run_status(seed1, read_results(seed1), None) == "running" and time.monotonic() < deadline:
+        time.sleep(0.1)  # the run stops gracefully, on the SIGTERM the kernel sent it
+    assert read_results(seed1)["status"] == "interrupted"
+    finished_before = (sweep_dir / "seed0" / "results.json").read_bytes()
+
+    printed = run_app("sweep", "--resume", str(sweep_dir), "--print-commands")
+    lines = printed.stdout.strip().splitlines()
+    rel = os.path.relpath(sweep_dir, ROOT)
+    assert len(lines) == 2 and lines[0].endswith(f"--config {rel}/configs/seed1.json --resume {rel}/seed1")
+    assert "seed2.json" in lines[1] and "--resume" not in lines[1]
+    # One task of the SLURM job array, run here: it resumes seed1.
+    task = subprocess.run(["bash", str(sweep_dir / "slurm.sh")], env={**env, "SLURM_ARRAY_TASK_ID": "1",
+                                                                        "PYTHON": sys.executable},
+                          capture_output=True, text=True, timeout=300)
+    assert task.returncode == 0, task.stdout + task.stderr
+    assert "resuming" in task.stdout
+
+    resumed = _sweep("--resume", str(sweep_dir))
+    assert resumed.returncode == 0, resumed.stdout
+    assert "seed0: finished earlier" in resumed.stdout and "seed1: finished earlier" in resumed.stdout
+    assert (sweep_dir / "seed0" / "results.json").read_bytes() == finished_before
+    for seed in range(3):
+        run_dir = sweep_dir / f"seed{seed}"
+        assert json.loads((run_dir / "results.json").read_text())["status"] == "finished"
+        steps = [e.step for e in _validation(run_dir).Scalars("metrics/top1")]
+        assert steps == [2, 4]  # every epoch evaluated once, on one timeline
+    assert _fresh_starts(sweep_dir / "logs" / "seed1.log") == 1
+    assert _fresh_starts(sweep_dir / "logs" / "seed2.log") == 1
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--grid", "optimizer.lrr=0.1"], "--grid optimizer.lrr: unknown config key"),
+    (["--grid", "optimizer=0.1"], "(a section; e.g. optimizer.name)"),
+    (["--grid", "optimizer.lr=fast,0.1"], "--grid optimizer.lr=fast,0.1: optimizer.lr must be a finite number"),
+    (["--grid", "train.batch_size=64,12.5"], "train.batch_size must be an integer"),
+    (["--grid", "seed=1,2"], "--grid seed: not a grid key (use --seeds)"),
+    (["--grid", "optimizer.lr=0.1,0.1"], "the value 0.1 is given twice"),
+    (["--grid", "optimizer.lr"], "expected KEY=V1,V2"),
+    (["--seeds", ""], "--seeds: no seeds given"),
+    (["--seeds", "3-1"], "is empty"),
+    (["--seeds", "0,0"], "seed 0 is given twice"),
+    (["--devices", "99"], "--devices 99: no GPU 99"),
+    (["--per-device", "0"], "--per-device 0: must be >= 1"),
+    (["--resume", "x", "--seeds", "1"], "not with --resume"),
+])
+def test_bad_input_is_one_line_and_exit_2_before_anything_is_created(sweep_setup, tmp_path: Path, capsys,
+                                                                       flags, words) -> None:
+    cfg, _ = sweep_setup
+    out = tmp_path / "runs"
+    code = main(["sweep", "--config", str(cfg), "--output-dir", str(out), "--name", "s", *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and words in err[0], err
+    assert not out.exists()
+
+
+def test_a_sweep_shows_its_grid_keys_as_hyperparameters() -> None:
+    cfg = override(load_config(ROOT / "config.json"), {"logging.hparams": ["augment.rotation", "optimizer.lr",
+                                                                            "augment.mean"]})
+    shown = hparams(cfg)
+    assert shown["augment.rotation"] == 15.0 and shown["augment.mean"] == "[0.5071, 0.4865, 0.4409]"
+    assert "optimizer.lr" not in shown and shown["lr"] == 0.1  # shown already, by its usual name
