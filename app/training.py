@@ -53,10 +53,10 @@ from app.engines import Precision, TrainStep, create_trainer
 from app.errors import UserError
 from app.loader import ShardedBatches
 from app.model import build_model, count_parameters
-from app.runs import RunPlan, attach_checkpoints, claim_run_dir, load_checkpoint
+from app.runs import RunLock, RunPlan, attach_checkpoints, claim_run_dir, load_checkpoint
 from app.sgd import CapturableSGD
 from handlers.atomic import remove_partial_files
-from handlers.checkpoints import best_model_checkpoint, checkpoint_event
+from handlers.checkpoints import SaveThenRemove, best_model_checkpoint, checkpoint_event
 from handlers.preemption import GracefulStop, StopEvents, TrainingInterrupted
 from handlers.epoch_summary import EpochSummary
 from handlers.loss_buffer import LossBuffer
@@ -94,7 +94,7 @@ class Run:
     train_batches: ShardedBatches
     to_save: dict[str, Any]
     saves: EventsList  # every event on which a training checkpoint is saved
-    writers: list = dataclasses.field(default_factory=list)  # checkpoint savers to wait for at the end
+    writers: list[SaveThenRemove] = dataclasses.field(default_factory=list)  # to wait for at the end
 
 
 def initialize(cfg: Config, local_rank: int) -> Parts:
@@ -326,14 +326,24 @@ def training(local_rank: int, cfg: Config, plan: RunPlan) -> None:
         interrupted = True
         raise
     finally:
-        for writer in run.writers:  # a checkpoint written in the background lands before the process ends
-            try:
-                writer.wait()
-            except Exception:
-                if completed or interrupted:
-                    raise  # the stop's checkpoint did not land: that is what to report
-                # else the error that ended the run is the one to report
-        if tb is not None:
-            tb.close()
-        if lock is not None:
-            lock.release()
+        finish(run.writers, tb, lock, report_write_errors=completed or interrupted)
+
+
+def finish(writers: list[SaveThenRemove], tb: Optional[TensorBoardLogging], lock: Optional[RunLock],
+           report_write_errors: bool) -> None:
+    """Every checkpoint written in the background lands (each writer waited for, whatever another
+    raised), TensorBoard is closed and the run folder released; then the first write error is raised
+    if the run had ended well (the stop's or the last checkpoint did not land: that is what to report),
+    else the error that ended the run is the one reported."""
+    first_error: Optional[Exception] = None
+    for writer in writers:
+        try:
+            writer.wait()
+        except Exception as e:  # noqa: BLE001 - kept until every writer and the cleanup are done
+            first_error = first_error or e
+    if tb is not None:
+        tb.close()
+    if lock is not None:
+        lock.release()
+    if first_error is not None and report_write_errors:
+        raise first_error

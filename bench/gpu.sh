@@ -10,13 +10,16 @@
 #     TensorBoard); a PASS/FAIL table and OUT_DIR/gpu_check.json; about 3-4 minutes on one H200;
 #  2. python -m bench on CUDA: augmentation, Ignite vs a plain loop, epoch time, share of bf16 peak;
 #  3. the recipe on synthetic full-size data (50,000 + 10,000 images) with the real application, EPOCHS
-#     epochs (100 by default), stopped after LIMIT seconds: end-to-end time from process start.
+#     epochs (100 by default), stopped after LIMIT seconds: end-to-end time from process start;
+#  4. python -m bench.packing: `python -m app sweep` on GPU 0 with K = 1, 2, 4 runs at once (and under
+#     CUDA MPS where it can be started): total training images/s and the K to use; OUT_DIR/packing.json.
 # Exits 1 if any check of step 1 failed. Settings: EPOCHS, LIMIT, CHECK_EPOCHS (epochs of step 1's
-# runs, 4), BENCH (0 skips step 2), COMPILE_EPOCHS (also train that many epochs with torch.compile).
+# runs, 4), BENCH (0 skips step 2), COMPILE_EPOCHS (also train that many epochs with torch.compile),
+# PACKING (0 skips step 4).
 set -uo pipefail
 OUT=${1:-${OUT:-/tmp/gpu-check}}
 EPOCHS=${EPOCHS:-100} LIMIT=${LIMIT:-150} CHECK_EPOCHS=${CHECK_EPOCHS:-4} BENCH=${BENCH:-1}
-COMPILE_EPOCHS=${COMPILE_EPOCHS:-0}
+COMPILE_EPOCHS=${COMPILE_EPOCHS:-0} PACKING=${PACKING:-1}
 WORK=$(mktemp -d)
 mkdir -p "$OUT"
 if ! python3 -c "import ignite, tensorboardX" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
@@ -57,6 +60,12 @@ PY
     timeout 240 python3 -m app --config "$WORK/compiled.json" --run-name compiled --epochs "$COMPILE_EPOCHS"
     echo "exit $? after $(python3 -c "print(round($(date +%s.%N) - $start, 1))") s (process start to exit)"
     cp "$WORK/runs/compiled/results.json" "$OUT/results_compiled.json" 2>/dev/null
+  fi
+  if [ "$PACKING" != 0 ]; then
+    echo "== 4. runs packed onto GPU 0: python -m bench.packing"
+    mkdir -p "$WORK/packing" && ln -s "$WORK/data" "$WORK/packing/data"
+    timeout 420 python3 -m bench.packing "$WORK/packing" --devices 0 --ks 1,2,4 --epochs 3 --mps
+    cp "$WORK/packing/packing.json" "$OUT/packing.json" 2>/dev/null
   fi
 } 2>&1 | tee "$OUT/gpu_check.log"
 rc=$(cat "$WORK/check_rc" 2>/dev/null || echo 1)

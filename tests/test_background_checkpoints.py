@@ -18,7 +18,8 @@ from ignite.engine import Engine
 from ignite.handlers import Checkpoint
 from torch import nn
 
-from app.runs import load_checkpoint
+from app.runs import load_checkpoint, lock_run_dir
+from app.training import finish
 from conftest import ROOT, run_app, write_config
 from handlers.atomic import TEMP_PREFIX, write_atomic
 from handlers.checkpoints import CheckpointWriteError, SaveThenRemove
@@ -84,6 +85,29 @@ def test_a_failed_background_write_is_raised_in_the_training_thread(tmp_path: Pa
     with pytest.raises(CheckpointWriteError, match=r"t_model_1\.pt: cannot write checkpoint \(No space left"):
         saver.wait()
     saver.wait()  # raised once
+
+
+def test_the_end_of_a_run_waits_for_every_writer_and_releases_the_folder_even_when_one_failed(
+        tmp_path: Path) -> None:
+    class FullDisk(SaveThenRemove):
+        def _save_func(self, checkpoint, path, func) -> None:
+            raise OSError(28, "No space left on device")
+
+    for report in (True, False):  # the run ended well / the run ended with its own error
+        folder = tmp_path / str(report)
+        folder.mkdir()
+        failing, slow = FullDisk(folder, background=True), SlowSaver(folder, delay=0.5)
+        for i, saver in enumerate((failing, slow)):
+            Checkpoint({"model": nn.Linear(2, 2)}, saver, filename_prefix=f"w{i}",
+                       score_function=lambda e: e.state.iteration)(_engine_at(1))
+        lock = lock_run_dir(folder)
+        if report:
+            with pytest.raises(CheckpointWriteError, match="No space left"):
+                finish([failing, slow], None, lock, report_write_errors=True)
+        else:
+            finish([failing, slow], None, lock, report_write_errors=False)
+        assert (folder / "w1_model_1.pt").is_file()  # the second writer was waited for
+        lock_run_dir(folder).release()  # and the folder released: another process may take it
 
 
 CHILD = textwrap.dedent("""

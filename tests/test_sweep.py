@@ -3,6 +3,7 @@ mean and spread that matches the runs' own results, failures reported, a killed 
 training anything twice, and bad input refused before anything is created."""
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -18,6 +19,7 @@ from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from app.cli import main
 from app.config import load_config, override
+from app.sweep_runner import Board, device_slots
 from app.sweep_summary import read_results, run_status
 from app.training import hparams
 from bench.packing import sweep_throughput
@@ -213,3 +215,39 @@ def test_a_sweep_shows_its_grid_keys_as_hyperparameters() -> None:
     shown = hparams(cfg)
     assert shown["augment.rotation"] == 15.0 and shown["augment.mean"] == "[0.5071, 0.4865, 0.4409]"
     assert "optimizer.lr" not in shown and shown["lr"] == 0.1  # shown already, by its usual name
+
+
+def test_runs_are_spread_over_gpus_before_any_gpu_gets_a_second(monkeypatch) -> None:
+    slots = device_slots("0,1", 2, gpu_count=2, cpu_count=16)
+    assert [s.label for s in slots] == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]
+    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in slots] == ["0", "1", "0", "1"]
+    assert {s.device for s in slots} == {"cuda"}
+    assert [s.label for s in device_slots(None, 1, gpu_count=3, cpu_count=16)] == ["cuda:0", "cuda:1", "cuda:2"]
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cpu = device_slots(None, 4, gpu_count=0, cpu_count=16)  # no GPU: the CPU, its cores shared
+    assert [(s.device, s.env["OMP_NUM_THREADS"]) for s in cpu] == [("cpu", "4")] * 4
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_on_a_terminal_the_board_redraws_one_line_per_run_in_place() -> None:
+    screen = _Terminal()
+    board = Board(["a", "b"], screen)
+    board.set("a", "running on cuda:0")
+    board.set("b", "running on cuda:1")
+    board.note("a note")
+    board.set("a", "done")
+    out = screen.getvalue()
+    assert out.count("\x1b[2F") == 3  # back up over the 2 lines drawn before, each time
+    last = out.rsplit("\x1b[2F", 1)[1]
+    assert last == "\x1b[2Ka: done\n\x1b[2Kb: running on cuda:1\n"
+    assert "a note\n" in out
+    plain = io.StringIO()  # elsewhere: a line when a run's state changes, nothing redrawn
+    board = Board(["a"], plain)
+    board.set("a", "running")
+    board.set("a", "running")
+    board.set("a", "done")
+    assert plain.getvalue() == "a: running\na: done\n"
