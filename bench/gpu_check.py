@@ -58,8 +58,8 @@ class Check:
 class Runner:
     """Writes configs and runs the application in a work folder; keeps every process's output."""
 
-    def __init__(self, work: Path, device: str, epochs: int) -> None:
-        self.work, self.device, self.epochs = work, device, epochs
+    def __init__(self, work: Path, device: str, epochs: int, batch_size: int = 128) -> None:
+        self.work, self.device, self.epochs, self.batch_size = work, device, epochs, batch_size
         self.env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                     "PYTHONUNBUFFERED": "1"}
 
@@ -67,7 +67,8 @@ class Runner:
         from app.config import Config, override, to_dict
 
         values = {"data.root": str(data), "data.download": False, "train.device": self.device,
-                  "train.epochs": self.epochs, "logging.output_dir": str(self.work / "runs"),
+                  "train.epochs": self.epochs, "train.batch_size": self.batch_size,
+                  "logging.output_dir": str(self.work / "runs"),
                   "logging.progress_bar": "off", **settings}
         path = self.work / f"{name}.json"
         path.write_text(json.dumps(to_dict(override(Config(), values, name)), indent=2))
@@ -423,16 +424,17 @@ def main() -> int:
     p.add_argument("--n-test", type=int, default=10_000)
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--classes", type=int, default=100, help="classes the data uses (fewer: learnable sooner)")
+    p.add_argument("--batch-size", type=int, default=128, help="the recipe's; smaller for a quick try on a CPU")
     args = p.parse_args()
     from bench.synthetic import write_cifar100
 
     work = args.work or args.out / "work"
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    runner = Runner(work, args.device, args.epochs)
+    runner = Runner(work, args.device, args.epochs, args.batch_size)
     ctx: dict = {"data": write_cifar100(work / "data", args.n_train, args.n_test, hard=True,
                                         used_classes=args.classes),
-                 "iterations_per_epoch": math.ceil(args.n_train / 128), "classes": args.classes}
+                 "iterations_per_epoch": math.ceil(args.n_train / args.batch_size), "classes": args.classes}
     print(f"data: {args.n_train} + {args.n_test} images ({time.perf_counter() - started:.1f} s)", flush=True)
     checks = []
     for name, fn in CHECKS:
@@ -455,6 +457,7 @@ def main() -> int:
     (args.out / "gpu_check.json").write_text(json.dumps({
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": args.device,
         "n_train": args.n_train, "n_test": args.n_test, "epochs": args.epochs, "classes": args.classes,
+        "batch_size": args.batch_size,
         "seconds": round(total, 1),
         "passed": not failed, "checks": {c.name: {"status": c.status, "detail": c.detail, **c.figures}
                                          for c in checks}}, indent=2))

@@ -16,7 +16,7 @@ from conftest import ROOT
 def test_the_acceptance_script_runs_its_checks_on_a_cpu(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
     result = subprocess.run([sys.executable, "-m", "bench.gpu_check", str(tmp_path), "--device", "cpu",
-                             "--n-train", "512", "--n-test", "100", "--epochs", "2"],
+                             "--n-train", "256", "--n-test", "60", "--epochs", "2", "--batch-size", "64"],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     checks = report["checks"]

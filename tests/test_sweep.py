@@ -139,7 +139,7 @@ def _fresh_starts(log: Path) -> int:
     return log.read_text().count(": ResNet18 with")
 
 
-def test_a_killed_sweep_resumes_unfinished_runs_and_trains_nothing_twice(sweep_setup) -> None:
+def test_a_killed_sweep_resumes_unfinished_runs_and_trains_nothing_twice(sweep_setup, capsys) -> None:
     cfg, out = sweep_setup
     sweep_dir = out / "killed"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
@@ -159,21 +159,20 @@ def test_a_killed_sweep_resumes_unfinished_runs_and_trains_nothing_twice(sweep_s
     assert read_results(seed1)["status"] == "interrupted"
     finished_before = (sweep_dir / "seed0" / "results.json").read_bytes()
 
-    printed = run_app("sweep", "--resume", str(sweep_dir), "--print-commands")
-    lines = printed.stdout.strip().splitlines()
+    assert main(["sweep", "--resume", str(sweep_dir), "--print-commands"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
     rel = os.path.relpath(sweep_dir, ROOT)
     assert len(lines) == 2 and lines[0].endswith(f"--config {rel}/configs/seed1.json --resume {rel}/seed1")
     assert "seed2.json" in lines[1] and "--resume" not in lines[1]
-    # One task of the SLURM job array, run here: it resumes seed1.
-    task = subprocess.run(["bash", str(sweep_dir / "slurm.sh")], env={**env, "SLURM_ARRAY_TASK_ID": "1",
+    # Task 0 of the SLURM job array, run here: its run is finished, so it ends at once.
+    task = subprocess.run(["bash", str(sweep_dir / "slurm.sh")], env={**env, "SLURM_ARRAY_TASK_ID": "0",
                                                                         "PYTHON": sys.executable},
                           capture_output=True, text=True, timeout=300)
-    assert task.returncode == 0, task.stdout + task.stderr
-    assert "resuming" in task.stdout
+    assert task.returncode == 0 and "seed0 is finished (2 epochs); nothing to do" in task.stdout, task.stderr
 
     resumed = _sweep("--resume", str(sweep_dir))
     assert resumed.returncode == 0, resumed.stdout
-    assert "seed0: finished earlier" in resumed.stdout and "seed1: finished earlier" in resumed.stdout
+    assert "seed0: finished earlier" in resumed.stdout and "seed1: done" in resumed.stdout
     assert (sweep_dir / "seed0" / "results.json").read_bytes() == finished_before
     for seed in range(3):
         run_dir = sweep_dir / f"seed{seed}"
@@ -181,6 +180,7 @@ def test_a_killed_sweep_resumes_unfinished_runs_and_trains_nothing_twice(sweep_s
         steps = [e.step for e in _validation(run_dir).Scalars("metrics/top1")]
         assert steps == [2, 4]  # every epoch evaluated once, on one timeline
     assert _fresh_starts(sweep_dir / "logs" / "seed1.log") == 1
+    assert "resuming" in (sweep_dir / "logs" / "seed1.log").read_text()
     assert _fresh_starts(sweep_dir / "logs" / "seed2.log") == 1
 
 
