@@ -1,6 +1,6 @@
 """`python -m app sweep`: seeds x grid points as ordinary run folders, run K at a time, a table of
-mean and spread that matches the runs' own results, failures reported, a killed sweep resumed without
-training anything twice, and bad input refused before anything is created."""
+mean and spread that matches the runs' own results, failures reported, a killed or stopped sweep
+resumed without training anything twice, and bad input refused before anything is created."""
 from __future__ import annotations
 
 import io
@@ -170,9 +170,23 @@ def test_a_killed_sweep_resumes_unfinished_runs_and_trains_nothing_twice(sweep_s
                           capture_output=True, text=True, timeout=300)
     assert task.returncode == 0 and "seed0 is finished (2 epochs); nothing to do" in task.stdout, task.stderr
 
+    # Resumed, and stopped with SIGTERM (a scheduler, Ctrl-C) during seed2: passed on, seed2 saves.
+    stopped = subprocess.Popen([sys.executable, "-m", "app", "sweep", "--resume", str(sweep_dir), "--devices",
+                                "cpu"], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    seed2_epoch_one = sweep_dir / "seed2" / "checkpoints" / "training_checkpoint_2.pt"
+    while not seed2_epoch_one.exists() and stopped.poll() is None and time.monotonic() < deadline + 120:
+        time.sleep(0.05)
+    stopped.send_signal(signal.SIGTERM)
+    out_text = stopped.communicate(timeout=120)[0]
+    assert stopped.returncode == 143, out_text
+    assert "seed0: finished earlier" in out_text and "seed1: done" in out_text
+    assert "seed2: stopped with a checkpoint" in out_text
+    assert f"stopped by SIGTERM: continue with python -m app sweep --resume {sweep_dir}" in out_text
+    assert read_results(sweep_dir / "seed2")["status"] == "interrupted"
+
     resumed = _sweep("--resume", str(sweep_dir))
     assert resumed.returncode == 0, resumed.stdout
-    assert "seed0: finished earlier" in resumed.stdout and "seed1: done" in resumed.stdout
+    assert "seed1: finished earlier" in resumed.stdout and "seed2: done" in resumed.stdout
     assert (sweep_dir / "seed0" / "results.json").read_bytes() == finished_before
     for seed in range(3):
         run_dir = sweep_dir / f"seed{seed}"
@@ -182,6 +196,7 @@ def test_a_killed_sweep_resumes_unfinished_runs_and_trains_nothing_twice(sweep_s
     assert _fresh_starts(sweep_dir / "logs" / "seed1.log") == 1
     assert "resuming" in (sweep_dir / "logs" / "seed1.log").read_text()
     assert _fresh_starts(sweep_dir / "logs" / "seed2.log") == 1
+    assert "resuming" in (sweep_dir / "logs" / "seed2.log").read_text()
 
 
 @pytest.mark.parametrize("flags,words", [
