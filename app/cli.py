@@ -391,6 +391,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except OutputWriteError as e:  # a sweep's own files (plan, summary) on a full disk: the file named
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except torch.multiprocessing.ProcessExitedException as e:
         return e.exit_code or 1
     except KeyboardInterrupt:

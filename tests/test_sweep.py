@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -118,6 +119,24 @@ def test_the_summary_equals_what_the_runs_results_give(grid_sweep, capsys) -> No
         assert row in (sweep_dir / "summary.md").read_text()
     assert main(["sweep", "--summary", str(sweep_dir)]) == 0
     assert capsys.readouterr().out == (sweep_dir / "summary.md").read_text()
+
+
+def test_a_full_disk_while_rewriting_the_table_is_one_line_and_keeps_the_old_table(grid_sweep) -> None:
+    sweep_dir, _, _ = grid_sweep
+    before = (sweep_dir / "summary.json").read_bytes()
+
+    def small_files_only() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200))
+
+    result = subprocess.run([sys.executable, "-m", "app", "sweep", "--summary", str(sweep_dir)], cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                            preexec_fn=small_files_only, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith(f"error: {sweep_dir / 'summary.json'}: cannot write")
+    assert (sweep_dir / "summary.json").read_bytes() == before
+    assert not [p for p in sweep_dir.iterdir() if p.name.startswith(".partial-")]
 
 
 def test_what_is_left_to_run_is_printed_and_the_throughput_measured(grid_sweep, capsys) -> None:
