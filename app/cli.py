@@ -316,12 +316,19 @@ def _given(args: argparse.Namespace, names: Sequence[str]) -> Optional[str]:
 
 
 def sweep(argv: Sequence[str]) -> int:
-    from app.sweep import create_sweep, load_plan, make_plan, parse_grid, parse_seeds
+    args = build_sweep_parser().parse_args(argv)
+    try:
+        return _sweep(args)
+    except OSError as e:  # a folder that cannot be created or read: the path named, one line
+        raise UserError(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)) from None
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from app.sweep import create_sweep, load_plan, make_plan, parse_grid, parse_seeds, run_config
     from app.sweep_commands import commands, write_slurm_script
     from app.sweep_runner import SweepRunner, check_not_running, device_slots
     from app.sweep_summary import to_markdown, write_summary
 
-    args = build_sweep_parser().parse_args(argv)
     plan_flags = ("config", "seeds", "grid", "name", *SWEEP_RUN_FLAGS)
     if args.summary is not None:
         extra = _given(args, (*plan_flags, "devices", "per_device", "resume", "print_commands"))
@@ -330,9 +337,13 @@ def sweep(argv: Sequence[str]) -> int:
         plan, _ = load_plan(Path(args.summary))
         print(to_markdown(write_summary(plan)), end="")
         return 0
+    if args.print_commands:
+        extra = _given(args, ("devices", "per_device"))
+        if extra:
+            raise ConfigError(f"{extra}: not with --print-commands (the scheduler that runs them places them)")
     per_device = 1 if args.per_device is None else args.per_device
     slots = [] if args.print_commands else device_slots(args.devices, per_device, torch.cuda.device_count(),
-                                                        os.cpu_count() or 1)
+                                                        os.cpu_count() or 1, os.environ.get("CUDA_VISIBLE_DEVICES"))
     if args.resume is not None:
         extra = _given(args, plan_flags)
         if extra:
@@ -346,30 +357,26 @@ def sweep(argv: Sequence[str]) -> int:
         base = resolve_config(args)
         seeds = parse_seeds(args.seeds) if args.seeds is not None else [base.seed]
         plan = make_plan(base, seeds, parse_grid(args.grid or [], base), args.name)
+    # The data, once here rather than by many runs at once; paths as the runs see them, from the workdir.
+    for root, download in sorted({(c.data.root, c.data.download) for c in (run_config(base, plan, r)
+                                                                          for r in plan.runs)}):
+        if download or not args.print_commands:  # where the data is only on the nodes, it is theirs to check
+            ensure_dataset(plan.workdir / root, download)
     if args.print_commands:
         if args.resume is None:
             create_sweep(base, plan)
         script = write_slurm_script(plan)  # the runs as they stand now
         lines = commands(plan)
-        print("\n".join(lines) if lines else f"# every run of {plan.sweep_dir} is finished")
+        print("\n".join(lines) if lines else f"# no run of {plan.sweep_dir} is left to run")
         print(f"{len(lines)} of {len(plan.runs)} runs to run; as a SLURM job array: sbatch {script}; the table: "
               f"python -m app sweep --summary {plan.sweep_dir}", file=sys.stderr)
         return 0
-    for root, download in sorted({(r.data.root, r.data.download) for r in _run_configs(plan, base)}):
-        ensure_dataset(root, download)  # once, here: not by K runs at once
     if args.resume is None:
         create_sweep(base, plan)
         write_slurm_script(plan)  # should the runs move to a cluster later
         print(f"sweep {plan.sweep_dir}: {len(plan.runs)} runs on {len(slots)} slots "
               f"({', '.join(sorted({s.label for s in slots}))}, {per_device} per device)")
     return SweepRunner(plan, slots).run()
-
-
-def _run_configs(plan: Any, base: Config) -> list[Config]:
-    """Each run's whole config (plan: an app.sweep.SweepPlan, imported with the command)."""
-    from app.sweep import run_config
-
-    return [run_config(base, plan, r) for r in plan.runs]
 
 
 COMMANDS = {"evaluate": evaluate, "predict": predict, "sweep": sweep}

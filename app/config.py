@@ -267,6 +267,21 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
     return cls(**kwargs)
 
 
+def check_setting(key: str, value: Any) -> None:
+    """`value` has the type and range the setting `key` ("optimizer.lr") takes, or ConfigError naming
+    both; how it fits with the other settings is for `config_from_dict` to check."""
+    cls: Any = Config
+    *sections, leaf = key.split(".")
+    for section in sections:
+        cls = typing.get_type_hints(cls)[section]
+    f = {f.name: f for f in dataclasses.fields(cls)}[leaf]
+    value = _coerce(value, typing.get_type_hints(cls)[leaf], key)
+    check = f.metadata.get("check")
+    problem = check(value) if check and value is not None else None
+    if problem:
+        raise ConfigError(f"{key} {problem}, got {_show(value)}")
+
+
 def config_from_dict(raw: Any, source: str = "config") -> Config:
     """Validate a plain dict (as read from JSON) into a Config; `source` names it in errors."""
     cfg = _build(Config, raw, "", source)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import re
 import shutil
@@ -22,13 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from app.config import Config, config_from_dict, override, setting_keys, to_dict
+from app.config import Config, check_setting, config_from_dict, override, setting_keys, to_dict
 from app.errors import ConfigError, UserError
 from app.runs import check_writable
 from handlers.atomic import umask
 from handlers.results import write_json_atomic
 
 PLAN_FILE = "sweep.json"
+MAX_RUNS = 10_000  # a bound that no results table reaches, and that keeps a typo from planning billions
+NAME_PATTERN = r"[A-Za-z0-9_+-][A-Za-z0-9._+-]{0,99}"  # safe in paths, shells and SLURM's #SBATCH lines
 # Keys the sweep sets itself, or that belong to how a run is launched rather than what it computes.
 NOT_A_GRID_KEY = {"seed": "use --seeds", "logging.output_dir": "runs go in the sweep's folder",
                   "logging.run_name": "the sweep names its runs", "logging.hparams": "the sweep sets it",
@@ -75,9 +78,12 @@ def parse_seeds(text: str) -> list[int]:
         first, last = int(m.group(1)), int(m.group(2) or m.group(1))
         if last < first:
             raise ConfigError(f"--seeds {text}: the range {part} is empty")
+        if len(seeds) + last - first + 1 > MAX_RUNS:
+            raise ConfigError(f"--seeds {text}: more than {MAX_RUNS} seeds")
         seeds.extend(range(first, last + 1))
-    duplicate = next((s for s in seeds if seeds.count(s) > 1), None)
-    if duplicate is not None:
+    if len(set(seeds)) < len(seeds):
+        seen: set[int] = set()
+        duplicate = next(s for s in seeds if s in seen or seen.add(s))
         raise ConfigError(f"--seeds {text}: seed {duplicate} is given twice")
     return seeds
 
@@ -118,10 +124,10 @@ def parse_grid(items: Sequence[str], base: Config) -> dict[str, list[Any]]:
         for value in values:
             if values.count(value) > 1:
                 raise ConfigError(f"--grid {key}: the value {json.dumps(value)} is given twice")
-            try:
-                override(base, {key: value}, "")
+            try:  # its type and range; with the other settings, each run's whole config (make_plan)
+                check_setting(key, value)
             except ConfigError as e:
-                raise ConfigError(f"--grid {key}={text}: {str(e).removeprefix(': ')}") from None
+                raise ConfigError(f"--grid {key}={text}: {e}") from None
         grid[key] = values
     return grid
 
@@ -151,9 +157,11 @@ def run_names(grid: dict[str, list[Any]], seeds: list[int]) -> list[tuple[str, i
 
 
 def run_config(base: Config, plan: SweepPlan, run: PlannedRun) -> Config:
-    """The run's whole config: the base, its grid point and seed, its folder in the sweep."""
+    """The run's whole config: the base, its grid point and seed, its folder in the sweep; one process
+    (the sweep places runs on devices; `--devices` picks the device, the backend follows it)."""
     return override(base, {**run.point, "seed": run.seed, "logging.output_dir": str(plan.sweep_dir),
-                           "logging.run_name": run.name, "logging.hparams": list(plan.grid)},
+                           "logging.run_name": run.name, "logging.hparams": list(plan.grid),
+                           "distributed.nproc_per_node": 1, "distributed.backend": None},
                     f"run {run.name}")
 
 
@@ -161,8 +169,11 @@ def make_plan(base: Config, seeds: list[int], grid: dict[str, list[Any]], name: 
     """The plan of a new sweep, checked (each run's config validated); nothing is written."""
     if not seeds:
         raise ConfigError("--seeds: no seeds given")
-    if name is not None and (not name or "/" in name or name.startswith(".")):
-        raise ConfigError(f"--name {name!r}: must be a plain folder name")
+    if name is not None and not re.fullmatch(NAME_PATTERN, name):
+        raise ConfigError(f"--name {name!r}: use up to 100 letters, digits and . _ + - (not first: .)")
+    runs_count = len(seeds) * math.prod(len(v) for v in grid.values())
+    if runs_count > MAX_RUNS:
+        raise ConfigError(f"--seeds and --grid: {runs_count} runs; at most {MAX_RUNS}")
     for seed in seeds:
         override(base, {"seed": seed}, "--seeds")
     out = Path(base.logging.output_dir)
@@ -213,8 +224,10 @@ def load_plan(sweep_dir: Path) -> tuple[SweepPlan, Config]:
         base = config_from_dict(raw["base_config"], f"{path}: base_config")
         runs = [PlannedRun(r["name"], int(r["seed"]), dict(r["point"])) for r in raw["runs"]]
         plan = SweepPlan(sweep_dir, Path(raw["workdir"]), list(raw["seeds"]), dict(raw["grid"]), runs)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         raise UserError(f"{sweep_dir}: not a sweep folder (no {PLAN_FILE})") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path}: not a readable sweep plan ({type(e).__name__}: {e})") from None
     except ConfigError as e:
@@ -225,5 +238,5 @@ def load_plan(sweep_dir: Path) -> tuple[SweepPlan, Config]:
 
 
 def point_label(point: dict[str, Any]) -> str:
-    """'optimizer.lr=0.05, train.amp=off'; '(no grid)' for a sweep of seeds alone."""
+    """'optimizer.lr=0.05, train.amp="off"'; '(no grid)' for a sweep of seeds alone."""
     return ", ".join(f"{k}={json.dumps(v)}" for k, v in point.items()) or "(no grid)"

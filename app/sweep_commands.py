@@ -12,19 +12,26 @@ import os
 import shlex
 from pathlib import Path
 
-from app.sweep import SweepPlan
+from app.sweep import PlannedRun, SweepPlan
 from app.sweep_runner import PROJECT_ROOT, next_command
+from app.sweep_summary import read_results, run_status
 from handlers.atomic import umask, write_atomic
 
 
 def commands(plan: SweepPlan) -> list[str]:
-    """One shell line per unfinished run, runnable from any folder."""
+    """One shell line per run that is neither finished nor being trained, runnable from any folder."""
     lines = []
     for run in plan.runs:
         command = next_command(plan, run)
-        if command is not None:
+        if command is not None and not _training(plan, run):
             lines.append(f"cd {shlex.quote(str(plan.workdir))} && {_pythonpath(plan)}{shlex.join(command)}")
     return lines
+
+
+def _training(plan: SweepPlan, run: PlannedRun) -> bool:
+    """Whether a live process holds the run's folder: it is being trained, not to be started again."""
+    run_dir = run.run_dir(plan.sweep_dir)
+    return run_status(run_dir, read_results(run_dir), None) == "running"
 
 
 def _pythonpath(plan: SweepPlan) -> str:
@@ -46,7 +53,7 @@ def slurm_script(plan: SweepPlan) -> str:
 #SBATCH --job-name={plan.sweep_dir.name}
 #SBATCH --array=0-{len(plan.runs) - 1}
 #SBATCH --gres=gpu:1
-#SBATCH --output={plan.sweep_dir.resolve()}/logs/slurm-%A_%a.log
+#SBATCH --output={str(plan.sweep_dir.resolve()).replace("%", "%%")}/logs/slurm-%A_%a.log
 #SBATCH --signal=B:TERM@120
 #SBATCH --requeue
 set -euo pipefail

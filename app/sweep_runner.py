@@ -2,7 +2,8 @@
 
 The command for a run is the one `--print-commands` prints (`next_command`): a new run starts from its
 config file, a started one resumes from its folder, a finished one is skipped; so a sweep that was
-killed and is started again with `sweep --resume` trains nothing twice. A run that fails is reported
+killed and is started again with `sweep --resume` trains no finished run again, and continues each
+stopped one from its last checkpoint. A run that fails is reported
 (its exit code and the one line the app printed) and the others go on. SIGTERM and SIGINT are passed on
 to the runs, which stop gracefully with a checkpoint; a run whose sweep dies without passing anything on
 (SIGKILL) gets SIGTERM from the kernel (PR_SET_PDEATHSIG, on Linux), so it does not train on unwatched.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,9 +41,12 @@ class Slot:
     env: dict[str, str]
 
 
-def device_slots(devices: Optional[str], per_device: int, gpu_count: int, cpu_count: int) -> list[Slot]:
-    """K slots per device of --devices ("0,1", "cpu"; default every GPU, else the CPU). On the CPU the
-    K runs share its cores (OMP_NUM_THREADS, unless set already)."""
+def device_slots(devices: Optional[str], per_device: int, gpu_count: int, cpu_count: int,
+                 visible: Optional[str] = None) -> list[Slot]:
+    """K slots per device of --devices ("0,1", "cpu"; default every GPU, else the CPU). GPU numbers are
+    those this process sees: with CUDA_VISIBLE_DEVICES=2,3 (`visible`), GPU 0 is the machine's GPU 2,
+    and that is what a run is given. On the CPU the K runs share its cores (OMP_NUM_THREADS, unless set
+    already)."""
     if per_device < 1:
         raise ConfigError(f"--per-device {per_device}: must be >= 1")
     if devices is None:
@@ -60,8 +65,9 @@ def device_slots(devices: Optional[str], per_device: int, gpu_count: int, cpu_co
         if index in indices:
             raise ConfigError(f"--devices {devices}: GPU {index} is given twice")
         indices.append(index)
+    seen = [v.strip() for v in visible.split(",")] if visible else [str(i) for i in range(gpu_count)]
     # Interleaved: with fewer runs than slots, every GPU gets one before any gets two.
-    return [Slot(f"cuda:{i}", "cuda", {"CUDA_VISIBLE_DEVICES": str(i)}) for _ in range(per_device) for i in indices]
+    return [Slot(f"cuda:{i}", "cuda", {"CUDA_VISIBLE_DEVICES": seen[i]}) for _ in range(per_device) for i in indices]
 
 
 def next_command(plan: SweepPlan, run: PlannedRun, python: str = "python") -> Optional[list[str]]:
@@ -118,7 +124,8 @@ class Board:
 
     def __init__(self, names: list[str], stream: TextIO) -> None:
         self.names, self.stream = names, stream
-        self.tty = stream.isatty()
+        # Redrawn only if it fits: the cursor cannot move above the top of the terminal.
+        self.tty = stream.isatty() and len(names) < shutil.get_terminal_size().lines
         self.lines = {n: f"{n}: waiting" for n in names}
         self.drawn = 0
 
@@ -167,7 +174,8 @@ class SweepRunner:
         self.failed: list[str] = []
 
     def run(self) -> int:
-        """Run every unfinished run; 0 if all finished, 1 if any failed, 128+N if stopped by signal N."""
+        """Run every unfinished run; 0 if none failed, 1 if any did, 128+N if stopped by signal N. (A run
+        that another process is training is skipped, and said so.)"""
         try:
             lock = lock_run_dir(self.plan.sweep_dir)
         except RunInUse as e:
@@ -225,9 +233,10 @@ class SweepRunner:
 
     def _start(self, run: PlannedRun) -> None:
         slot = next(s for s in self.slots if all(a.slot is not s for a in self.active))
+        if not self._wants_to_run(run):  # finished, or taken by another process, since the sweep began
+            return
         command = next_command(self.plan, run, sys.executable)
-        if command is None:  # finished since the sweep looked
-            self.board.set(run.name, "finished earlier")
+        if command is None:
             return
         log = self.plan.sweep_dir / "logs" / f"{run.name}.log"
         env = {**os.environ, **slot.env, "PYTHONUNBUFFERED": "1",
@@ -239,6 +248,8 @@ class SweepRunner:
             proc = subprocess.Popen(argv, cwd=self.plan.workdir, env=env, stdin=subprocess.DEVNULL, stdout=f,
                                     stderr=subprocess.STDOUT, preexec_fn=_die_with_parent(os.getpid()))
         self.active.append(Active(run, slot, proc, log, start))
+        if self.stop_signal is not None:  # it came while this run was being started
+            proc.send_signal(self.stop_signal)
         self.board.set(run.name, f"running on {slot.label}")
 
     def _ended(self, a: Active) -> None:
@@ -251,7 +262,11 @@ class SweepRunner:
             record_outcome(self.plan.sweep_dir, a.run.name, None)
             self.board.set(a.run.name, f"done{_progress(run_dir)}, {seconds:.0f} s")
         elif self.stop_signal is not None and code in (128 + self.stop_signal, -self.stop_signal):
-            self.board.set(a.run.name, f"stopped with a checkpoint{_progress(run_dir)}")
+            saved = results is not None and results.get("status") == "interrupted"
+            self.board.set(a.run.name, f"stopped with a checkpoint{_progress(run_dir)}" if saved else
+                           "stopped before its first checkpoint")
+        elif code == RunInUse.exit_code and "in use by" in last_line(a.log, a.log_start):
+            self.board.set(a.run.name, "skipped: running in another process")  # it took the run first
         else:
             error = last_line(a.log, a.log_start) or "(no output)"
             code = 128 - code if code < 0 else code  # killed by a signal: as a shell reports it

@@ -137,7 +137,7 @@ def points_table(summary: dict[str, Any]) -> list[str]:
     for p in summary["points"]:
         f1, b1 = p["final_top1"], p["best_top1"]
         wall = p["wall_time_seconds"]["mean"]
-        lines.append(f"| {p['label']} | {p['finished']}/{p['seeds']} | {_mean_std(f1)} | "
+        lines.append(f"| {p['label'].replace('|', '/')} | {p['finished']}/{p['seeds']} | {_mean_std(f1)} | "
                      f"[{_pct(f1['min'])}, {_pct(f1['max'])}] | {_mean_std(b1)} | "
                      f"[{_pct(b1['min'])}, {_pct(b1['max'])}] | {_mean_std(p['final_top5'])} | "
                      f"{'–' if wall is None else f'{wall:.0f}'} |")

@@ -7,7 +7,8 @@ on synthetic data of CIFAR's size, each run its own process. Reported per K:
 - steady images/s: the sum over the K runs of each run's median training images/s over its epochs
   after the first (TensorBoard's system/images_per_second; the first epoch holds start-up and the CUDA
   graph capture); the K runs start together, so these epochs overlap;
-- sweep images/s: K x training images x epochs / the sweep's wall time, start-up included;
+- sweep images/s: the images the finished runs trained on (each run's epochs) / the sweep's wall time,
+  start-up included;
 - the recommended K: the smallest whose steady images/s is within 5% of the best.
 With --mps every K is measured again under CUDA MPS (its daemon started for the measurement and
 stopped after), which lets kernels of several processes run at once instead of taking turns.
@@ -45,13 +46,17 @@ def sweep_throughput(sweep_dir: Path, wall_seconds: float, train_images: int) ->
     """The figures of one finished sweep (every run's results.json and TensorBoard files)."""
     plan = json.loads((sweep_dir / "sweep.json").read_text())
     names = [r["name"] for r in plan["runs"]]
-    base = plan["base_config"]
     steady = [steady_images_per_second(sweep_dir / n) for n in names]
-    finished = [_status(sweep_dir / n) == "finished" for n in names]
-    return {"runs": len(names), "finished": sum(finished), "wall_seconds": round(wall_seconds, 1),
+    finished = [n for n in names if _status(sweep_dir / n) == "finished"]
+    trained = sum(train_images * _epochs(sweep_dir / n) for n in finished)
+    return {"runs": len(names), "finished": len(finished), "wall_seconds": round(wall_seconds, 1),
             "steady_images_per_second": round(sum(s for s in steady if s is not None), 1),
             "per_run_steady_images_per_second": [None if s is None else round(s, 1) for s in steady],
-            "sweep_images_per_second": round(len(names) * train_images * base["train"]["epochs"] / wall_seconds, 1)}
+            "sweep_images_per_second": round(trained / wall_seconds, 1)}
+
+
+def _epochs(run_dir: Path) -> int:
+    return int(json.loads((run_dir / "config.json").read_text())["train"]["epochs"])
 
 
 def _status(run_dir: Path) -> Optional[str]:
