@@ -191,7 +191,8 @@ class SweepRunner:
                     if a.proc.poll() is not None:
                         self._ended(a)
                     else:
-                        self.board.set(a.run.name, f"running on {a.slot.label}{_progress(a.run.run_dir(self.plan.sweep_dir))}")
+                        progress = _progress(a.run.run_dir(self.plan.sweep_dir))
+                        self.board.set(a.run.name, f"running on {a.slot.label}{progress}")
                 if self.stop_signal is not None and not self.active:
                     break
                 time.sleep(self.poll)
