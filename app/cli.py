@@ -295,8 +295,9 @@ def build_sweep_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="the sweep's folder under the output folder (default: sweep-TIMESTAMP)")
     p.add_argument("--devices", help="GPUs to use, as 0,1, or cpu (default: every GPU, else the CPU)")
     p.add_argument("--per-device", type=int, help="runs at once on each device (default 1)")
+    train_flags = {a.dest: a for a in build_parser()._actions}
     for flag in SWEEP_RUN_FLAGS:
-        action = next(a for a in build_parser()._actions if a.dest == flag)
+        action = train_flags[flag]
         p.add_argument(*action.option_strings, type=action.type, help=f"for every run: {action.help}")
     p.add_argument("--resume", metavar="SWEEP", help="continue a sweep: unfinished runs resume, finished ones "
                                                      "are skipped (with --devices, --per-device, --print-commands)")

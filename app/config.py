@@ -256,15 +256,20 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
             kwargs[name] = _build(tp, value, f"{key}.", source)
             continue
         try:
-            value = _coerce(value, tp, key)
+            kwargs[name] = _setting(value, tp, fields[name], key)
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
-        check = fields[name].metadata.get("check")
-        problem = check(value) if check and value is not None else None
-        if problem:
-            raise ConfigError(f"{source}: {key} {problem}, got {_show(value)}")
-        kwargs[name] = value
     return cls(**kwargs)
+
+
+def _setting(value: Any, tp: Any, f: dataclasses.Field, key: str) -> Any:
+    """`value` as the setting `key` of type `tp` takes it, within the range its field allows."""
+    value = _coerce(value, tp, key)
+    check = f.metadata.get("check")
+    problem = check(value) if check and value is not None else None
+    if problem:
+        raise ConfigError(f"{key} {problem}, got {_show(value)}")
+    return value
 
 
 def check_setting(key: str, value: Any) -> None:
@@ -275,11 +280,7 @@ def check_setting(key: str, value: Any) -> None:
     for section in sections:
         cls = typing.get_type_hints(cls)[section]
     f = {f.name: f for f in dataclasses.fields(cls)}[leaf]
-    value = _coerce(value, typing.get_type_hints(cls)[leaf], key)
-    check = f.metadata.get("check")
-    problem = check(value) if check and value is not None else None
-    if problem:
-        raise ConfigError(f"{key} {problem}, got {_show(value)}")
+    _setting(value, typing.get_type_hints(cls)[leaf], f, key)
 
 
 def config_from_dict(raw: Any, source: str = "config") -> Config:
@@ -306,7 +307,8 @@ def _inconsistency(cfg: Config) -> Optional[str]:
                 f"{s.max_momentum}")
     if o.nesterov and min(momentum_range(cfg)) <= 0:
         return "optimizer.nesterov needs a momentum above 0"
-    unknown = [k for k in cfg.logging.hparams if k not in setting_keys()]
+    keys = setting_keys() if cfg.logging.hparams else []
+    unknown = [k for k in cfg.logging.hparams if k not in keys]
     if unknown:
         return f"logging.hparams: unknown config key '{unknown[0]}'"
     return None

@@ -108,17 +108,26 @@ def lock_run_dir(run_dir: Path) -> RunLock:
     return RunLock(fd)
 
 
-def check_not_in_use(run_dir: Path) -> None:
-    """The launcher's early check (takes and drops the lock; the training process takes it for good)."""
-    if (run_dir / LOCK_FILE).is_file():
+def run_in_use(run_dir: Path) -> bool:
+    """Whether a live process holds the folder's lock (tried shared and dropped at once)."""
+    try:
         fd = os.open(run_dir / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RunInUse(f"{run_dir}: in use by {_holder(run_dir / LOCK_FILE)}; wait for it to end or "
-                           f"stop it, or choose another --run-name") from None
-        finally:
-            os.close(fd)
+    except (FileNotFoundError, NotADirectoryError):  # no lock file: never claimed
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def check_not_in_use(run_dir: Path) -> None:
+    """The launcher's early check (the training process takes the lock for good)."""
+    if run_in_use(run_dir):
+        raise RunInUse(f"{run_dir}: in use by {_holder(run_dir / LOCK_FILE)}; wait for it to end or "
+                       f"stop it, or choose another --run-name")
 
 
 def _output_dir(cfg: Config) -> Path:

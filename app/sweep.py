@@ -62,7 +62,12 @@ class SweepPlan:
 
     def points(self) -> list[dict[str, Any]]:
         """The grid points, in the plan's order."""
-        return [dict(zip(self.grid, values)) for values in itertools.product(*self.grid.values())]
+        return grid_points(self.grid)
+
+
+def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Every combination of the grid's values, the last key varying fastest; [{}] for no grid."""
+    return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -143,8 +148,7 @@ def run_names(grid: dict[str, list[Any]], seeds: list[int]) -> list[tuple[str, i
     leaves = [k.rsplit(".", 1)[-1] for k in grid]
     short = {k: (leaf if leaves.count(leaf) == 1 else k) for k, leaf in zip(grid, leaves)}
     runs, taken = [], set()
-    points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
-    for point in points:
+    for point in grid_points(grid):
         for seed in seeds:
             name = "-".join([*(f"{short[k]}{_label(v)}" for k, v in point.items()), f"seed{seed}"])
             n = 2
@@ -184,10 +188,7 @@ def make_plan(base: Config, seeds: list[int], grid: dict[str, list[Any]], name: 
     runs = [PlannedRun(n, s, p) for n, s, p in run_names(grid, seeds)]
     plan = SweepPlan(sweep_dir, Path.cwd(), seeds, grid, runs)
     for run in runs:
-        try:
-            run_config(base, plan, run)
-        except ConfigError as e:  # settings valid one by one but not together
-            raise ConfigError(str(e)) from None
+        run_config(base, plan, run)  # refuses settings valid one by one but not together
     check_writable(sweep_dir)
     return plan
 

@@ -8,14 +8,12 @@ Failures the sweep saw (exit code and the run's last line) are kept in SWEEP/fai
 """
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import statistics
 from pathlib import Path
 from typing import Any, Optional
 
-from app.runs import LOCK_FILE
+from app.runs import run_in_use
 from app.sweep import SweepPlan, point_label
 from handlers.atomic import write_atomic
 from handlers.results import write_json_atomic
@@ -41,21 +39,6 @@ def record_outcome(sweep_dir: Path, name: str, failure: Optional[dict[str, Any]]
     write_json_atomic(sweep_dir / FAILURES_FILE, failures)
 
 
-def _in_use(run_dir: Path) -> bool:
-    """Whether a live process holds the run folder's lock (app/runs.py): it is training."""
-    try:
-        fd = os.open(run_dir / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-
-
 def read_results(run_dir: Path) -> Optional[dict[str, Any]]:
     try:
         results = json.loads((run_dir / "results.json").read_text())
@@ -68,7 +51,7 @@ def run_status(run_dir: Path, results: Optional[dict[str, Any]], failure: Option
     """finished, running, failed, stopped (interrupted or killed; resumable) or not started."""
     if results is not None and results.get("status") == "finished":
         return "finished"
-    if _in_use(run_dir):
+    if run_in_use(run_dir):
         return "running"
     if failure is not None:
         return "failed"
