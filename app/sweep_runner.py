@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, TextIO
 
-from app.errors import ConfigError, UserError
-from app.runs import RunInUse, lock_run_dir
+from app.errors import ConfigError
+from app.runs import RunInUse, RunLock, lock_run_dir
 from app.sweep import PlannedRun, SweepPlan
 from app.sweep_summary import points_table, read_results, record_outcome, run_status, write_summary
 
@@ -176,10 +176,7 @@ class SweepRunner:
     def run(self) -> int:
         """Run every unfinished run; 0 if none failed, 1 if any did, 128+N if stopped by signal N. (A run
         that another process is training is skipped, and said so.)"""
-        try:
-            lock = lock_run_dir(self.plan.sweep_dir)
-        except RunInUse as e:
-            raise RunInUse(str(e).split(";")[0] + "; another sweep is running these runs") from None
+        lock = lock_sweep(self.plan)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             write_summary(self.plan)
@@ -278,9 +275,14 @@ class SweepRunner:
         write_summary(self.plan)
 
 
-def check_not_running(plan: SweepPlan) -> None:
-    """--resume: refuse a sweep folder another sweep process is running."""
+def lock_sweep(plan: SweepPlan) -> RunLock:
+    """The sweep folder's lock, as a run folder's (app/runs.py), or RunInUse (exit 2) naming its holder."""
     try:
-        lock_run_dir(plan.sweep_dir).release()
+        return lock_run_dir(plan.sweep_dir)
     except RunInUse as e:
-        raise UserError(str(e).split(";")[0] + "; another sweep is running these runs") from None
+        raise RunInUse(str(e).split(";")[0] + "; another sweep is running these runs") from None
+
+
+def check_not_running(plan: SweepPlan) -> None:
+    """--resume: refuse early, before the data is checked, a sweep another sweep process is running."""
+    lock_sweep(plan).release()

@@ -20,8 +20,8 @@ from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from app.cli import main
 from app.config import load_config, override
-from app.sweep import make_plan, parse_grid, run_config
-from app.sweep_runner import Board, device_slots
+from app.sweep import load_plan, make_plan, parse_grid, run_config
+from app.sweep_runner import Board, device_slots, lock_sweep
 from app.sweep_summary import read_results, run_status
 from app.training import hparams
 from bench.packing import sweep_throughput
@@ -268,6 +268,18 @@ def test_a_path_that_is_not_a_sweep_folder_is_one_line(grid_sweep, capsys) -> No
     for path in (sweep_dir / "summary.md", sweep_dir.parent / "absent"):
         assert main(["sweep", "--summary", str(path)]) == 1
         assert capsys.readouterr().err == f"error: {path}: not a sweep folder (no sweep.json)\n"
+
+
+def test_a_sweep_another_sweep_is_running_is_refused_with_exit_2(grid_sweep, capsys) -> None:
+    sweep_dir, _, _ = grid_sweep
+    held = lock_sweep(load_plan(sweep_dir)[0])
+    try:
+        assert main(["sweep", "--resume", str(sweep_dir), "--devices", "cpu"]) == 2
+    finally:
+        held.release()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {sweep_dir}: in use by pid {os.getpid()}")
+    assert err[0].endswith("; another sweep is running these runs")
 
 
 def test_a_sweep_shows_its_grid_keys_as_hyperparameters() -> None:
