@@ -47,7 +47,9 @@ def sweep_throughput(sweep_dir: Path, wall_seconds: float, train_images: int) ->
     plan = json.loads((sweep_dir / "sweep.json").read_text())
     names = [r["name"] for r in plan["runs"]]
     steady = [steady_images_per_second(sweep_dir / n) for n in names]
-    finished = [n for n in names if _status(sweep_dir / n) == "finished"]
+    from app.sweep_summary import read_results
+
+    finished = [n for n in names if (read_results(sweep_dir / n) or {}).get("status") == "finished"]
     trained = sum(train_images * _epochs(sweep_dir / n) for n in finished)
     return {"runs": len(names), "finished": len(finished), "wall_seconds": round(wall_seconds, 1),
             "steady_images_per_second": round(sum(s for s in steady if s is not None), 1),
@@ -57,13 +59,6 @@ def sweep_throughput(sweep_dir: Path, wall_seconds: float, train_images: int) ->
 
 def _epochs(run_dir: Path) -> int:
     return int(json.loads((run_dir / "config.json").read_text())["train"]["epochs"])
-
-
-def _status(run_dir: Path) -> Optional[str]:
-    try:
-        return json.loads((run_dir / "results.json").read_text())["status"]
-    except (OSError, ValueError, KeyError):
-        return None
 
 
 def recommend(figures: dict[int, dict[str, Any]], within: float = 0.05) -> int:
