@@ -13,7 +13,7 @@ import shlex
 from pathlib import Path
 
 from app.sweep import PlannedRun, SweepPlan
-from app.sweep_runner import PROJECT_ROOT, next_command
+from app.sweep_runner import next_command
 from app.sweep_summary import read_results, run_status
 from handlers.atomic import umask, write_atomic
 
@@ -24,7 +24,7 @@ def commands(plan: SweepPlan) -> list[str]:
     for run in plan.runs:
         command = next_command(plan, run)
         if command is not None and not _training(plan, run):
-            lines.append(f"cd {shlex.quote(str(plan.workdir))} && {_pythonpath(plan)}{shlex.join(command)}")
+            lines.append(f"cd {shlex.quote(str(plan.workdir))} && {shlex.join(command)}")
     return lines
 
 
@@ -34,19 +34,13 @@ def _training(plan: SweepPlan, run: PlannedRun) -> bool:
     return run_status(run_dir, read_results(run_dir), None) == "running"
 
 
-def _pythonpath(plan: SweepPlan) -> str:
-    """`python -m app` finds the project from its own folder; from another, it is put on PYTHONPATH."""
-    same = plan.workdir.resolve() == PROJECT_ROOT
-    return "" if same else f"PYTHONPATH={shlex.quote(str(PROJECT_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}} "
-
-
 def slurm_script(plan: SweepPlan) -> str:
     rel = os.path.relpath(plan.sweep_dir.resolve(), plan.workdir)
     names = " ".join(shlex.quote(r.name) for r in plan.runs)
     return f"""#!/bin/bash
 # Sweep {plan.sweep_dir.name} as a SLURM job array: one task per run, one GPU each.
 #   sbatch {shlex.quote(str(plan.sweep_dir.resolve() / "slurm.sh"))}
-# with the project's Python environment active (or PYTHON=/path/to/python in the environment).
+# with a Python environment that has the project installed active (or PYTHON=/path/to/its/python).
 # A task of a finished run ends at once; a task of a started run resumes it from its checkpoint, so
 # the whole array can be submitted again after a preemption or a failure. SIGTERM 120 s before the
 # time limit stops a run gracefully, with a checkpoint. Add your site's partition, account and time.
@@ -58,7 +52,6 @@ def slurm_script(plan: SweepPlan) -> str:
 #SBATCH --requeue
 set -euo pipefail
 cd {shlex.quote(str(plan.workdir))}
-export PYTHONPATH={shlex.quote(str(PROJECT_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}
 runs=({names})
 name=${{runs[$SLURM_ARRAY_TASK_ID]}}
 config={shlex.quote(rel)}/configs/$name.json

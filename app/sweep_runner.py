@@ -28,7 +28,6 @@ from app.runs import RunInUse, RunLock, lock_run_dir
 from app.sweep import PlannedRun, SweepPlan
 from app.sweep_summary import points_table, read_results, record_outcome, run_status, write_summary
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PR_SET_PDEATHSIG = 1
 
 
@@ -237,8 +236,7 @@ class SweepRunner:
         if command is None:
             return
         log = self.plan.sweep_dir / "logs" / f"{run.name}.log"
-        env = {**os.environ, **slot.env, "PYTHONUNBUFFERED": "1",
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
+        env = {**os.environ, **slot.env, "PYTHONUNBUFFERED": "1"}
         argv = [*command, "--device", slot.device]
         with open(log, "ab") as f:
             f.write(f"== {time.strftime('%Y-%m-%d %H:%M:%S')} on {slot.label}: {' '.join(argv)}\n".encode())

@@ -26,7 +26,7 @@ if ! python3 -c "import ignite, tensorboardX" 2>/dev/null && ls .whl/*.whl >/dev
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" .whl/*.whl || exit 1
   export PYTHONPATH="$WORK/site"
 fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1  # run from the project folder: python -m app and bench are found there
 {
   date -u +"%Y-%m-%d %H:%M UTC"
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null || true

@@ -60,8 +60,7 @@ class Runner:
 
     def __init__(self, work: Path, device: str, epochs: int, batch_size: int = 128) -> None:
         self.work, self.device, self.epochs, self.batch_size = work, device, epochs, batch_size
-        self.env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-                    "PYTHONUNBUFFERED": "1"}
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
     def config(self, name: str, data: Path, **settings: Any) -> Path:
         from app.config import Config, override, to_dict

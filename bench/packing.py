@@ -109,14 +109,13 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, help="instead of the recipe's 128 (for a quick try on a CPU)")
     p.add_argument("--mps", action="store_true", help="measure under CUDA MPS too")
     args = p.parse_args()
-    sys.path.insert(0, str(ROOT))
     from bench.synthetic import write_cifar100
 
     args.out.mkdir(parents=True, exist_ok=True)
     data = args.out / "data"
     if not (data / "cifar-100-python" / "meta").exists():
         write_cifar100(data, args.n_train, args.n_test)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = dict(os.environ)
     report: dict[str, Any] = {"devices": args.devices, "epochs": args.epochs, "n_train": args.n_train}
     extra = ["--batch-size", str(args.batch_size)] if args.batch_size else []
     modes = ["processes"] + (["processes+mps"] if args.mps else [])

@@ -36,14 +36,14 @@ def write_config(path: Path, **sections) -> Path:
 def run_app(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None
             ) -> subprocess.CompletedProcess:
     """`python -m app ARGS` in a fresh process, the way a user runs it."""
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2", **(env or {})}
+    full_env = {**os.environ, "OMP_NUM_THREADS": "2", **(env or {})}
     return subprocess.run([sys.executable, "-m", "app", *args], cwd=cwd or ROOT, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 
 
 def run_until(path: Path, *args: str, timeout: float = 300) -> None:
     """Start `python -m app ARGS` and SIGKILL it as soon as `path` exists (a checkpoint, say)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
     proc = subprocess.Popen([sys.executable, "-m", "app", *args], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + timeout

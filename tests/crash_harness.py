@@ -23,9 +23,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from bench.synthetic import write_cifar100  # noqa: E402
+from bench.synthetic import write_cifar100
 
 
 @dataclass
@@ -50,7 +49,7 @@ def _config(path: Path, data: Path, out: Path, every_iters: int, epochs: int, ba
 
 
 def _start(args: list[str], nproc: int) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(max(1, 2 // nproc)),
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, 2 // nproc)),
            "PYTHONUNBUFFERED": "1"}
     extra = ["--nproc-per-node", str(nproc), "--backend", "gloo"] if nproc > 1 else []
     # A new session, so that SIGKILL reaches the launcher and every process it spawned.

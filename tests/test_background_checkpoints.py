@@ -150,7 +150,7 @@ CHILD = textwrap.dedent("""
 def test_a_kill_during_a_background_write_leaves_the_previous_checkpoint_intact(tmp_path: Path) -> None:
     folder, marker = tmp_path / "checkpoints", tmp_path / "written"
     folder.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = dict(os.environ)
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(folder), str(marker)], env=env, cwd=ROOT)
     deadline = time.monotonic() + 120
     while not marker.exists() and child.poll() is None and time.monotonic() < deadline:

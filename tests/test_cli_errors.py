@@ -140,7 +140,7 @@ def run_into_closed_pipe(*args: str, buffered: bool = True) -> subprocess.Comple
     """`python -m app ARGS | head -1` where head has already exited: stdout is a pipe nobody reads."""
     read_end, write_end = os.pipe()
     os.close(read_end)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "" if buffered else "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "" if buffered else "1"}
     try:
         return subprocess.run([sys.executable, "-m", "app", *args], cwd=ROOT, env=env, stdout=write_end,
                               stderr=subprocess.PIPE, text=True, timeout=600)

@@ -152,7 +152,7 @@ def test_failed_checkpoint_write_ends_the_run_and_keeps_earlier_checkpoints(tmp_
     kept = run_dir / "checkpoints" / "training_checkpoint_5.pt"
     run_until(kept, "--config", str(cfg), "--run-name", "r")
     before = _digest(kept)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
     result = subprocess.run([sys.executable, "-m", "app", "--config", str(cfg), "--resume", str(run_dir)],
                             cwd=ROOT, env=env, capture_output=True, text=True, preexec_fn=_limit_file_size,
                             timeout=600)
@@ -166,7 +166,7 @@ def test_failed_checkpoint_write_ends_the_run_and_keeps_earlier_checkpoints(tmp_
 def test_when_one_process_dies_the_others_exit_promptly(tmp_path: Path) -> None:
     data = write_cifar100(tmp_path / "data", 960, 20)
     cfg = _config(tmp_path, data, epochs=5, batch_size=32)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "app", "--config", str(cfg), "--run-name", "d",
                              "--nproc-per-node", "2", "--backend", "gloo"], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -222,7 +222,7 @@ def test_a_small_checkpoint_that_would_expand_to_gigabytes_is_refused_unread(tmp
                 shutil.copyfileobj(fin, fout, 2**24)
     raw.unlink()
     assert bomb.stat().st_size < 3 * 2**20  # small on disk
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
     # VmHWM: this process image's peak resident memory (ru_maxrss would count the forking parent's)
     script = ("import sys; from pathlib import Path; from app.cli import main; code = main(sys.argv[1:]); "
               "print(next(line.split()[1] for line in Path('/proc/self/status').read_text().splitlines() "

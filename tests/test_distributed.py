@@ -48,7 +48,7 @@ def test_two_spawned_processes_give_the_one_process_metrics_of_the_same_checkpoi
 def test_torchrun_runs_the_same_code_path(tmp_path: Path, uneven_data: Path) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
            "-m", "app", "--config", str(_config(tmp_path, uneven_data)), "--run-name", "tr"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "runs" / "tr"

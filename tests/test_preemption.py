@@ -54,7 +54,6 @@ def test_a_second_signal_during_the_save_stops_at_once(tmp_path: Path) -> None:
     """The user insisting: the process dies of the second signal in the middle of the (slow) save."""
     script = textwrap.dedent(f"""
         import os, signal, sys, time
-        sys.path.insert(0, {str(ROOT)!r})
         from ignite.engine import Engine
         from handlers.preemption import GracefulStop, StopEvents
 
@@ -80,7 +79,7 @@ def test_a_second_signal_during_the_save_stops_at_once(tmp_path: Path) -> None:
 
 
 def _run_and_signal(args: list[str], signum: int, after_line: str, *, group: bool) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "app", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     out = []

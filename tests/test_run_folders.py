@@ -38,7 +38,7 @@ def _one_line(result) -> str:
 
 
 def _popen(*args: str, **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
     return subprocess.Popen([sys.executable, "-m", "app", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kwargs)
 
@@ -89,7 +89,7 @@ def test_a_new_run_never_takes_an_existing_folder(tmp_path: Path) -> None:
 
 def test_files_and_folders_follow_the_umask(tmp_path: Path, small_data: Path) -> None:
     cfg = _config(tmp_path, small_data, epochs=1)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
     result = subprocess.run([sys.executable, "-m", "app", "--config", str(cfg), "--run-name", "r"], cwd=ROOT,
                             env=env, capture_output=True, text=True, preexec_fn=lambda: os.umask(0o027))
     assert result.returncode == 0, result.stderr
@@ -155,7 +155,7 @@ def test_a_full_disk_before_the_first_file_is_one_line_and_leaves_nothing(tmp_pa
         resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200))
 
     cfg = _config(tmp_path, small_data)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
     result = subprocess.run([sys.executable, "-m", "app", "--config", str(cfg), "--run-name", "r"], cwd=ROOT,
                             env=env, capture_output=True, text=True, preexec_fn=tiny_files, timeout=300)
     assert result.returncode == 1

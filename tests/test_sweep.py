@@ -131,7 +131,7 @@ def test_a_full_disk_while_rewriting_the_table_is_one_line_and_keeps_the_old_tab
         resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200))
 
     result = subprocess.run([sys.executable, "-m", "app", "sweep", "--summary", str(sweep_dir)], cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                            env=dict(os.environ), capture_output=True, text=True,
                             preexec_fn=small_files_only, timeout=120)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
@@ -166,7 +166,7 @@ def test_a_killed_sweep_resumes_unfinished_runs_and_trains_nothing_twice(sweep_s
     relative = write_config(home / "relative.json", data={"root": "data", "download": False},
                             train={"epochs": EPOCHS, "batch_size": 32})
     sweep_dir = home / "runs" / "killed"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
     proc = subprocess.Popen([sys.executable, "-m", "app", "sweep", "--config", relative.name, "--output-dir", "runs",
                              "--name", "killed", "--seeds", "0-2", "--devices", "cpu"], cwd=home, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -185,7 +185,7 @@ def test_a_killed_sweep_resumes_unfinished_runs_and_trains_nothing_twice(sweep_s
 
     assert main(["sweep", "--resume", str(sweep_dir), "--print-commands"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 2 and lines[0].startswith(f"cd {home} && PYTHONPATH={ROOT}")  # from where it was made
+    assert len(lines) == 2 and lines[0].startswith(f"cd {home} && python -m app ")  # from where it was made
     assert lines[0].endswith("--config runs/killed/configs/seed1.json --resume runs/killed/seed1")
     assert "seed2.json" in lines[1] and "--resume" not in lines[1]
     # Task 0 of the SLURM job array, run here: its run is finished, so it ends at once.

@@ -26,7 +26,7 @@ def two_runs(tmp_path_factory, small_data: Path):
                                                                        "log_every_iters": 2})
     result = run_app("--config", str(cfg), "--run-name", "finished")
     assert result.returncode == 0, result.stderr
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
     live = subprocess.Popen([sys.executable, "-m", "app", "--config", str(cfg), "--run-name", "live", "--epochs", "3"],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     epoch1 = tmp / "runs" / "live" / "checkpoints" / "training_checkpoint_5.pt"
