@@ -11,7 +11,8 @@ distributions, to a whole uint8 batch at once with tensor ops on whatever device
 
 Sampling and applying are split (`sample` / `apply`) so that tests can feed chosen parameters, and
 all randomness comes from one explicit `torch.Generator` so that a run is reproducible and resumable
-(`state_dict` / `load_state_dict`) without touching the global RNG. Outputs match torchvision in
+(the generator's state is part of every training checkpoint, app/checkpoint.py) without touching the
+global RNG. Outputs match torchvision in
 distribution, not bit for bit: PIL rounds to uint8 after every jitter op, we stay in float32.
 """
 from __future__ import annotations
@@ -23,8 +24,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
-CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+from app.config import CIFAR100_MEAN, CIFAR100_STD, AugmentConfig
 
 # ITU-R 601-2 luma, as PIL's convert("L") uses (torchvision's tensor path rounds 0.299 to 0.2989).
 _LUMA = (0.299, 0.587, 0.114)
@@ -44,18 +44,10 @@ class AugmentParams:
     order: torch.Tensor  # (n, 3) int64 permutation of (0, 1, 2): which jitter op runs in each slot
 
 
-def normalize(
-    images: torch.Tensor,
-    mean: Sequence[float] = CIFAR100_MEAN,
-    std: Sequence[float] = CIFAR100_STD,
-) -> torch.Tensor:
-    """uint8 (n, C, H, W) images -> float32 in [0, 1], then (x - mean) / std per channel."""
-    return Normalize(mean, std, images.device)(images)
-
-
 class Normalize:
-    """`normalize` with its constants made once on `device`: building them per batch from Python
-    lists would copy host to device, and synchronise, on every call."""
+    """uint8 (n, C, H, W) images -> float32 in [0, 1], then (x - mean) / std per channel, with the
+    constants made once on `device`: building them per batch from Python lists would copy host to
+    device, and synchronise, on every call."""
 
     def __init__(self, mean: Sequence[float] = CIFAR100_MEAN, std: Sequence[float] = CIFAR100_STD,
                  device: torch.device | str = "cpu") -> None:
@@ -134,12 +126,12 @@ class BatchAugment:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return self.apply(images, self.sample(images.shape[0]))
 
-    def state_dict(self) -> dict:
-        """The generator state (a CPU ByteTensor), loadable with torch.load(weights_only=True)."""
-        return {"generator": self.generator.get_state()}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
+def build_augment(augment: AugmentConfig, generator: torch.Generator) -> BatchAugment:
+    """The config's `augment` section as a BatchAugment drawing from `generator`."""
+    return BatchAugment(padding=augment.crop_padding, hflip=augment.hflip, rotation=augment.rotation,
+                        brightness=augment.brightness, contrast=augment.contrast, saturation=augment.saturation,
+                        mean=augment.mean, std=augment.std, generator=generator)
 
 
 def _check_images(images: torch.Tensor) -> None:

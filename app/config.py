@@ -2,20 +2,19 @@
 
 Every setting of the recipe lives in `config.json`; the loader refuses unknown keys, wrong types and
 out-of-range values with a message that names the file and the key, so that a typo can never silently
-fall back to a default.
+fall back to a default. The schema and each setting's range are here; how JSON values are taken into
+typed fields is app/typed_json.py.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import typing
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from app.errors import ConfigError
+from app import typed_json
+from app.errors import ConfigError, SettingError
 
 
 def _positive(v: Any) -> Optional[str]:
@@ -52,6 +51,10 @@ def _pixel_stds(v: Any) -> Optional[str]:
 
 def _check(fn) -> Any:
     return {"check": fn}
+
+
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)  # of the training images' pixels in [0, 1], per channel
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 
 
 @dataclass(frozen=True)
@@ -99,8 +102,8 @@ class AugmentConfig:
     brightness: float = field(default=0.2, metadata=_check(_unit_closed))
     contrast: float = field(default=0.2, metadata=_check(_unit_closed))
     saturation: float = field(default=0.2, metadata=_check(_unit_closed))
-    mean: tuple[float, float, float] = field(default=(0.5071, 0.4865, 0.4409), metadata=_check(_pixel_means))
-    std: tuple[float, float, float] = field(default=(0.2673, 0.2564, 0.2762), metadata=_check(_pixel_stds))
+    mean: tuple[float, float, float] = field(default=CIFAR100_MEAN, metadata=_check(_pixel_means))
+    std: tuple[float, float, float] = field(default=CIFAR100_STD, metadata=_check(_pixel_stds))
 
 
 @dataclass(frozen=True)
@@ -157,135 +160,25 @@ class Config:
     distributed: DistributedConfig = DistributedConfig()
 
 
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(json.dumps(a) for a in typing.get_args(tp))
-    if origin is typing.Union:
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is tuple and typing.get_args(tp)[1:] == (Ellipsis,):
-        return f"a list of {_type_name(typing.get_args(tp)[0]).removeprefix('a ')}s"
-    if origin is tuple:
-        return f"a list of {len(typing.get_args(tp))} numbers"
-    return {int: "an integer", float: "a finite number", bool: "true or false", str: "a string",
-            type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
-
-
-def _show(value: Any, limit: int = 60) -> str:
-    """A value as JSON, cut short: an error stays one readable line whatever was in the file."""
-    text = json.dumps(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def _finite_float(value: Any) -> Optional[float]:
-    """JSON (Python's) reads NaN, Infinity and integers too large for a float; no setting can use them."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:
-        return None
-    return number if math.isfinite(number) else None
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Return `value` as type `tp`, or raise ConfigError naming `where`."""
-    origin = typing.get_origin(tp)
-    ok = False
-    if origin is Literal:
-        ok = value in typing.get_args(tp) and not isinstance(value, bool)
-    elif origin is typing.Union:
-        for arg in typing.get_args(tp):
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError:
-                continue
-    elif origin is tuple and typing.get_args(tp)[1:] == (Ellipsis,):
-        if isinstance(value, (list, tuple)):
-            return tuple(_coerce(v, typing.get_args(tp)[0], f"{where}[{i}]") for i, v in enumerate(value))
-    elif origin is tuple:
-        args = typing.get_args(tp)
-        if isinstance(value, (list, tuple)) and len(value) == len(args):
-            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    elif tp is type(None):
-        ok = value is None
-    elif tp is bool:
-        ok = isinstance(value, bool)
-    elif tp is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif tp is float:
-        number = _finite_float(value)
-        ok = number is not None
-        value = number if ok else value
-    elif tp is str:
-        ok = isinstance(value, str)
-    if not ok:
-        raise ConfigError(f"{where} must be {_type_name(tp)}, got {_show(value)}")
-    return value
-
-
-class _JsonObject(dict):
-    """A JSON object that remembers a key it held twice: json.loads keeps the last value silently."""
-
-    duplicate: Optional[str] = None
-
-    @classmethod
-    def from_pairs(cls, pairs: list[tuple[str, Any]]) -> _JsonObject:
-        obj = cls(pairs)
-        if len(obj) < len(pairs):
-            obj.duplicate = next(k for k, n in Counter(k for k, _ in pairs).items() if n > 1)
-        return obj
-
-
-def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'the top level'} must be an object")
-    duplicate = getattr(raw, "duplicate", None)
-    if duplicate is not None:
-        raise ConfigError(f"{source}: duplicate key '{prefix}{duplicate}'; keep only one")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise ConfigError(f"{source}: unknown key '{prefix}{unknown[0]}'")
-    kwargs = {}
-    for name, value in raw.items():
-        key = f"{prefix}{name}"
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value, f"{key}.", source)
-            continue
-        try:
-            kwargs[name] = _setting(value, tp, fields[name], key)
-        except ConfigError as e:
-            raise ConfigError(f"{source}: {e}") from None
-    return cls(**kwargs)
-
-
 def _setting(value: Any, tp: Any, f: dataclasses.Field, key: str) -> Any:
     """`value` as the setting `key` of type `tp` takes it, within the range its field allows."""
-    value = _coerce(value, tp, key)
+    value = typed_json.coerce(value, tp, key)
     check = f.metadata.get("check")
     problem = check(value) if check and value is not None else None
     if problem:
-        raise ConfigError(f"{key} {problem}, got {_show(value)}")
+        raise SettingError(key, f"{problem}, got {typed_json.show(value)}")
     return value
 
 
 def check_setting(key: str, value: Any) -> None:
-    """`value` has the type and range the setting `key` ("optimizer.lr") takes, or ConfigError naming
+    """`value` has the type and range the setting `key` ("optimizer.lr") takes, or SettingError naming
     both; how it fits with the other settings is for `config_from_dict` to check."""
-    cls: Any = Config
-    *sections, leaf = key.split(".")
-    for section in sections:
-        cls = typing.get_type_hints(cls)[section]
-    f = {f.name: f for f in dataclasses.fields(cls)}[leaf]
-    _setting(value, typing.get_type_hints(cls)[leaf], f, key)
+    _setting(value, *typed_json.field_of(Config, key), key)
 
 
 def config_from_dict(raw: Any, source: str = "config") -> Config:
     """Validate a plain dict (as read from JSON) into a Config; `source` names it in errors."""
-    cfg = _build(Config, raw, "", source)
+    cfg = typed_json.build(Config, raw, source, _setting)
     problem = _inconsistency(cfg)
     if problem:
         raise ConfigError(f"{source}: {problem}")
@@ -294,18 +187,19 @@ def config_from_dict(raw: Any, source: str = "config") -> Config:
 
 def _inconsistency(cfg: Config) -> Optional[str]:
     """Settings that are each valid but together would be ignored or refused by torch."""
-    o, s = cfg.optimizer, cfg.schedule
-    if s.cycle_momentum and o.momentum is not None:
-        return (f"optimizer.momentum {json.dumps(o.momentum)} would have no effect: schedule.cycle_momentum is "
-                f"true, so momentum cycles from schedule.max_momentum {s.max_momentum} to "
-                f"schedule.base_momentum {s.base_momentum} and back; set optimizer.momentum to null, or "
+    optimizer, schedule = cfg.optimizer, cfg.schedule
+    if schedule.cycle_momentum and optimizer.momentum is not None:
+        return (f"optimizer.momentum {json.dumps(optimizer.momentum)} would have no effect: "
+                f"schedule.cycle_momentum is true, so momentum cycles from schedule.max_momentum "
+                f"{schedule.max_momentum} to schedule.base_momentum {schedule.base_momentum} and back; "
+                f"set optimizer.momentum to null, or "
                 f"schedule.cycle_momentum to false")
-    if not s.cycle_momentum and o.momentum is None:
+    if not schedule.cycle_momentum and optimizer.momentum is None:
         return "optimizer.momentum must be a number when schedule.cycle_momentum is false"
-    if s.cycle_momentum and s.base_momentum > s.max_momentum:
-        return (f"schedule.base_momentum {s.base_momentum} must not exceed schedule.max_momentum "
-                f"{s.max_momentum}")
-    if o.nesterov and min(momentum_range(cfg)) <= 0:
+    if schedule.cycle_momentum and schedule.base_momentum > schedule.max_momentum:
+        return (f"schedule.base_momentum {schedule.base_momentum} must not exceed schedule.max_momentum "
+                f"{schedule.max_momentum}")
+    if optimizer.nesterov and min(momentum_range(cfg)) <= 0:
         return "optimizer.nesterov needs a momentum above 0"
     keys = setting_keys() if cfg.logging.hparams else []
     unknown = [k for k in cfg.logging.hparams if k not in keys]
@@ -352,7 +246,7 @@ def load_config(path: str | Path) -> Config:
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config file ({e.strerror})") from None
     try:
-        raw = json.loads(text, object_pairs_hook=_JsonObject.from_pairs)
+        raw = typed_json.loads(text)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     except RecursionError:

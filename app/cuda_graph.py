@@ -9,7 +9,7 @@ What a replay needs, and how it gets it:
 - fixed addresses: the batch is copied into static input tensors; one graph per batch shape (the
   epoch's last, smaller batch gets its own);
 - every value the schedule changes per step, learning rate and momentum: the optimizer
-  (app/sgd.py) reads them inside the graph from device tensors, which `load_scheduled_values` refills
+  (app/optim.py) reads them inside the graph from device tensors, which `load_scheduled_values` refills
   from `param_groups` before each replay; during capture the optimizer leaves them alone, so no
   capture-time value is baked into the graph;
 - the augmentation's random numbers: its generator is registered with each graph, so every replay
@@ -20,17 +20,18 @@ What a replay needs, and how it gets it:
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from app.engines import TrainStep
-from app.sgd import CapturableSGD
+from app.optim import CapturableSGD
+
+Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # engines.TrainStep: (images, labels) -> output
 
 
 class CudaGraphStep:
-    def __init__(self, eager_step: TrainStep, model: nn.Module, optimizer: CapturableSGD,
+    def __init__(self, eager_step: Step, model: nn.Module, optimizer: CapturableSGD,
                  generator: torch.Generator) -> None:
         self.eager_step, self.model, self.optimizer, self.generator = eager_step, model, optimizer, generator
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}

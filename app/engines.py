@@ -1,14 +1,27 @@
-"""The trainer and the evaluator: what one iteration does, and nothing about logging or files."""
+"""The trainer and the evaluator: what one iteration does, and nothing about logging or files.
+
+The training step is one function of (images, labels) on the device; on one GPU it is replayed from
+CUDA graphs (app/cuda_graph.py), everywhere else it runs eagerly, and both are the same code. The
+evaluator is the one training and `python -m app evaluate` use, so their figures are the same.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import ignite.distributed as idist
 import torch
 import torch.nn.functional as F
 from ignite.engine import Engine
-from ignite.metrics import Accuracy, Loss, TopKCategoricalAccuracy
+from ignite.metrics import Accuracy, ConfusionMatrix, Loss, TopKCategoricalAccuracy
 from torch import nn
+
+from app.augment import Normalize
+from app.config import Config
+from app.cuda_graph import CudaGraphStep
+from app.device import memory_format
+from app.loader import ShardedBatches
+from app.optim import CapturableSGD
 
 
 @dataclass(frozen=True)
@@ -20,6 +33,7 @@ class Precision:
 
     @staticmethod
     def resolve(amp: str, device: torch.device) -> "Precision":
+        """`train.amp`: auto is bf16 on CUDA and fp32 elsewhere."""
         if amp == "auto":
             amp = "bf16" if device.type == "cuda" else "off"
         return {"off": Precision(None, False), "bf16": Precision(torch.bfloat16, False),
@@ -43,12 +57,12 @@ def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
     """One optimizer step on a uint8 batch already on the device: augment there, forward, backward,
     step. Returns the batch's loss and top-1 (of the logits this step trained on, augmented images,
     model in training mode) as one device tensor: reading it would synchronise, so LossBuffer reads
-    it in batches; captured in a CUDA graph, it is the graph's one output.)"""
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    it in batches; captured in a CUDA graph, it is the graph's one output."""
+    layout = memory_format(channels_last)
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         model.train()
-        x = augment(images).contiguous(memory_format=memory_format)
+        x = augment(images).contiguous(memory_format=layout)
         with _autocast(device, precision):
             logits = model(x)
             loss = F.cross_entropy(logits, labels)
@@ -66,6 +80,26 @@ def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
     return step
 
 
+def use_cuda_graphs(cfg: Config, device: torch.device, world: int, precision: Precision) -> bool:
+    """Graphs replace launch overhead on one GPU; DDP's all-reduce, torch.compile (which has its own
+    graphs) and fp16's loss scaling (a host decision per step) keep the eager step."""
+    return (cfg.train.cuda_graphs and device.type == "cuda" and world == 1 and not cfg.train.compile
+            and not precision.scaler)
+
+
+def build_train_step(cfg: Config, model: nn.Module, train_model: nn.Module, optimizer: CapturableSGD,
+                     augment: Callable[[torch.Tensor], torch.Tensor], generator: torch.Generator,
+                     device: torch.device, precision: Precision, scaler: Optional[torch.amp.GradScaler],
+                     world: int) -> TrainStep:
+    """The eager step of `train_model` (the model itself, or its DDP / torch.compile wrapper), replayed
+    from CUDA graphs where `use_cuda_graphs` allows (`generator`: the augmentation's, which each graph
+    replay advances)."""
+    step = make_train_step(train_model, optimizer, augment, device, precision, scaler, cfg.train.channels_last)
+    if use_cuda_graphs(cfg, device, world, precision):
+        step = CudaGraphStep(step, model, optimizer, generator)
+    return step
+
+
 def create_trainer(step: TrainStep, device: torch.device) -> Engine:
     def train_step(engine: Engine, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         images, labels = (t.to(device, non_blocking=True) for t in batch)
@@ -74,17 +108,20 @@ def create_trainer(step: TrainStep, device: torch.device) -> Engine:
     return Engine(train_step)
 
 
-def create_evaluator(model: nn.Module, normalize: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
-                     precision: Precision, channels_last: bool = False) -> Engine:
-    """Top-1, top-5 and mean loss over everything the evaluator is run on. Under several processes
-    each metric sums its counts over all of them, so uneven shards give exact whole-set figures."""
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+def create_evaluator(cfg: Config, model: nn.Module, device: torch.device) -> Engine:
+    """Top-1, top-5, mean loss and the confusion matrix over everything the evaluator is run on, with
+    the model in eval mode, the run's normalisation, precision and memory layout. Under several
+    processes each metric sums its counts over all of them, so uneven shards give exact whole-set
+    figures."""
+    normalize = Normalize(cfg.augment.mean, cfg.augment.std, device)
+    precision = Precision.resolve(cfg.train.amp, device)
+    layout = memory_format(cfg.train.channels_last)
 
     @torch.no_grad()
     def eval_step(engine: Engine, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         model.eval()
         images, labels = (t.to(device, non_blocking=True) for t in batch)
-        x = normalize(images).contiguous(memory_format=memory_format)
+        x = normalize(images).contiguous(memory_format=layout)
         with _autocast(device, precision):
             logits = model(x)
         return logits.float(), labels
@@ -93,4 +130,13 @@ def create_evaluator(model: nn.Module, normalize: Callable[[torch.Tensor], torch
     Accuracy(device=device).attach(evaluator, "top1")
     TopKCategoricalAccuracy(k=5, device=device).attach(evaluator, "top5")
     Loss(F.cross_entropy, device=device).attach(evaluator, "loss")
+    ConfusionMatrix(cfg.model.num_classes, device=device).attach(evaluator, "confusion")
     return evaluator
+
+
+def evaluation_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int,
+                       device: torch.device) -> ShardedBatches:
+    """This process's unpadded shard of a test set, `batch_size` images per process and batch."""
+    world = idist.get_world_size()
+    return ShardedBatches(images.to(device), labels.to(device), batch_size=batch_size * world, shuffle=False,
+                          rank=idist.get_rank(), world_size=world, drop_uneven=False)

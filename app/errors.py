@@ -11,3 +11,12 @@ class ConfigError(UserError):
     """A bad config file or flag. Exit code 2, like argparse."""
 
     exit_code = 2
+
+
+class SettingError(ConfigError):
+    """One setting's value is of the wrong type or out of range: `key` and what is wrong with it, kept
+    apart so that a command-line flag can be named instead of its key."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key} {problem}")
+        self.key, self.problem = key, problem

@@ -1,9 +1,10 @@
 """`python -m app evaluate`: a checkpoint's top-1, top-5 and loss on the test set, per-class accuracy,
 the worst classes and the most confused pairs.
 
-It uses the evaluator that training uses, so the figures are the ones training logged for that
-checkpoint. Under several processes each takes a disjoint, unpadded shard of the test set and the
-metrics (the confusion matrix included) are summed over processes.
+It uses the evaluator that training uses (app/engines.py), so the figures are the ones training logged
+for that checkpoint; per-class accuracy and the most confused pairs are computed as TensorBoard's
+(handlers/confusion.py). Under several processes each takes a disjoint, unpadded shard of the test set
+and the metrics (the confusion matrix included) are summed over processes.
 """
 from __future__ import annotations
 
@@ -12,83 +13,45 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import ignite.distributed as idist
-import torch
-from torch import nn
 
-from app.config import Config, config_from_dict
+from app.checkpoint import epochs_done, load_checkpoint, model_from_checkpoint
 from app.data import ensure_dataset, load_cifar100
-from app.errors import ConfigError, UserError
-from app.model import build_model
-from app.runs import load_checkpoint
-from app.builders import build_evaluator, evaluation_batches, tune_backends  # training's evaluator
+from app.device import resolve_device
+from app.engines import create_evaluator, evaluation_batches
+from handlers.confusion import most_confused, per_class_accuracy
 
 
-def model_from_checkpoint(path: Path, device: torch.device) -> tuple[nn.Module, Config, list[str], dict]:
-    """The model on `device`, the config it was trained with, the class names and the raw checkpoint
-    (on the CPU), from a best-model or training checkpoint written on any device."""
-    ckpt = load_checkpoint(path)
-    if "model" not in ckpt or "meta" not in ckpt:
-        raise UserError(f"{path}: not a checkpoint of this application (no model or meta)")
-    try:
-        cfg = config_from_dict(json.loads(ckpt["meta"]["config"]), f"{path} (meta.config)")
-        classes = json.loads(ckpt["meta"]["classes"])
-    except (KeyError, TypeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: damaged meta ({e})") from None
-    except ConfigError as e:  # a bad checkpoint, not a bad config of the user's: exit 1
-        raise UserError(str(e)) from None
-    if not (isinstance(classes, list) and len(classes) == cfg.model.num_classes
-            and all(isinstance(c, str) for c in classes)):
-        raise UserError(f"{path}: damaged meta (classes: {cfg.model.num_classes} names expected)")
-    model = build_model(cfg.model.name, cfg.model.num_classes)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise UserError(f"{path}: model weights do not fit ResNet18 ({str(e).splitlines()[0]})") from None
-    return model.to(device).eval(), cfg, classes, ckpt
-
-
-def resolve_eval_device(name: str) -> torch.device:
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", idist.get_local_rank())
-    return torch.device("cpu")
-
-
-def evaluate_checkpoint(path: Path, data_root: Optional[str] = None, device: str = "cpu",
-                        batch_size: int = 500) -> dict[str, Any]:
+def evaluate_checkpoint(path: Path, data_root: Optional[str] = None, device: str = "cpu", batch_size: int = 500,
+                        contents: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """top1, top5, loss and the confusion matrix over the whole test set (this process's shard of it
-    when there are several; the metrics sum over all of them)."""
-    dev = resolve_eval_device(device)
-    tune_backends(dev)  # the backend settings training evaluated with
-    model, cfg, classes, ckpt = model_from_checkpoint(Path(path), dev)
-    data = load_cifar100(data_root or cfg.data.root, cfg.model.num_classes)
-    evaluator = build_evaluator(cfg, model, dev)
+    when there are several; the metrics sum over all of them). `contents`: the checkpoint, if already
+    loaded."""
+    dev = resolve_device(device, idist.get_local_rank())
+    ckpt = contents if contents is not None else load_checkpoint(Path(path))
+    model, meta = model_from_checkpoint(Path(path), ckpt, dev)
+    data = load_cifar100(data_root or meta.config.data.root, meta.config.model.num_classes)
+    evaluator = create_evaluator(meta.config, model, dev)
     evaluator.run(evaluation_batches(data.test.images, data.test.labels, batch_size, dev))
     m = evaluator.state.metrics
-    trainer_state = ckpt.get("trainer") or {}
-    epoch = (trainer_state["iteration"] // trainer_state["epoch_length"]) if trainer_state else None
-    return {"checkpoint": str(path), "epoch": epoch, "images": len(data.test), "top1": float(m["top1"]),
-            "top5": float(m["top5"]), "loss": float(m["loss"]), "classes": classes,
+    return {"checkpoint": str(path), "epoch": epochs_done(ckpt), "images": len(data.test), "top1": float(m["top1"]),
+            "top5": float(m["top5"]), "loss": float(m["loss"]), "classes": meta.classes,
             "confusion": m["confusion"].cpu().long()}
 
 
 def summarize(result: dict[str, Any], worst: int = 10, pairs: int = 10) -> dict[str, Any]:
     """Per-class accuracy, the worst classes and the most confused (true, predicted) pairs."""
     cm, classes = result["confusion"], result["classes"]
-    per_class = (cm.diag().float() / cm.sum(1).clamp(min=1).float()).tolist()
+    per_class = per_class_accuracy(cm).tolist()
     present = [i for i in range(len(classes)) if cm[i].sum() > 0]
     worst_ids = sorted(present, key=lambda i: (per_class[i], i))[:worst]
-    off = cm.clone()
-    off.fill_diagonal_(0)
-    counts, flat = off.flatten().sort(descending=True, stable=True)
-    confused = [(int(f) // len(classes), int(f) % len(classes), int(c)) for c, f in zip(counts[:pairs], flat[:pairs])
-                if c > 0]
     return {
         "checkpoint": result["checkpoint"], "epoch": result["epoch"], "images": result["images"],
         "top1": result["top1"], "top5": result["top5"], "loss": result["loss"],
         "per_class_accuracy": {classes[i]: per_class[i] for i in present},
         "worst_classes": [{"class": classes[i], "accuracy": per_class[i], "images": int(cm[i].sum())}
                           for i in worst_ids],
-        "most_confused": [{"true": classes[t], "predicted": classes[p], "count": c} for t, p, c in confused],
+        "most_confused": [{"true": classes[t], "predicted": classes[p], "count": n}
+                          for t, p, n, _ in most_confused(cm, pairs)],
     }
 
 
@@ -106,15 +69,18 @@ def format_report(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_evaluate(local_rank: int, checkpoint: str, data_root: Optional[str], device: str, as_json: bool,
-                 write: Callable[[str], None] = print) -> None:
+def run_evaluate(local_rank: int, checkpoint: Path, contents: Optional[dict[str, Any]], data_root: Optional[str],
+                 device: str, as_json: bool, write: Callable[[str], None] = print) -> None:
     """Entry point of each evaluation process; rank 0 prints."""
-    summary = summarize(evaluate_checkpoint(Path(checkpoint), data_root, device))
+    summary = summarize(evaluate_checkpoint(checkpoint, data_root, device, contents=contents))
     if idist.get_rank() == 0:
         write(json.dumps(summary) if as_json else format_report(summary))
 
 
-def check_evaluation_inputs(checkpoint: str, data_root: Optional[str]) -> None:
-    """Before any process starts: the checkpoint loads and the data is there."""
-    _, cfg, _, _ = model_from_checkpoint(Path(checkpoint), torch.device("cpu"))
-    ensure_dataset(data_root or cfg.data.root, download=False)
+def check_evaluation_inputs(checkpoint: Path, data_root: Optional[str]) -> dict[str, Any]:
+    """Before any process starts: the checkpoint loads and fits the model, and the data is there.
+    Returns the loaded checkpoint."""
+    contents = load_checkpoint(checkpoint)
+    _, meta = model_from_checkpoint(checkpoint, contents, resolve_device("cpu"))
+    ensure_dataset(data_root or meta.config.data.root, download=False)
+    return contents

@@ -8,10 +8,19 @@ it, so the data order depends only on the seed and the epoch and can be replayed
 """
 from __future__ import annotations
 
-import math
 from typing import Iterator
 
 import torch
+
+
+def iterations_per_epoch(n_images: int, batch_size: int, world_size: int = 1) -> int:
+    """Training iterations in an epoch of `n_images`: each process's equal shard, in batches of
+    `batch_size // world_size` (the last one smaller), as ShardedBatches draws them."""
+    return _batches(n_images // world_size, batch_size // world_size)
+
+
+def _batches(items: int, per_batch: int) -> int:
+    return -(-items // per_batch)  # ceiling division, exact at any size
 
 
 class ShardedBatches:
@@ -36,7 +45,7 @@ class ShardedBatches:
         return len(range(self.rank, n, self.world_size))
 
     def __len__(self) -> int:
-        return math.ceil(self.shard_size() / self.per_process)
+        return _batches(self.shard_size(), self.per_process)
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         """Choose the epoch whose permutation the next iteration uses, and how many of its batches

@@ -16,8 +16,9 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import functional as TF
 
 from app.augment import Normalize
+from app.checkpoint import load_checkpoint, model_from_checkpoint
+from app.device import resolve_device
 from app.errors import UserError
-from app.evaluate import model_from_checkpoint, resolve_eval_device
 
 
 def load_image(path: Path) -> torch.Tensor:
@@ -48,10 +49,11 @@ def load_image(path: Path) -> torch.Tensor:
 def predict(checkpoint: Path, images: list[Path], top: int = 5, device: str = "cpu") -> list[dict[str, Any]]:
     """`device`: auto (a GPU if there is one), cpu or cuda."""
     batch = torch.stack([load_image(p) for p in images])  # every file checked before any work
-    dev = resolve_eval_device(device)
-    model, cfg, classes, _ = model_from_checkpoint(checkpoint, dev)
+    dev = resolve_device(device)
+    model, meta = model_from_checkpoint(checkpoint, load_checkpoint(checkpoint), dev)
+    augment, classes = meta.config.augment, meta.classes
     with torch.no_grad():
-        probs = model(Normalize(cfg.augment.mean, cfg.augment.std, dev)(batch.to(dev))).float().softmax(1)
+        probs = model(Normalize(augment.mean, augment.std, dev)(batch.to(dev))).float().softmax(1)
     values, indices = probs.topk(top, dim=1)
     return [{"image": str(p), "top": [{"class": classes[i], "probability": v}
                                       for v, i in zip(vs.tolist(), ix.tolist())]}

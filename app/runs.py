@@ -1,5 +1,5 @@
-"""The life of a run folder: naming a new one, creating it, owning it, finding the one to resume and
-the intact checkpoint in it, and how many training checkpoints it keeps.
+"""The life of a run folder: naming a new one, creating it, owning it, and finding the one to resume
+with the intact checkpoint in it (what a checkpoint holds and how it is checked: app/checkpoint.py).
 
 A run folder holds config.json (the resolved config), results.json, checkpoints/, tb/ and .lock. The
 launcher only plans and checks (`new_run`, `resume_run`, `check_not_in_use`, `check_writable`): nothing
@@ -13,7 +13,6 @@ for the life of its process:
   renamed into place. A rename does not replace a folder with files in it, so a new run never adopts
   another run's folder, and an unnamed run that finds its timestamp taken takes the next free name.
 - Files and folders get the modes the umask gives any other tool's (handlers/atomic.py).
-- Training checkpoints: `keep_last` is counted from the files on disk, so it holds across resumes.
 """
 from __future__ import annotations
 
@@ -23,29 +22,22 @@ import json
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, NoReturn, Optional
+from typing import Callable, Iterator, NoReturn, Optional
 
-import torch
-from ignite.engine import Engine, Events
-from ignite.engine.events import EventsList
-from ignite.handlers import Checkpoint
-
+from app.checkpoint import TrainingCheckpoint, check_training_checkpoint, expected_model_shapes
 from app.config import Config, config_from_dict, flat_settings, to_dict
 from app.errors import ConfigError, UserError
-from app.model import build_model
 from handlers.atomic import umask
-from handlers.checkpoints import SaveThenRemove, attach_training_checkpoint, training_checkpoints
+from handlers.checkpoints import training_checkpoints
 from handlers.results import write_json_atomic
 
 LATEST = "latest"  # the value of --resume given without a path
-MAX_CHECKPOINT_BYTES = 2**30  # what a checkpoint may expand to in memory; the recipe's take about 90 MB
 LOCK_FILE = ".lock"
-CHECKPOINT_KEYS = ("trainer", "model", "optimizer", "lr_scheduler", "augment", "meta")
 
 # Settings that may change when a run is resumed: they do not change what is computed.
 SAFE_TO_CHANGE = ("data.root", "data.download", "train.device", "train.compile", "train.channels_last",
@@ -54,14 +46,21 @@ SAFE_TO_CHANGE = ("data.root", "data.download", "train.device", "train.compile",
 
 @dataclass(frozen=True)
 class RunPlan:
+    """Where a run trains, decided before any process starts: its folder and, for a resume, the
+    checked training checkpoint it continues from."""
+
     run_dir: Path
-    checkpoint: Optional[Path] = None  # the training checkpoint to resume from
+    checkpoint: Optional[TrainingCheckpoint] = None  # the training checkpoint to resume from
     resume: bool = False  # True: an existing run folder (without a checkpoint yet, it starts over there)
-    trainer_state: Optional[dict] = None  # the checkpoint's trainer state (iteration, epoch_length, ...)
 
     @property
     def checkpoints_dir(self) -> Path:
         return checkpoints_dir(self.run_dir)
+
+    def finished(self, epochs: int) -> bool:
+        """Whether the checkpoint to resume from is the end of a run of `epochs` epochs."""
+        c = self.checkpoint
+        return c is not None and c.iteration >= c.epoch_length * epochs
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
@@ -184,13 +183,12 @@ def claim_run_dir(cfg: Config, plan: RunPlan) -> tuple[RunPlan, RunLock]:
         lock = lock_run_dir(staging)  # the flock stays with the file through the rename
         write_json_atomic(staging / "config.json", to_dict(cfg))
         checkpoints_dir(staging).mkdir()
-        names = iter([plan.run_dir]) if cfg.logging.run_name else _free_names(plan.run_dir)
-        for run_dir in names:
-            if _rename_unless_taken(staging, run_dir):
-                return RunPlan(run_dir), lock
-            if cfg.logging.run_name:  # another process took the name since the launcher checked
-                _refuse_existing(run_dir)
-        raise AssertionError("unreachable: _free_names never ends")
+        if cfg.logging.run_name:
+            if not _rename_unless_taken(staging, plan.run_dir):  # taken since the launcher checked
+                _refuse_existing(plan.run_dir)
+            return RunPlan(plan.run_dir), lock
+        run_dir = next(d for d in _free_names(plan.run_dir) if _rename_unless_taken(staging, d))
+        return RunPlan(run_dir), lock
     except BaseException:
         if lock is not None:
             lock.release()
@@ -226,90 +224,7 @@ def check_writable(folder: Path) -> None:
         raise UserError(f"{folder}: output folder is not writable ({e.strerror or e})") from None
 
 
-def attach_checkpoints(trainer: Engine, run_dir: Path, to_save: Mapping[str, Any], *, keep_last: int,
-                       event: Events | EventsList, background: bool = False) -> tuple[Checkpoint, SaveThenRemove]:
-    """The training checkpoints, saved at `event` (written in the background if `background`),
-    keeping the newest `keep_last` counted from the files on disk: after a resume the handler knows the
-    files earlier processes wrote, and any beyond `keep_last` (left by an older version, say) go once
-    this process has written a newer one. Returns the handler and its saver."""
-    handler, saver = attach_training_checkpoint(trainer, checkpoints_dir(run_dir), to_save, keep_last=keep_last,
-                                                event=event, background=background)
-    on_disk = training_checkpoints(checkpoints_dir(run_dir))  # newest first
-    kept, stale = on_disk[:keep_last], on_disk[keep_last:]
-    handler.load_state_dict({"_saved": [(checkpoint_iteration(p), p.name) for p in reversed(kept)]})
-    for p in stale:
-        saver.remove(p.name)  # deleted after the next checkpoint is complete on disk
-    return handler, saver
-
-
-def checkpoint_iteration(path: Path) -> int:
-    return int(path.stem.rsplit("_", 1)[1])
-
-
-def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
-    """torch.load with weights_only=True: a checkpoint file can hold tensors and plain data, never code;
-    and refused unread if it would expand beyond MAX_CHECKPOINT_BYTES in memory."""
-    size = _expanded_size(path)
-    if size > MAX_CHECKPOINT_BYTES:
-        raise UserError(f"{path}: refused, it would take {size / 2**30:.1f} GiB in memory (a checkpoint of this "
-                        f"application takes about 0.1 GiB; the limit is {MAX_CHECKPOINT_BYTES / 2**30:.0f} GiB)")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"{path}: checkpoint not found") from None
-    except Exception as e:  # noqa: BLE001 - truncated zip, bad pickle, refused global: all "not loadable"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: not a loadable checkpoint ({first})") from None
-    if not isinstance(ckpt, dict):
-        raise UserError(f"{path}: not a training checkpoint (found {type(ckpt).__name__})")
-    return ckpt
-
-
-def _expanded_size(path: Path) -> int:
-    """What loading would read into memory: a zip's (torch.save's format) entries uncompressed, as its
-    directory declares them (a small file can declare gigabytes); otherwise the file's own size."""
-    try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as z:
-                return sum(info.file_size for info in z.infolist())
-        return path.stat().st_size
-    except FileNotFoundError:
-        raise UserError(f"{path}: checkpoint not found") from None
-    except (OSError, zipfile.BadZipFile) as e:
-        raise UserError(f"{path}: not a loadable checkpoint ({e})") from None
-
-
-def expected_model_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
-    """Every tensor of the model `cfg.model` describes, with its shape (built without memory)."""
-    with torch.device("meta"):
-        model = build_model(cfg.model.name, cfg.model.num_classes)
-    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
-
-
-def check_training_checkpoint(path: Path, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
-    """A loadable training checkpoint of this run: every part a resume needs, the model's tensors in
-    `shapes` (`expected_model_shapes`), the trainer's position and the run's meta as written."""
-    ckpt = load_checkpoint(path)
-    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
-    if missing:
-        raise UserError(f"{path}: not a training checkpoint (missing {', '.join(missing)})")
-    model = ckpt["model"]
-    found = {k: tuple(v.shape) for k, v in model.items() if isinstance(v, torch.Tensor)} \
-        if isinstance(model, dict) else {}
-    if found != dict(shapes):
-        wrong = sorted(set(found) ^ set(shapes)) or sorted(k for k in shapes if found[k] != shapes[k])
-        raise UserError(f"{path}: not a checkpoint of this run's model ({len(wrong)} tensors differ, e.g. "
-                        f"{wrong[0]})")
-    trainer, meta = ckpt["trainer"], ckpt["meta"]
-    if not (isinstance(trainer, dict) and all(isinstance(trainer.get(k), int) and trainer[k] >= 0
-                                              for k in ("iteration", "epoch_length"))):
-        raise UserError(f"{path}: damaged trainer state (iteration and epoch_length expected)")
-    if not (isinstance(meta, dict) and all(isinstance(meta.get(k), str) for k in ("config", "classes", "data"))):
-        raise UserError(f"{path}: damaged meta (config, classes and data expected)")
-    return ckpt
-
-
-def _newest_intact(run_dir: Path, cfg: Config, warn) -> RunPlan:
+def _newest_intact(run_dir: Path, cfg: Config, warn: Callable[[str], None]) -> RunPlan:
     """The run resumed from its newest intact training checkpoint (loadable, of this run's model); from
     the start if it has none yet (killed in its first epoch: it starts again in the same folder)."""
     if not (run_dir / "config.json").is_file():
@@ -318,7 +233,7 @@ def _newest_intact(run_dir: Path, cfg: Config, warn) -> RunPlan:
     shapes = expected_model_shapes(cfg)
     for path in training_checkpoints(checkpoints_dir(run_dir)):
         try:
-            trainer_state = check_training_checkpoint(path, shapes)["trainer"]
+            checkpoint = check_training_checkpoint(path, shapes)
         except UserError as e:
             problems.append(str(e))
             continue
@@ -326,7 +241,7 @@ def _newest_intact(run_dir: Path, cfg: Config, warn) -> RunPlan:
             warn(f"skipping unusable checkpoint: {p}")
         if problems:
             warn(f"resuming from {path} instead")
-        return RunPlan(run_dir, path, resume=True, trainer_state=trainer_state)
+        return RunPlan(run_dir, checkpoint, resume=True)
     if problems:
         raise UserError(f"{run_dir}: no intact training checkpoint ({'; '.join(problems)})")
     return RunPlan(run_dir, resume=True)
@@ -342,7 +257,7 @@ def latest_run(output_dir: Path) -> Path:
     return max(runs)[1]
 
 
-def resume_run(cfg: Config, resume: str, warn=print) -> RunPlan:
+def resume_run(cfg: Config, resume: str, warn: Callable[[str], None] = print) -> RunPlan:
     """--resume (latest run under the output folder), --resume RUN_DIR or --resume CHECKPOINT_FILE."""
     if resume == LATEST:
         return _newest_intact(latest_run(Path(cfg.logging.output_dir)), cfg, warn)
@@ -351,9 +266,9 @@ def resume_run(cfg: Config, resume: str, warn=print) -> RunPlan:
         return _newest_intact(path, cfg, warn)
     if not path.exists():
         raise UserError(f"{path}: no such run folder or checkpoint")
-    trainer_state = check_training_checkpoint(path, expected_model_shapes(cfg))["trainer"]
+    checkpoint = check_training_checkpoint(path, expected_model_shapes(cfg))
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    return RunPlan(run_dir, path, resume=True, trainer_state=trainer_state)
+    return RunPlan(run_dir, checkpoint, resume=True)
 
 
 def unsafe_changes(saved: Config, new: Config) -> list[str]:
@@ -376,3 +291,20 @@ def saved_config(run_dir: Path) -> Config:
         return config_from_dict(raw, str(path))
     except ConfigError as e:
         raise UserError(str(e)) from None
+
+
+def plan_run(cfg: Config, resume: Optional[str], first_process: bool) -> RunPlan:
+    """The run folder and checkpoint to use: a new folder's name, or the run `--resume` names with its
+    newest intact checkpoint, refused if a live process owns it or the settings would change what it
+    computes. `first_process`: whether this process is the one that creates or locks the folder (not
+    so for the others under torchrun, which each plan for themselves)."""
+    if resume is None:
+        return new_run(cfg, check_exists=first_process)
+    plan = resume_run(cfg, resume, warn=lambda m: print(f"warning: {m}", file=sys.stderr))
+    if first_process:
+        check_not_in_use(plan.run_dir)
+    changes = unsafe_changes(saved_config(plan.run_dir), cfg)
+    if changes:
+        raise ConfigError(f"{plan.run_dir}/config.json: cannot resume with settings that change the run: "
+                          + "; ".join(changes))
+    return plan

@@ -18,6 +18,7 @@ import time
 import torch
 
 from app.config import Config, override
+from app.device import resolve_device
 from bench import measure
 
 
@@ -34,10 +35,8 @@ def _args() -> argparse.Namespace:
 def main() -> None:
     args = _args()
     started = time.perf_counter()
-    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda" if cuda else "cpu")
-    if cuda:
-        torch.backends.cudnn.benchmark = True
+    device = resolve_device(args.device)
+    cuda = device.type == "cuda"
     batch = 32 if (args.quick and not cuda) else 128
     cfg = override(Config(), {"train.batch_size": batch, "train.compile": args.compile,
                               "train.device": device.type}, "bench")

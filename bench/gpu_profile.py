@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from app.augment import BatchAugment
+from app.device import resolve_device
 from app.model import cifar_resnet18
-from app.sgd import CapturableSGD
+from app.optim import CapturableSGD
 
 
 def timed(fn, device, iters: int) -> float:
@@ -30,10 +31,9 @@ def timed(fn, device, iters: int) -> float:
 
 
 def main() -> None:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device("auto")
     iters = 50 if device.type == "cuda" else 2
     batch = 128
-    torch.backends.cudnn.benchmark = True
     out: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
     images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 100, (batch,), device=device)

@@ -11,11 +11,13 @@ from ignite.engine import Engine, Events
 from ignite.handlers import LRScheduler
 from torch.utils.flop_counter import FlopCounterMode
 
+from app.augment import build_augment
 from app.config import Config
-from app.engines import Precision, create_trainer
-from app.loader import ShardedBatches
+from app.device import memory_format
+from app.engines import Precision, build_train_step, create_trainer
+from app.loader import ShardedBatches, iterations_per_epoch
 from app.model import build_model
-from app.builders import build_augment, build_optimizer, build_scheduler, build_train_step, scheduled_values
+from app.optim import build_optimizer, build_scheduler, scheduled_values
 from bench.seed_pipeline import as_pil, run_per_image, seed_transform
 from handlers.loss_buffer import LossBuffer
 
@@ -42,15 +44,14 @@ def random_images(n: int, device: torch.device, seed: int = 0) -> tuple[torch.Te
 
 def augmentation(cfg: Config, device: torch.device, n_seed: int, n_ours: int, batch: int = 128) -> dict:
     """Images per second of the seed's per-image pipeline and of BatchAugment, on the same images."""
-    a = cfg.augment
     images, _ = random_images(max(n_seed, batch), device)
     on_tensors = device.type == "cuda"
-    seed = seed_transform(a.mean, a.std, on_tensors=on_tensors)
+    seed = seed_transform(cfg.augment.mean, cfg.augment.std, on_tensors=on_tensors)
     seed_inputs = list(images[:n_seed]) if on_tensors else as_pil(images[:n_seed])
     run_per_image(seed, seed_inputs[:8])  # warm-up
     seed_s = timed(lambda: run_per_image(seed, seed_inputs), device)
 
-    ours = build_augment(a, torch.Generator(device).manual_seed(0))
+    ours = build_augment(cfg.augment, torch.Generator(device).manual_seed(0))
     x = images[:batch]
     for _ in range(3):
         ours(x)
@@ -71,7 +72,7 @@ class _Setup:
 
     def __init__(self, cfg: Config, device: torch.device, n_images: int, iters_total: int) -> None:
         torch.manual_seed(cfg.seed)
-        fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        fmt = memory_format(cfg.train.channels_last)
         self.model = build_model(cfg.model.name, cfg.model.num_classes).to(device, memory_format=fmt)
         self.train_model = torch.compile(self.model) if cfg.train.compile else self.model
         self.optimizer = build_optimizer(cfg, self.model)
@@ -81,8 +82,8 @@ class _Setup:
         self.scheduler = build_scheduler(cfg, self.optimizer, 0, total_steps=iters_total + 10)
         self.precision = Precision.resolve(cfg.train.amp, device)
         self.fmt = fmt
-        self.step = build_train_step(cfg, self.model, self.train_model, self.optimizer, self.augment, device,
-                                     self.precision, None, world=1)
+        self.step = build_train_step(cfg, self.model, self.train_model, self.optimizer, self.augment,
+                                     self.augment.generator, device, self.precision, None, world=1)
 
 
 def plain_loop(s: _Setup, device: torch.device, iters: int) -> float:
@@ -131,7 +132,7 @@ def trainer_overhead(cfg: Config, device: torch.device, iters: int, rounds: int)
 
 def full_epoch(cfg: Config, device: torch.device, n_images: int, epochs: int) -> dict:
     """Seconds per epoch of the Ignite trainer over `n_images` synthetic images (last of `epochs`)."""
-    iters = -(-n_images // cfg.train.batch_size)
+    iters = iterations_per_epoch(n_images, cfg.train.batch_size)
     s = _Setup(cfg, device, n_images=n_images, iters_total=epochs * iters)
     trainer = ignite_trainer(s, device, cfg.logging.log_every_iters)
     times: list[float] = []

@@ -47,7 +47,7 @@ def sweep_throughput(sweep_dir: Path, wall_seconds: float, train_images: int) ->
     plan = json.loads((sweep_dir / "sweep.json").read_text())
     names = [r["name"] for r in plan["runs"]]
     steady = [steady_images_per_second(sweep_dir / n) for n in names]
-    from app.sweep_summary import read_results
+    from app.sweep.status import read_results
 
     finished = [n for n in names if (read_results(sweep_dir / n) or {}).get("status") == "finished"]
     trained = sum(train_images * _epochs(sweep_dir / n) for n in finished)

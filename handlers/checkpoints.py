@@ -165,10 +165,17 @@ def attach_training_checkpoint(trainer: Engine, folder: str | Path, to_save: Map
     return handler, saver
 
 
+def training_checkpoint_iteration(name: str) -> int | None:
+    """The iteration in a training checkpoint's file name (`training_checkpoint_1955.pt`: 1955), or None
+    for any other name."""
+    m = _TRAINING_FILE.match(name)
+    return int(m.group(1)) if m else None
+
+
 def training_checkpoints(folder: str | Path) -> list[Path]:
     """The training checkpoints in `folder`, newest (highest iteration) first."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _TRAINING_FILE.match(p.name))]
+    found = [(it, p) for p in folder.iterdir() if (it := training_checkpoint_iteration(p.name)) is not None]
     return [p for _, p in sorted(found, reverse=True)]

@@ -48,7 +48,7 @@ from tensorboardX.proto.summary_pb2 import Summary, SummaryMetadata
 from tensorboardX.summary import histogram, image, scalar, text
 
 from handlers.atomic import OutputWriteError
-from handlers.confusion import confusion_image, most_confused, most_confused_table
+from handlers.confusion import confusion_image, most_confused, most_confused_table, per_class_accuracy
 from handlers.loss_buffer import LossEvents
 
 
@@ -157,8 +157,7 @@ class TensorBoardLogging:
             pairs = most_confused(confusion)
             self.validation.image("validation/confusion_matrix", confusion_image(confusion, names, pairs), step)
             self.validation.text("validation/most_confused", most_confused_table(pairs, names), step)
-            per_class = confusion.diag().float() / confusion.sum(1).clamp(min=1).float()
-            self.validation.histogram("validation/per_class_accuracy", per_class, step,
+            self.validation.histogram("validation/per_class_accuracy", per_class_accuracy(confusion), step,
                                       bins=np.linspace(0.0, 1.0, 21))
         self.validation.push()
 

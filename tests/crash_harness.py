@@ -24,6 +24,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from app.loader import iterations_per_epoch
 from bench.synthetic import write_cifar100
 
 
@@ -86,7 +87,7 @@ def crash_resume(work: Path, *, kills: int, seed: int = 0, every_iters: int = 0,
     training_started, _ = _wait_for_training(ref)
     _, err = ref.communicate(timeout=900)
     assert ref.returncode == 0, err
-    total_iters = epochs * -(-(n_train // nproc) // (batch // nproc))
+    total_iters = epochs * iterations_per_epoch(n_train, batch, nproc)
     per_iteration = (time.monotonic() - training_started) / total_iters
 
     rng = random.Random(seed)

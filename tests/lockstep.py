@@ -1,7 +1,7 @@
 """Two training steps compared step by step over a whole OneCycleLR cycle, each step from the same state.
 
 Comparing two whole trajectories of ResNet18 does not work: its training is chaotic at small batches,
-and two correct SGD steps that round differently in the last bit (torch.optim.SGD and app/sgd.py, say)
+and two correct SGD steps that round differently in the last bit (torch.optim.SGD and app/optim.py, say)
 are 1% apart in loss after 12 steps at batch 64 (measured on the CPU). So before every step the
 reference takes the candidate's whole state (weights, BatchNorm statistics, momentum buffers,
 augmentation generator), both run one step on the same batch with lr and momentum from their own
@@ -20,11 +20,11 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from app.builders import build_augment, build_optimizer, build_scheduler
+from app.augment import build_augment
 from app.config import Config, override
 from app.engines import Precision, TrainStep, make_train_step
 from app.model import cifar_resnet18
-from app.sgd import CapturableSGD
+from app.optim import CapturableSGD, build_optimizer, build_scheduler
 
 
 @dataclass
@@ -39,7 +39,7 @@ class Side:
 def make_side(device: torch.device, precision: Precision, steps_per_epoch: int, epochs: int,
               wrap: Optional[Callable[[TrainStep, nn.Module, CapturableSGD, torch.Generator], TrainStep]] = None
               ) -> Side:
-    """The application's parts, as builders make them for the recipe: ResNet18 (channels_last), the
+    """The application's parts, as a run builds them for the recipe: ResNet18 (channels_last), the
     optimizer, OneCycleLR over `epochs` x `steps_per_epoch`, the augmentation and the training step."""
     cfg = override(Config(), {"train.epochs": epochs, "train.device": device.type})
     torch.manual_seed(0)

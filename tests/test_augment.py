@@ -19,7 +19,11 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from app.augment import CIFAR100_MEAN, CIFAR100_STD, AugmentParams, BatchAugment, normalize
+from app.augment import AugmentParams, BatchAugment, Normalize
+from app.checkpoint import GeneratorStates
+from app.config import CIFAR100_MEAN, CIFAR100_STD
+
+normalize = Normalize()  # with the CIFAR-100 mean and std, on the CPU
 
 NEAREST = T.InterpolationMode.NEAREST
 OFF = dict(padding=0, hflip=False, rotation=0.0, brightness=0.0, contrast=0.0, saturation=0.0)
@@ -409,18 +413,21 @@ def test_global_rng_is_neither_used_nor_disturbed() -> None:
     assert torch.equal(_augment(24)(images), first)
 
 
-def test_state_dict_round_trip_reproduces_next_batch() -> None:
+def test_the_checkpointed_generator_state_reproduces_the_next_batch() -> None:
+    """What a resume relies on: the augmentation generator's state, saved in a checkpoint as a training
+    checkpoint holds it (app/checkpoint.py GeneratorStates), makes a fresh BatchAugment draw the next
+    batch exactly as the first would have."""
     images = _random_images(16, seed=25)
     aug = _augment(26)
     aug(images)
     buffer = io.BytesIO()
-    torch.save(aug.state_dict(), buffer)
+    torch.save(GeneratorStates(aug.generator).state_dict(), buffer)
     expected = aug(images)
     restored = _augment(999)
     buffer.seek(0)
     state = torch.load(buffer, weights_only=True)
-    assert state["generator"].dtype == torch.uint8 and state["generator"].device.type == "cpu"
-    restored.load_state_dict(state)
+    assert state["generators"].dtype == torch.uint8 and state["generators"].device.type == "cpu"
+    GeneratorStates(restored.generator).load_state_dict(state)
     assert torch.equal(restored(images), expected)
 
 

@@ -18,7 +18,8 @@ from ignite.engine import Engine
 from ignite.handlers import Checkpoint
 from torch import nn
 
-from app.runs import load_checkpoint, lock_run_dir
+from app.checkpoint import load_checkpoint
+from app.runs import lock_run_dir
 from app.training import finish
 from conftest import ROOT, run_app, write_config
 from handlers.atomic import TEMP_PREFIX, write_atomic

@@ -18,12 +18,14 @@ def test_config_json_is_the_recipe() -> None:
     assert (cfg.optimizer.lr, cfg.optimizer.weight_decay) == (0.1, 5e-4)
     # torch's OneCycleLR defaults, as the recipe uses them: momentum cycles 0.95 -> 0.85 -> 0.95, so no
     # constant momentum is set (it would do nothing)
-    s = cfg.schedule
-    assert (s.cycle_momentum, s.base_momentum, s.max_momentum, cfg.optimizer.momentum) == (True, 0.85, 0.95, None)
+    schedule = cfg.schedule
+    assert (schedule.cycle_momentum, schedule.base_momentum, schedule.max_momentum, cfg.optimizer.momentum) == \
+        (True, 0.85, 0.95, None)
     assert (cfg.train.batch_size, cfg.train.epochs, cfg.schedule.name) == (128, 100, "onecycle")
-    a = cfg.augment
-    assert (a.crop_padding, a.hflip, a.rotation, a.brightness, a.contrast, a.saturation) == (4, True, 15, .2, .2, .2)
-    assert a.mean == (0.5071, 0.4865, 0.4409) and a.std == (0.2673, 0.2564, 0.2762)
+    augment = cfg.augment
+    assert (augment.crop_padding, augment.hflip, augment.rotation) == (4, True, 15)
+    assert (augment.brightness, augment.contrast, augment.saturation) == (.2, .2, .2)
+    assert augment.mean == (0.5071, 0.4865, 0.4409) and augment.std == (0.2673, 0.2564, 0.2762)
 
 
 @pytest.mark.parametrize("raw,message", [

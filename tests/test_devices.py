@@ -21,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from app.runs import load_checkpoint
+from app.checkpoint import load_checkpoint
 from conftest import run_app, write_config
 
 

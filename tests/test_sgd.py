@@ -13,10 +13,10 @@ import torch
 from ignite.engine import Events
 from ignite.handlers import LRScheduler
 
-from app.builders import build_augment, build_optimizer, build_scheduler
+from app.augment import build_augment
 from app.config import Config, override
 from app.engines import Precision, create_trainer, make_train_step
-from app.sgd import CapturableSGD
+from app.optim import CapturableSGD, build_optimizer, build_scheduler
 
 
 def _batches(sizes: list[int], seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -41,7 +41,7 @@ def _small_net() -> torch.nn.Module:
 ], ids=["recipe", "constant-nesterov"])
 def test_the_projects_step_under_a_real_one_cycle_equals_torch_sgd(settings: dict) -> None:
     """Three epochs of four batches (the last one smaller), one whole OneCycleLR cycle, through the real
-    Ignite trainer, the application's builders and its training step (augmentation included); the
+    Ignite trainer, the application's optimizer, schedule and training step (augmentation included); the
     reference is torch.optim.SGD stepped by torch's own OneCycleLR in a plain loop."""
     epoch = _batches([8, 8, 8, 5])
     epochs = 3

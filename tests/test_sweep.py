@@ -20,10 +20,10 @@ from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from app.cli import main
 from app.config import load_config, override
-from app.sweep import load_plan, make_plan, parse_grid, run_config
-from app.sweep_runner import Board, device_slots, lock_sweep
-from app.sweep_summary import read_results, run_status
-from app.training import hparams
+from app.hparams import hparams
+from app.sweep.plan import load_plan, make_plan, parse_grid, run_config
+from app.sweep.runner import Board, device_slots, lock_sweep
+from app.sweep.status import read_results, run_status
 from bench.packing import sweep_throughput
 from conftest import ROOT, run_app, write_cifar100, write_config
 
@@ -178,7 +178,7 @@ def test_a_killed_sweep_resumes_unfinished_runs_and_trains_nothing_twice(sweep_s
     proc.wait()
     assert epoch_one.exists()
     seed1 = sweep_dir / "seed1"
-    while run_status(seed1, read_results(seed1), None) == "running" and time.monotonic() < deadline:
+    while run_status(seed1) == "running" and time.monotonic() < deadline:
         time.sleep(0.1)  # the run stops gracefully, on the SIGTERM the kernel sent it
     assert read_results(seed1)["status"] == "interrupted"
     finished_before = (sweep_dir / "seed0" / "results.json").read_bytes()
@@ -285,7 +285,7 @@ def test_a_sweep_another_sweep_is_running_is_refused_with_exit_2(grid_sweep, cap
 def test_a_sweep_shows_its_grid_keys_as_hyperparameters() -> None:
     cfg = override(load_config(ROOT / "config.json"), {"logging.hparams": ["augment.rotation", "optimizer.lr",
                                                                             "augment.mean"]})
-    shown = hparams(cfg)
+    shown = hparams(cfg, 1)
     assert shown["augment.rotation"] == 15.0 and shown["augment.mean"] == "[0.5071, 0.4865, 0.4409]"
     assert "optimizer.lr" not in shown and shown["lr"] == 0.1  # shown already, by its usual name
 

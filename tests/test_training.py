@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from app.runs import load_checkpoint
+from app.checkpoint import load_checkpoint
 from conftest import run_app, run_until, write_config
 
 

@@ -1,7 +1,7 @@
 """A sweep beyond one machine: the runs as ordinary commands for a scheduler that already exists.
 
 `sweep --print-commands` prints, for each unfinished run, the command the sweep itself would run next
-(app/sweep_runner.py `next_command`: new, or resumed from its folder), and writes SWEEP/slurm.sh, a
+(app/sweep/status.py `next_command`: new, or resumed from its folder), and writes SWEEP/slurm.sh, a
 SLURM job array with one task per run that does the same. Every machine must see the sweep folder
 at the same path (a shared file system); each run's lock keeps two machines from training one run,
 and `sweep --summary` aggregates whatever has finished.
@@ -12,9 +12,8 @@ import os
 import shlex
 from pathlib import Path
 
-from app.sweep import PlannedRun, SweepPlan
-from app.sweep_runner import next_command
-from app.sweep_summary import read_results, run_status
+from app.sweep.plan import SweepPlan
+from app.sweep.status import next_command, run_status
 from handlers.atomic import umask, write_atomic
 
 
@@ -23,15 +22,9 @@ def commands(plan: SweepPlan) -> list[str]:
     lines = []
     for run in plan.runs:
         command = next_command(plan, run)
-        if command is not None and not _training(plan, run):
+        if command is not None and run_status(run.run_dir(plan.sweep_dir)) != "running":  # not trained elsewhere
             lines.append(f"cd {shlex.quote(str(plan.workdir))} && {shlex.join(command)}")
     return lines
-
-
-def _training(plan: SweepPlan, run: PlannedRun) -> bool:
-    """Whether a live process holds the run's folder: it is being trained, not to be started again."""
-    run_dir = run.run_dir(plan.sweep_dir)
-    return run_status(run_dir, read_results(run_dir), None) == "running"
 
 
 def slurm_script(plan: SweepPlan) -> str:

@@ -1,6 +1,6 @@
 """Running a sweep on this machine: each run an ordinary `python -m app` process, K at a time per device.
 
-The command for a run is the one `--print-commands` prints (`next_command`): a new run starts from its
+The command for a run is the one `--print-commands` prints (status.py `next_command`): a new run starts from its
 config file, a started one resumes from its folder, a finished one is skipped; so a sweep that was
 killed and is started again with `sweep --resume` trains no finished run again, and continues each
 stopped one from its last checkpoint. A run that fails is reported
@@ -25,8 +25,9 @@ from typing import Any, Callable, Optional, TextIO
 
 from app.errors import ConfigError
 from app.runs import RunInUse, RunLock, lock_run_dir
-from app.sweep import PlannedRun, SweepPlan
-from app.sweep_summary import points_table, read_results, record_outcome, run_status, write_summary
+from app.sweep.plan import PlannedRun, SweepPlan
+from app.sweep.status import next_command, read_results, record_outcome, run_status
+from app.sweep.summary import points_table, write_summary
 
 PR_SET_PDEATHSIG = 1
 
@@ -67,23 +68,6 @@ def device_slots(devices: Optional[str], per_device: int, gpu_count: int, cpu_co
     seen = [v.strip() for v in visible.split(",")] if visible else [str(i) for i in range(gpu_count)]
     # Interleaved: with fewer runs than slots, every GPU gets one before any gets two.
     return [Slot(f"cuda:{i}", "cuda", {"CUDA_VISIBLE_DEVICES": seen[i]}) for _ in range(per_device) for i in indices]
-
-
-def next_command(plan: SweepPlan, run: PlannedRun, python: str = "python") -> Optional[list[str]]:
-    """What runs `run` from where it is, from the sweep's workdir: None if finished; a resume if its
-    folder exists; else a new run."""
-    run_dir = run.run_dir(plan.sweep_dir)
-    results = read_results(run_dir)
-    if results is not None and results.get("status") == "finished":
-        return None
-
-    def path(p: Path) -> str:
-        return os.path.relpath(p.resolve(), plan.workdir)
-
-    command = [python, "-m", "app", "--config", path(run.config_file(plan.sweep_dir))]
-    if (run_dir / "config.json").is_file():
-        command += ["--resume", path(run_dir)]
-    return command
 
 
 def _die_with_parent(parent: int) -> Callable[[], None]:
@@ -219,7 +203,7 @@ class SweepRunner:
 
     def _wants_to_run(self, run: PlannedRun) -> bool:
         run_dir = run.run_dir(self.plan.sweep_dir)
-        status = run_status(run_dir, read_results(run_dir), None)
+        status = run_status(run_dir)
         if status == "finished":
             self.board.set(run.name, f"finished earlier{_progress(run_dir)}")
             return False

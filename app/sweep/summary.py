@@ -4,58 +4,21 @@ Read from what the runs wrote (each run folder's results.json), so it is right h
 run: by the sweep on this machine, or by a scheduler on several (`sweep --summary` aggregates whatever
 has finished). Statistics are over finished runs only; the standard deviation is the sample one
 (n - 1), as a results table reports the spread of a few seeds, and is absent for a single seed.
-Failures the sweep saw (exit code and the run's last line) are kept in SWEEP/failures.json.
+Failures the sweep saw (exit code and the run's last line) are kept in SWEEP/failures.json
+(app/sweep/status.py).
 """
 from __future__ import annotations
 
 import json
 import statistics
-from pathlib import Path
 from typing import Any, Optional
 
-from app.runs import run_in_use
-from app.sweep import SweepPlan, point_label
+from app.sweep.plan import SweepPlan, point_label
+from app.sweep.status import STATUSES, read_failures, read_results, run_status
 from handlers.atomic import write_atomic
 from handlers.results import write_json_atomic
 
-FAILURES_FILE = "failures.json"
 STATISTICS = ("final_top1", "best_top1", "final_top5", "best_top5", "wall_time_seconds")
-
-
-def read_failures(sweep_dir: Path) -> dict[str, dict[str, Any]]:
-    try:
-        return json.loads((sweep_dir / FAILURES_FILE).read_text())
-    except (FileNotFoundError, ValueError):
-        return {}
-
-
-def record_outcome(sweep_dir: Path, name: str, failure: Optional[dict[str, Any]]) -> None:
-    """Note a run's failure (exit code, its last line), or clear it when the run finished."""
-    failures = read_failures(sweep_dir)
-    if failure is None:
-        failures.pop(name, None)
-    else:
-        failures[name] = failure
-    write_json_atomic(sweep_dir / FAILURES_FILE, failures)
-
-
-def read_results(run_dir: Path) -> Optional[dict[str, Any]]:
-    try:
-        results = json.loads((run_dir / "results.json").read_text())
-    except (FileNotFoundError, ValueError):
-        return None
-    return results if isinstance(results, dict) else None
-
-
-def run_status(run_dir: Path, results: Optional[dict[str, Any]], failure: Optional[dict[str, Any]]) -> str:
-    """finished, running, failed, stopped (interrupted or killed; resumable) or not started."""
-    if results is not None and results.get("status") == "finished":
-        return "finished"
-    if run_in_use(run_dir):
-        return "running"
-    if failure is not None:
-        return "failed"
-    return "stopped" if (run_dir / "config.json").is_file() else "not started"
 
 
 def _planned_epochs(plan: SweepPlan, name: str) -> Optional[int]:
@@ -69,7 +32,7 @@ def run_row(plan: SweepPlan, name: str, seed: int, point: dict[str, Any],
             failures: dict[str, dict[str, Any]]) -> dict[str, Any]:
     run_dir = plan.sweep_dir / name
     results = read_results(run_dir) or {}
-    status = run_status(run_dir, results or None, failures.get(name))
+    status = run_status(run_dir, failures.get(name))
     best, final = results.get("best") or {}, results.get("final") or {}
     row = {"name": name, "seed": seed, "point": point, "status": status,
            "epochs": final.get("epoch", 0), "max_epochs": _planned_epochs(plan, name),
@@ -97,8 +60,7 @@ def summarize(plan: SweepPlan) -> dict[str, Any]:
         done = [row for row in mine if row["status"] == "finished"]
         points.append({"point": point, "label": point_label(point), "seeds": len(mine), "finished": len(done),
                        **{stat: spread([row[stat] for row in done]) for stat in STATISTICS}})
-    counts = {s: sum(row["status"] == s for row in rows)
-              for s in ("finished", "running", "failed", "stopped", "not started")}
+    counts = {s: sum(row["status"] == s for row in rows) for s in STATUSES}
     return {"sweep": plan.sweep_dir.name, "runs": rows, "points": points, "counts": counts}
 
 

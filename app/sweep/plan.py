@@ -2,7 +2,7 @@
 
 A sweep is a folder of ordinary run folders: SWEEP/NAME is what `python -m app --config
 SWEEP/configs/NAME.json` creates, so every run can be trained, resumed and evaluated on its own, by
-the sweep's scheduler on this machine (app/sweep_runner.py) or by any other (`--print-commands`).
+the sweep's scheduler on this machine (runner.py) or by any other (cluster.py, `--print-commands`).
 SWEEP/sweep.json holds the plan: the base config, the seeds, the grid, each run's name and settings,
 and the folder the commands run from (paths in the configs are relative to it, as the user gave them).
 

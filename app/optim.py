@@ -1,4 +1,5 @@
-"""SGD whose update reads the scheduled values, learning rate and momentum, from tensors on the device.
+"""The optimizer and its schedule: SGD whose update reads lr and momentum from device tensors, driven
+by the recipe's one-cycle schedule, stepped every iteration.
 
 Why not torch.optim.SGD: its fused CUDA kernel takes momentum as a Python float, so a CUDA graph that
 captures it replays the momentum of the moment of capture for the rest of the run, while the recipe's
@@ -8,22 +9,26 @@ on its parameters' device, its learning rate and momentum:
 - `update` is the whole parameter update, and reads those two only from the tensors, never from
   `param_groups`. It is what a CUDA graph captures (app/cuda_graph.py) and what every eager step runs,
   on the CPU as on a GPU, so the CPU suite tests the code that a GPU replays.
-- `load_scheduled_values` fills the tensors from `param_groups`, where schedulers write plain floats as
-  they do for any torch optimizer. `step` does it before `update`, except while a CUDA graph is being
+- `load_scheduled_values` fills the tensors from `param_groups`, where the schedule writes plain floats
+  as it does for any torch optimizer. `step` does it before `update`, except while a CUDA graph is being
   captured: a fill recorded into the graph would replay the value of the moment of capture. The graph
   step calls it itself before every replay.
 
 The arithmetic is torch.optim.SGD's with dampening 0: g = grad + weight_decay * p;
 buf = momentum * buf + g; d = g + momentum * buf with Nesterov, else buf; p = p - lr * d. The buffer
 starts at zero, so the first step gives buf = g exactly, as torch's does. Weight decay and Nesterov
-are constants of a run (no scheduler here changes them) and are read from `param_groups`.
+are constants of a run (no schedule here changes them) and are read from `param_groups`.
 The state (`momentum_buffer` per parameter) and the param groups have torch.optim.SGD's layout.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 import torch
+from torch import nn
+
+from app.config import Config, momentum_range
+from app.errors import ConfigError
 
 SCHEDULED = ("lr", "momentum")
 
@@ -99,3 +104,54 @@ def sgd_update(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list
 def _capturing(device: torch.device) -> bool:
     # Asked only of CUDA devices: on a machine without a driver the question itself raises.
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def build_optimizer(cfg: Config, model: nn.Module) -> CapturableSGD:
+    """The recipe's SGD. Its starting momentum is the schedule's first value (or the constant one)."""
+    optimizer = cfg.optimizer
+    return CapturableSGD(model.parameters(), lr=optimizer.lr, momentum=momentum_range(cfg)[1],
+                         weight_decay=optimizer.weight_decay, nesterov=optimizer.nesterov)
+
+
+def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, iterations_per_epoch: int,
+                    total_steps: Optional[int] = None) -> torch.optim.lr_scheduler.OneCycleLR:
+    """The recipe's one-cycle schedule of lr (and momentum, with schedule.cycle_momentum), one step per
+    iteration over the whole run."""
+    schedule = cfg.schedule
+    total_steps = total_steps or cfg.train.epochs * iterations_per_epoch
+    if schedule.pct_start * total_steps <= 1:  # OneCycleLR would divide by a warm-up of length zero, or less
+        raise ConfigError(f"schedule.pct_start {schedule.pct_start} gives a warm-up of "
+                          f"{schedule.pct_start * total_steps:g} of the run's {total_steps} iterations; it needs "
+                          f"more than 1 (train longer or raise pct_start)")
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=cfg.optimizer.lr, total_steps=total_steps,
+        pct_start=schedule.pct_start, anneal_strategy=schedule.anneal_strategy, div_factor=schedule.div_factor,
+        final_div_factor=schedule.final_div_factor, cycle_momentum=schedule.cycle_momentum,
+        base_momentum=schedule.base_momentum, max_momentum=schedule.max_momentum)
+
+
+def scheduled_values(optimizer: torch.optim.Optimizer) -> Callable[[], dict[str, float]]:
+    """What the step about to be logged used: the first group's learning rate and momentum."""
+    group = optimizer.param_groups[0]  # the schedule writes into this dict, never replaces it
+    return lambda: {"lr": group["lr"], "momentum": group["momentum"]}
+
+
+def describe_schedule(cfg: Config, iterations_per_epoch: int) -> list[str]:
+    """The learning rate and momentum the optimizer will use, read off the real schedule stepped
+    through the whole run: at the first iteration, at the learning rate's peak, at the last."""
+    optimizer = build_optimizer(cfg, nn.Linear(1, 1))
+    scheduler = build_scheduler(cfg, optimizer, iterations_per_epoch)
+    group, total = optimizer.param_groups[0], scheduler.total_steps
+    values = []
+    for _ in range(total):
+        values.append((group["lr"], group["momentum"]))
+        optimizer.step()  # no gradients: nothing changes but the schedule's bookkeeping
+        scheduler.step()
+    peak = max(range(total), key=lambda i: values[i][0])
+    first, top, last = values[0], values[peak], values[-1]
+    how = ("cycled by the schedule (schedule.cycle_momentum)" if cfg.schedule.cycle_momentum
+           else "constant (optimizer.momentum; schedule.cycle_momentum is false)")
+    return [f"learning rate: {first[0]:.4g} at iteration 1, {top[0]:.4g} at iteration {peak + 1}, "
+            f"{last[0]:.4g} at iteration {total}",
+            f"momentum: {first[1]:.4g} at iteration 1, {top[1]:.4g} at iteration {peak + 1}, "
+            f"{last[1]:.4g} at iteration {total}, {how}"]

@@ -1,0 +1,259 @@
+"""Checkpoints, in one place: what a training checkpoint holds, how it is saved and how many are kept,
+how it is loaded (once), checked and decoded.
+
+A training checkpoint holds the trainer's position, the model, the optimizer, the schedule, every
+process's augmentation generator (`GeneratorStates`), the best-model tracker and results (rank 0's),
+the GradScaler under fp16, and `meta`: the run's config, class names and a fingerprint of its data, as
+JSON text, so that loading needs nothing but `weights_only=True`. A best-model checkpoint holds the
+model and `meta`. The file names and the crash-safe saving are handlers/checkpoints.py's.
+
+A checkpoint is loaded on the CPU and each object then moves its own state to where it lives: the
+model and optimizer to the training device; a generator takes only a CPU byte tensor, whatever device
+the checkpoint was written on, and only the state of its own kind of generator. So a checkpoint
+written on a GPU resumes, evaluates and predicts on a CPU, and the reverse.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import ignite.distributed as idist
+import torch
+from ignite.engine import Engine, Events
+from ignite.engine.events import EventsList
+from ignite.handlers import Checkpoint
+
+from app.config import Config, config_from_dict, to_dict
+from app.data import Cifar100
+from app.errors import ConfigError, UserError
+from app.model import build_model
+from handlers.checkpoints import SaveThenRemove, attach_training_checkpoint
+from handlers.checkpoints import best_model_checkpoint as _best_model_checkpoint
+from handlers.checkpoints import training_checkpoint_iteration, training_checkpoints
+
+MAX_CHECKPOINT_BYTES = 2**30  # what a checkpoint may expand to in memory; the recipe's take about 90 MB
+TRAINING_KEYS = ("trainer", "model", "optimizer", "lr_scheduler", "augment", "meta")  # what a resume needs
+
+
+class RunMeta:
+    """What every checkpoint carries besides weights: the config it was trained with, the class names
+    and the data's fingerprint. Saved only: on a resume the running config is authoritative (checked
+    against the run's before the checkpoint is loaded), so nothing loads it back."""
+
+    def __init__(self, cfg: Config, classes: tuple[str, ...], data_fingerprint: str) -> None:
+        self.config, self.classes, self.data_fingerprint = to_dict(cfg), list(classes), data_fingerprint
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"config": json.dumps(self.config), "classes": json.dumps(self.classes),
+                "data": self.data_fingerprint}
+
+
+class GeneratorStates:
+    """Every process's augmentation generator, for the training checkpoint that rank 0 writes.
+
+    Each process draws its own augmentations; an exact resume needs each of them back in its own
+    process. `gather` runs in every process just before the checkpoint handler (a collective when
+    there are several), and rank 0's checkpoint stores one row per rank.
+    """
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator
+        self._gathered: torch.Tensor | None = None
+        self.reseeded = False  # set by a load of another kind of generator's state
+
+    def gather(self, _: Engine | None = None) -> None:
+        if idist.get_world_size() > 1:
+            state = self.generator.get_state()[None].to(idist.device())
+            self._gathered = idist.all_gather(state).cpu()
+
+    def state_dict(self) -> dict[str, Any]:
+        if idist.get_world_size() == 1 or self._gathered is None:
+            return {"generators": self.generator.get_state()[None]}
+        return {"generators": self._gathered}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        # With another number of processes than the run had, resume is no longer exact (the data
+        # shards change anyway); each process takes a row so that their streams stay distinct.
+        row = state["generators"][idist.get_rank() % len(state["generators"])].to("cpu", copy=True)
+        own = self.generator.get_state()
+        if row.numel() == own.numel():
+            self.generator.set_state(row)
+            return
+        # A checkpoint from another device: a CUDA generator's state (Philox: seed and offset, 16 bytes)
+        # does not fit a CPU generator (Mersenne Twister, 5056 bytes), nor the reverse. The stream cannot
+        # continue, so it restarts from a seed derived from the saved state: deterministic (the same
+        # checkpoint resumes the same way every time) and distinct per process.
+        digest = hashlib.sha256(row.numpy().tobytes() + idist.get_rank().to_bytes(4, "little")).digest()
+        self.generator.manual_seed(int.from_bytes(digest[:8], "little"))
+        self.reseeded = True
+
+
+def data_fingerprint(data: Cifar100) -> str:
+    """A hash of every image and label, so that a resume on other data is refused."""
+    h = hashlib.sha256()
+    for split in (data.train, data.test):
+        h.update(split.images.numpy().tobytes())
+        h.update(split.labels.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------- saving
+
+def best_model_checkpoint(folder: Path, model: torch.nn.Module, meta: RunMeta, trainer: Engine,
+                          background: bool) -> Checkpoint:
+    """The best model by validation top-1, for the evaluator's COMPLETED event (one file kept)."""
+    return _best_model_checkpoint(folder, {"model": model, "meta": meta}, trainer, background=background)
+
+
+def attach_checkpoints(trainer: Engine, folder: Path, to_save: Mapping[str, Any], *, keep_last: int,
+                       event: Events | EventsList, background: bool = False) -> tuple[Checkpoint, SaveThenRemove]:
+    """The training checkpoints in `folder`, saved at `event` (written in the background if
+    `background`), keeping the newest `keep_last` counted from the files on disk: after a resume the
+    handler knows the files earlier processes wrote, and any beyond `keep_last` (left by an older
+    version, say) go once this process has written a newer one. Returns the handler and its saver."""
+    handler, saver = attach_training_checkpoint(trainer, folder, to_save, keep_last=keep_last, event=event,
+                                                background=background)
+    on_disk = training_checkpoints(folder)  # newest first
+    kept, stale = on_disk[:keep_last], on_disk[keep_last:]
+    handler.load_state_dict({"_saved": [(training_checkpoint_iteration(p.name), p.name) for p in reversed(kept)]})
+    for p in stale:
+        saver.remove(p.name)  # deleted after the next checkpoint is complete on disk
+    return handler, saver
+
+
+# --------------------------------------------------------------------------------- loading and checking
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """torch.load on the CPU with weights_only=True: a checkpoint file can hold tensors and plain data,
+    never code; and refused unread if it would expand beyond MAX_CHECKPOINT_BYTES in memory."""
+    size = _expanded_size(path)
+    if size > MAX_CHECKPOINT_BYTES:
+        raise UserError(f"{path}: refused, it would take {size / 2**30:.1f} GiB in memory (a checkpoint of this "
+                        f"application takes about 0.1 GiB; the limit is {MAX_CHECKPOINT_BYTES / 2**30:.0f} GiB)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{path}: checkpoint not found") from None
+    except Exception as e:  # noqa: BLE001 - truncated zip, bad pickle, refused global: all "not loadable"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: not a loadable checkpoint ({first})") from None
+    if not isinstance(ckpt, dict):
+        raise UserError(f"{path}: not a training checkpoint (found {type(ckpt).__name__})")
+    return ckpt
+
+
+def _expanded_size(path: Path) -> int:
+    """What loading would read into memory: a zip's (torch.save's format) entries uncompressed, as its
+    directory declares them (a small file can declare gigabytes); otherwise the file's own size."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                return sum(info.file_size for info in z.infolist())
+        return path.stat().st_size
+    except FileNotFoundError:
+        raise UserError(f"{path}: checkpoint not found") from None
+    except (OSError, zipfile.BadZipFile) as e:
+        raise UserError(f"{path}: not a loadable checkpoint ({e})") from None
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """A checkpoint's `meta`, decoded and checked: the config it was trained with, its class names and
+    the fingerprint of its data."""
+
+    config: Config
+    classes: list[str]
+    data: str
+
+
+def read_meta(path: Path, ckpt: Mapping[str, Any]) -> CheckpointMeta:
+    """The checkpoint's meta, or a UserError naming the file (exit 1: a bad file, not a bad config)."""
+    meta = ckpt.get("meta")
+    if not (isinstance(meta, dict) and all(isinstance(meta.get(k), str) for k in ("config", "classes", "data"))):
+        raise UserError(f"{path}: damaged meta (config, classes and data expected)")
+    try:
+        cfg = config_from_dict(json.loads(meta["config"]), f"{path} (meta.config)")
+        classes = json.loads(meta["classes"])
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: damaged meta ({e})") from None
+    except ConfigError as e:
+        raise UserError(str(e)) from None
+    if not (isinstance(classes, list) and len(classes) == cfg.model.num_classes
+            and all(isinstance(c, str) for c in classes)):
+        raise UserError(f"{path}: damaged meta (classes: {cfg.model.num_classes} names expected)")
+    return CheckpointMeta(cfg, classes, meta["data"])
+
+
+def model_from_checkpoint(path: Path, ckpt: Mapping[str, Any], device: torch.device
+                          ) -> tuple[torch.nn.Module, CheckpointMeta]:
+    """The model of a best-model or training checkpoint, in eval mode on `device`, and its meta."""
+    if "model" not in ckpt or "meta" not in ckpt:
+        raise UserError(f"{path}: not a checkpoint of this application (no model or meta)")
+    meta = read_meta(path, ckpt)
+    model = build_model(meta.config.model.name, meta.config.model.num_classes)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise UserError(f"{path}: model weights do not fit ResNet18 ({str(e).splitlines()[0]})") from None
+    return model.to(device).eval(), meta
+
+
+def epochs_done(ckpt: Mapping[str, Any]) -> Optional[int]:
+    """The epochs a training checkpoint's trainer had completed; None for a best-model checkpoint."""
+    trainer = ckpt.get("trainer")
+    if not (isinstance(trainer, dict) and isinstance(trainer.get("iteration"), int)
+            and isinstance(trainer.get("epoch_length"), int) and trainer["epoch_length"] > 0):
+        return None
+    return trainer["iteration"] // trainer["epoch_length"]
+
+
+def expected_model_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the model `cfg.model` describes, with its shape (built without memory)."""
+    with torch.device("meta"):
+        model = build_model(cfg.model.name, cfg.model.num_classes)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+@dataclass(frozen=True)
+class TrainingCheckpoint:
+    """A training checkpoint checked to fit a run: its file, the trainer's position in it, and its
+    contents as loaded by the check (so that a process that both checks and trains loads it once;
+    `without_contents` for processes that are spawned, which load it themselves)."""
+
+    path: Path
+    iteration: int
+    epoch_length: int
+    meta: CheckpointMeta
+    contents: Optional[dict[str, Any]] = dataclasses.field(default=None, repr=False, compare=False)
+
+    def load(self) -> dict[str, Any]:
+        return self.contents if self.contents is not None else load_checkpoint(self.path)
+
+    def without_contents(self) -> TrainingCheckpoint:
+        return dataclasses.replace(self, contents=None)
+
+
+def check_training_checkpoint(path: Path, shapes: Mapping[str, tuple[int, ...]]) -> TrainingCheckpoint:
+    """A loadable training checkpoint of this run: every part a resume needs, the model's tensors in
+    `shapes` (`expected_model_shapes`), the trainer's position and the run's meta as written."""
+    ckpt = load_checkpoint(path)
+    missing = [k for k in TRAINING_KEYS if k not in ckpt]
+    if missing:
+        raise UserError(f"{path}: not a training checkpoint (missing {', '.join(missing)})")
+    model = ckpt["model"]
+    found = {k: tuple(v.shape) for k, v in model.items() if isinstance(v, torch.Tensor)} \
+        if isinstance(model, dict) else {}
+    if found != dict(shapes):
+        wrong = sorted(set(found) ^ set(shapes)) or sorted(k for k in shapes if found[k] != shapes[k])
+        raise UserError(f"{path}: not a checkpoint of this run's model ({len(wrong)} tensors differ, e.g. "
+                        f"{wrong[0]})")
+    trainer = ckpt["trainer"]
+    if not (isinstance(trainer, dict) and all(isinstance(trainer.get(k), int) and trainer[k] >= 0
+                                              for k in ("iteration", "epoch_length"))):
+        raise UserError(f"{path}: damaged trainer state (iteration and epoch_length expected)")
+    return TrainingCheckpoint(path, trainer["iteration"], trainer["epoch_length"], read_meta(path, ckpt), ckpt)

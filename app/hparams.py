@@ -1,0 +1,29 @@
+"""What TensorBoard's HParams tab shows of a run: the settings one compares runs by, each in its own
+type, and the keys `logging.hparams` adds (a sweep's grid keys)."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from app.config import Config, flat_settings, momentum_range
+
+# The tab's names for the settings it always shows.
+HPARAM_NAMES = {"optimizer.lr": "lr", "train.batch_size": "batch_size", "train.epochs": "epochs",
+                "optimizer.weight_decay": "weight_decay", "schedule.cycle_momentum": "cycle_momentum",
+                "schedule.pct_start": "pct_start", "optimizer.nesterov": "nesterov", "train.amp": "amp",
+                "seed": "seed"}
+
+
+def hparams(cfg: Config, world_size: int) -> dict[str, Any]:
+    """The usual settings by their short names, then those `logging.hparams` names by their dotted keys."""
+    low, high = momentum_range(cfg)  # what the optimizer used: the cycle's range, or the constant
+    shown = {"lr": float(cfg.optimizer.lr), "batch_size": cfg.train.batch_size, "epochs": cfg.train.epochs,
+             "weight_decay": float(cfg.optimizer.weight_decay), "cycle_momentum": cfg.schedule.cycle_momentum,
+             "momentum_min": float(low), "momentum_max": float(high), "pct_start": float(cfg.schedule.pct_start),
+             "nesterov": cfg.optimizer.nesterov, "amp": cfg.train.amp, "seed": cfg.seed, "world_size": world_size}
+    settings = flat_settings(cfg)
+    for key in cfg.logging.hparams:
+        if key not in HPARAM_NAMES:
+            value = settings[key]
+            shown[key] = value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
+    return shown

@@ -1,0 +1,163 @@
+"""Running a command's work in 1..N processes, and how each of them ends.
+
+One process, processes spawned here through ignite.distributed (`--nproc-per-node N`), or processes
+that torchrun started: the same function runs in each (`run_processes`). Every process ends the same
+way: a failure the user can act on (bad input, a diverged loss, a full disk, a graceful stop) is one
+line from rank 0 and an exit code, never a traceback (`failure`); output into a pipe whose reader has
+gone (`| head -1`) ends quietly with 141, as SIGPIPE would.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, NoReturn, Optional
+
+import ignite.distributed as idist
+import torch
+
+from app.device import cuda_wanted
+from app.errors import ConfigError, UserError
+from handlers.atomic import OutputWriteError
+from handlers.loss_buffer import LossNotFinite
+from handlers.preemption import TrainingInterrupted
+
+EXIT_DIVERGED = 3
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
+
+
+@dataclass(frozen=True)
+class LaunchSettings:
+    """How a command's processes start: the torch.distributed backend (None for one process), how many
+    to spawn here (None: this process is the only one, or torchrun started them), and their number."""
+
+    backend: Optional[str]
+    spawn: Optional[int]
+    world: int
+
+
+def torchrun_world_size() -> Optional[int]:
+    return int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ and "RANK" in os.environ else None
+
+
+def is_first_process() -> bool:
+    """Rank 0 of torchrun's processes, or the one process that launches the others here."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def is_first_on_node() -> bool:
+    """Local rank 0 under torchrun (the processes of a node share its data folder), or this process."""
+    return int(os.environ.get("LOCAL_RANK", "0")) == 0
+
+
+def launch_settings(device: str, nproc: int, backend: Optional[str]) -> LaunchSettings:
+    """The settings for `--device`, `--nproc-per-node` and `--backend`, checked against this machine."""
+    torchrun = torchrun_world_size()
+    if torchrun is not None and nproc > 1:
+        raise ConfigError("--nproc-per-node: not with torchrun, which starts the processes itself "
+                          "(use torchrun's --nproc_per_node)")
+    world = torchrun if torchrun is not None else nproc
+    wants_cuda = cuda_wanted(device)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA GPU is available here (use --device cpu)")
+    backend = backend or ("nccl" if wants_cuda else "gloo")
+    if backend == "nccl" and not wants_cuda:
+        raise ConfigError("--backend nccl: needs CUDA GPUs; use --backend gloo on CPUs")
+    if wants_cuda and torchrun is None and nproc > torch.cuda.device_count():
+        raise ConfigError(f"--nproc-per-node {nproc}: only {torch.cuda.device_count()} GPUs here")
+    if world == 1 and torchrun is None:
+        return LaunchSettings(None, None, 1)
+    return LaunchSettings(backend, nproc if torchrun is None else None, world)
+
+
+def run_processes(settings: LaunchSettings, fn: Callable[..., None], *args: Any) -> None:
+    """fn(local_rank, *args) in every process of the launch, each ending as `failure` says."""
+    quiet_libraries()
+    if settings.spawn and settings.spawn > 1:
+        _forward_stop_signals()
+    with idist.Parallel(backend=settings.backend, nproc_per_node=settings.spawn) as parallel:
+        parallel.run(_in_process, fn, *args)
+
+
+def failure(error: BaseException) -> Optional[tuple[str, int]]:
+    """The line to print and the exit code for an error that ends a command the expected way; None for
+    anything else (a bug: its traceback is what to report). Exit 2 for config and flags, 1 for other
+    input and for the disk, 3 for a diverged loss, 128 + N after signal N."""
+    if isinstance(error, UserError):
+        return f"error: {error}", error.exit_code
+    if isinstance(error, LossNotFinite):
+        return f"error: {error}; training stopped, checkpoints saved before it are untouched", EXIT_DIVERGED
+    if isinstance(error, TrainingInterrupted):
+        run_dir = getattr(error, "run_dir", "RUN_DIR")
+        return (f"{error}: its checkpoint is saved; continue with --resume {run_dir} (and the same --config and "
+                f"flags)", error.exit_code)
+    if isinstance(error, OutputWriteError):  # a full disk: the message names the file
+        return f"error: {error}", 1
+    if isinstance(error, OSError):  # a folder that went away
+        return f"error: {error.filename}: {error.strerror}" if error.filename and error.strerror \
+            else f"error: {error}", 1
+    return None
+
+
+def _in_process(local_rank: int, fn: Callable[..., None], *args: Any) -> None:
+    """Entry point of each process: a user error, divergence or disk failure becomes one line (from
+    rank 0) and an exit code, in spawned processes and under torchrun alike."""
+    quiet_libraries()  # again: a spawned process starts with fresh logging
+    try:
+        fn(local_rank, *args)
+        gc.collect()  # the run's objects (DDP's hold on the process group) go before the group does
+        sys.stdout.flush()  # a closed pipe shows here, not at this process's exit
+    except BrokenPipeError:  # before OSError: a reader that went away is not a failure to report
+        discard_output()
+        sys.exit(EXIT_BROKEN_PIPE)
+    except Exception as e:  # noqa: BLE001 - what `failure` does not know goes on, with its traceback
+        known = failure(e)
+        if known is None:
+            raise
+        _exit(*known)
+
+
+def _exit(line: str, code: int) -> NoReturn:
+    if idist.get_rank() == 0:
+        print(line, file=sys.stderr, flush=True)
+    if idist.get_world_size() > 1:
+        # One of a group of processes leaves the group and then exits without the interpreter's
+        # teardown: seen here (1 exit in 10), that teardown can abort in C++ ("terminate called
+        # without an active exception"), turning the exit code into SIGABRT's. Everything the run
+        # writes is on disk by now (atomic, fsync'd); finalize is local, not a collective.
+        idist.finalize()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def _forward_stop_signals() -> None:
+    """In the launcher of spawned processes: pass SIGTERM and SIGINT on to them, so that they stop
+    gracefully (handlers/preemption.py) and the launcher waits for them. A scheduler may signal only
+    the launcher; if the children got the signal too (Ctrl-C reaches the whole process group), they
+    take the forwarded copy for the same request."""
+    def forward(signum: int, _frame: Any) -> None:
+        for child in multiprocessing.active_children():
+            os.kill(child.pid, signum)
+
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, forward)
+
+
+def quiet_libraries() -> None:
+    """We report failures ourselves, in one line: the engine's and the launchers' own log lines about
+    them (and the launcher's INFO lines about itself) would only repeat it around ours."""
+    logging.getLogger("ignite.engine").setLevel(logging.CRITICAL)
+    logging.getLogger("ignite.distributed.launcher.Parallel").setLevel(logging.WARNING)  # kept by ignite
+    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
+
+
+def discard_output() -> None:
+    """The reader of stdout has gone (`python -m app evaluate ... | head -1`). Point stdout at /dev/null,
+    so that Python's last flush at exit cannot fail again and print "Exception ignored"."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

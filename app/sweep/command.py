@@ -1,0 +1,92 @@
+"""`python -m app sweep`: what the command does with its flags (parsed in app/cli.py).
+
+A new sweep is planned and checked whole before its folder is created; `--resume` reads the plan
+back; `--summary` only rewrites the table; `--print-commands` hands the runs to another scheduler
+instead of running them here. The data is checked (or downloaded) once, before any run starts.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from app.config import Config
+from app.data import ensure_dataset
+from app.errors import ConfigError, UserError
+from app.sweep.cluster import commands, write_slurm_script
+from app.sweep.plan import create_sweep, load_plan, make_plan, parse_grid, parse_seeds, run_config
+from app.sweep.runner import SweepRunner, check_not_running, device_slots
+from app.sweep.summary import to_markdown, write_summary
+
+RUN_FLAGS = ("lr", "batch_size", "epochs", "data_root", "output_dir")  # the training flags it takes
+
+
+def _given(args: argparse.Namespace, names: Sequence[str]) -> Optional[str]:
+    """The first of these options that was given, as its flag."""
+    for name in names:
+        if getattr(args, name) not in (None, False):
+            return "--" + name.replace("_", "-")
+    return None
+
+
+def sweep(args: argparse.Namespace, config_from_flags: Callable[[argparse.Namespace], Config]) -> int:
+    """`config_from_flags`: the base config from --config and the training flags, as `train` reads them."""
+    try:
+        return _sweep(args, config_from_flags)
+    except OSError as e:  # a folder that cannot be created or read: the path named, one line
+        raise UserError(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)) from None
+
+
+def _sweep(args: argparse.Namespace, config_from_flags: Callable[[argparse.Namespace], Config]) -> int:
+    plan_flags = ("config", "seeds", "grid", "name", *RUN_FLAGS)
+    if args.summary is not None:
+        extra = _given(args, (*plan_flags, "devices", "per_device", "resume", "print_commands"))
+        if extra:
+            raise ConfigError(f"{extra}: not with --summary")
+        plan, _ = load_plan(Path(args.summary))
+        print(to_markdown(write_summary(plan)), end="")
+        return 0
+    if args.print_commands:
+        extra = _given(args, ("devices", "per_device"))
+        if extra:
+            raise ConfigError(f"{extra}: not with --print-commands (the scheduler that runs them places them)")
+    per_device = 1 if args.per_device is None else args.per_device
+    slots = [] if args.print_commands else device_slots(args.devices, per_device, torch.cuda.device_count(),
+                                                        os.cpu_count() or 1, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    if args.resume is not None:
+        extra = _given(args, plan_flags)
+        if extra:
+            raise ConfigError(f"{extra}: not with --resume (the sweep's plan is in {args.resume}/sweep.json)")
+        plan, base = load_plan(Path(args.resume))
+        if not args.print_commands:
+            check_not_running(plan)
+    else:
+        if args.config is None:
+            args.config = "config.json"
+        base = config_from_flags(args)
+        seeds = parse_seeds(args.seeds) if args.seeds is not None else [base.seed]
+        plan = make_plan(base, seeds, parse_grid(args.grid or [], base), args.name)
+    # The data, once here rather than by many runs at once; paths as the runs see them, from the workdir.
+    for root, download in sorted({(c.data.root, c.data.download) for c in (run_config(base, plan, r)
+                                                                          for r in plan.runs)}):
+        if download or not args.print_commands:  # where the data is only on the nodes, it is theirs to check
+            ensure_dataset(plan.workdir / root, download)
+    if args.print_commands:
+        if args.resume is None:
+            create_sweep(base, plan)
+        script = write_slurm_script(plan)  # the runs as they stand now
+        lines = commands(plan)
+        print("\n".join(lines) if lines else f"# no run of {plan.sweep_dir} is left to run")
+        print(f"{len(lines)} of {len(plan.runs)} runs to run; as a SLURM job array: sbatch {script}; the table: "
+              f"python -m app sweep --summary {plan.sweep_dir}", file=sys.stderr)
+        return 0
+    if args.resume is None:
+        create_sweep(base, plan)
+        write_slurm_script(plan)  # should the runs move to a cluster later
+        print(f"sweep {plan.sweep_dir}: {len(plan.runs)} runs on {len(slots)} slots "
+              f"({', '.join(sorted({s.label for s in slots}))}, {per_device} per device)")
+    return SweepRunner(plan, slots).run()
