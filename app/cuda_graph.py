@@ -91,6 +91,8 @@ class CudaGraphStep:
             with torch.cuda.graph(graph):  # its own memory pool: graphs replay in any order
                 static_output = self.eager_step(static_images, static_labels)
         finally:
-            torch.cuda.synchronize()
-            self._restore(snapshot)
+            try:
+                torch.cuda.synchronize()
+            finally:  # whatever failed, the warm-up's training steps are undone
+                self._restore(snapshot)
         return graph, static_images, static_labels, static_output

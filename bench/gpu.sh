@@ -5,9 +5,10 @@
 #   bash bench/gpu.sh [OUT_DIR]
 #
 # pytorch-ignite and tensorboardX come from wheels in .whl/ if the machine lacks them. Then:
-#  1. python -m bench.gpu_check: does everything a user does work here? (CUDA tests, learning graphed
-#     and eager, kill and resume, evaluate on GPU and CPU, predict, checkpoints across devices,
-#     TensorBoard); a PASS/FAIL table and OUT_DIR/gpu_check.json; about 3-4 minutes on one H200;
+#  1. python -m pytest -m gpu tests: does everything a user does work here? (the CUDA-graph and CUDA
+#     augmentation tests, then tests/acceptance: learning graphed and eager, kill and resume, evaluate
+#     on GPU and CPU, predict, checkpoints across devices, TensorBoard); a PASS/FAIL table and
+#     OUT_DIR/gpu_check.json; about 3-4 minutes on one H200;
 #  2. python -m bench on CUDA: augmentation, Ignite vs a plain loop, epoch time, share of bf16 peak;
 #  3. the recipe on synthetic full-size data (50,000 + 10,000 images) with the real application, EPOCHS
 #     epochs (100 by default), stopped after LIMIT seconds: end-to-end time from process start;
@@ -31,8 +32,9 @@ export PYTHONUNBUFFERED=1  # run from the project folder: python -m app and benc
   date -u +"%Y-%m-%d %H:%M UTC"
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null || true
   python3 -c "import sys, torch, ignite, tensorboardX; print('python', sys.version.split()[0], 'torch', torch.__version__, 'ignite', ignite.__version__, 'tensorboardX', tensorboardX.__version__)"
-  echo "== 1. acceptance checks"
-  python3 -m bench.gpu_check "$OUT" --work "$WORK/check" --epochs "$CHECK_EPOCHS"
+  echo "== 1. acceptance checks: python -m pytest -m gpu tests"
+  python3 -m pytest -q -p no:cacheprovider -m gpu tests --acceptance-out "$OUT" \
+    --acceptance-epochs "$CHECK_EPOCHS" --basetemp "$WORK/check"
   echo $? > "$WORK/check_rc"
   rm -rf "$WORK/check"
   if [ "$BENCH" != 0 ]; then

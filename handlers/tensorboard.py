@@ -1,34 +1,20 @@
-"""TensorBoard for one run, laid out for the first screen and for comparing runs.
+"""TensorBoard for one run, laid out for the first screen and for comparing runs (README, TensorBoard).
 
-RUN_DIR/tb holds two TensorBoard runs, `train` and `validation`, and every step is the trainer's
-iteration (validation: the iteration at which its epoch ended):
+RUN_DIR/tb holds two TensorBoard runs, `train` and `validation`, with the same tags where they measure
+the same thing and the trainer's iteration as every step: TensorBoard overlays a tag across runs,
+never two tags of one run, and two curves share an axis only if they count the same thing (Ignite's
+`setup_tb_logging` logs validation at the epoch, which cannot share an axis with per-iteration
+curves). Time Series opens the first two groups by name: `metrics`, then `schedule`. The
+hyperparameters are a session of the validation run, written when the run starts, so that a running
+or crashed run is in the HParams tab with the metrics it reached.
 
-  train/       every iteration: metrics/loss, metrics/top1 (of the batch the step trained on),
-               schedule/lr, schedule/momentum; every epoch: system/*; once: train/augmented_images,
-               the config (text)
-  validation/  every epoch: metrics/loss, metrics/top1, metrics/top5, summary/best_* (the best epoch
-               by top-1 so far), validation/confusion_matrix, validation/most_confused (text),
-               validation/per_class_accuracy; the run's hyperparameters, written when it starts
-
-Why: TensorBoard draws one chart per tag and overlays that tag across runs, never two tags of one run,
-so training and validation share tags in two runs (what Keras's TensorBoard callback does), and they
-share one x axis only if both count the same thing: the trainer's iteration, as Lightning's logger
-uses its global step for both (Ignite's `setup_tb_logging` puts validation at the trainer's epoch, a
-unit that cannot share an axis with per-iteration curves). Time Series sorts groups by name and opens
-the first two: `metrics`, then `schedule`; everything else sorts after them. The hyperparameters are
-a session of the validation run, so its metrics (best and last top-1, top-5, loss) are that run's
-scalars, which TensorBoard's HParams tab reads as they are written: a running or crashed run is there
-with what it reached.
-
-Event files are written through to disk (EventLog): tensorboardX's SummaryWriter hands events to a
-queue that a writer thread drains, and its flush() flushes the file but not the queue, so events
-logged just before a checkpoint could still be in memory when a kill came (and a full disk surfaced as
-tracebacks from that thread). EventLog writes each event into the file as it is logged, with
-tensorboardX's own record writer and summary builders; `push` hands what was written to the OS after
-every batch of losses and every evaluation, so a running run's curves are current in TensorBoard; and
-`flush` puts everything on disk (fsync) before every checkpoint, so that what a checkpoint saved and
-what TensorBoard shows agree even after a kill. A resumed run's new files purge from the step after its checkpoint, so
-TensorBoard hides what a killed process logged after it and the curves continue without doubled points.
+Events are written through to the file (EventLog), not queued: tensorboardX's SummaryWriter hands them
+to a writer thread whose flush() does not drain its queue, so events logged just before a checkpoint
+could still be in memory at a kill (and a full disk surfaced as tracebacks from that thread). `push`
+hands them to the OS after every batch of losses and every evaluation (a live run's curves are
+current); `flush` fsyncs them before every checkpoint, so that a checkpoint and TensorBoard agree even
+after a kill. A resumed run's files purge from the step after its checkpoint: what a killed process
+logged after it is hidden, and the curves go on without doubled points.
 """
 from __future__ import annotations
 

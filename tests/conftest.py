@@ -1,54 +1,85 @@
-"""Shared fixtures: small CIFAR-100 data sets written in the real on-disk format, and a way to run the CLI."""
+"""Fixtures: small data sets in the real on-disk format, and one finished run that many tests read
+(and copy, where they change it); the `--acceptance-*` options of the GPU acceptance check and the
+rule that skips `gpu` tests without CUDA."""
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import time
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from bench.synthetic import write_cifar100  # noqa: F401  (re-exported for the tests)
+from tests.support import TEST_IMAGES, TRAIN_IMAGES, run_config, run_main, write_cifar100
 
-ROOT = Path(__file__).resolve().parents[1]
+pytest_plugins = ["tests.gpu_report"]  # the table of `gpu` tests, and their JSON report
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("acceptance", "the GPU acceptance check (tests/acceptance)")
+    group.addoption("--acceptance-device", choices=["cuda", "cpu"], default="cuda",
+                    help="where the checks train (cpu: the check itself tested, the GPU-only checks skipped)")
+    group.addoption("--acceptance-out", help="folder for gpu_check.json, every gpu test's result and figures")
+    group.addoption("--acceptance-n-train", type=int, default=50_000)
+    group.addoption("--acceptance-n-test", type=int, default=10_000)
+    group.addoption("--acceptance-epochs", type=int, default=4)
+    group.addoption("--acceptance-classes", type=int, default=100, help="classes the data uses")
+    group.addoption("--acceptance-batch-size", type=int, default=128)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`gpu` tests are skipped without CUDA; the acceptance checks run on the CPU when asked to."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    on_cpu = config.getoption("acceptance_device") == "cpu"
+    for item in items:
+        if item.get_closest_marker("gpu") and not (on_cpu and "acceptance" in item.nodeid.split("/")):
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
 
 
 @pytest.fixture(scope="session")
-def small_data(tmp_path_factory) -> Path:
-    """240 training and 50 test images: enough for an end-to-end run in seconds."""
-    return write_cifar100(tmp_path_factory.mktemp("cifar"), 240, 50)
+def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """80 training and 20 test images: an end-to-end run of two epochs in seconds."""
+    return write_cifar100(tmp_path_factory.mktemp("cifar"), TRAIN_IMAGES, TEST_IMAGES)
 
 
-def write_config(path: Path, **sections) -> Path:
-    """A config file that is the project's config.json with some sections overridden."""
-    cfg = json.loads((ROOT / "config.json").read_text())
-    for section, values in sections.items():
-        if isinstance(values, dict):
-            cfg[section].update(values)
-        else:
-            cfg[section] = values
-    path.write_text(json.dumps(cfg, indent=2))
-    return path
+@dataclass(frozen=True)
+class FinishedRun:
+    run_dir: Path
+    config: Path  # the config it was trained with
+    stdout: str
+    stderr: str
 
 
-def run_app(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None
-            ) -> subprocess.CompletedProcess:
-    """`python -m app ARGS` in a fresh process, the way a user runs it."""
-    full_env = {**os.environ, "OMP_NUM_THREADS": "2", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "app", *args], cwd=cwd or ROOT, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory: pytest.TempPathFactory, small_data: Path) -> FinishedRun:
+    """One run trained to the end, here in this process (`python -m app --config C --run-name r`), under
+    umask 027, so that its files show what a umask makes of them. Do not change it: copy it
+    (`run_copy`)."""
+    tmp = tmp_path_factory.mktemp("finished")
+    cfg = run_config(tmp / "c.json", small_data, tmp / "runs")
+    previous = os.umask(0o027)
+    try:
+        ran = run_main("--config", str(cfg), "--run-name", "r")
+    finally:
+        os.umask(previous)
+    assert ran.returncode == 0, ran.stderr
+    return FinishedRun(tmp / "runs" / "r", cfg, ran.stdout, ran.stderr)
 
 
-def run_until(path: Path, *args: str, timeout: float = 300) -> None:
-    """Start `python -m app ARGS` and SIGKILL it as soon as `path` exists (a checkpoint, say)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    proc = subprocess.Popen([sys.executable, "-m", "app", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + timeout
-    while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    proc.kill()
-    proc.wait()
-    assert path.exists(), f"{path} never appeared"
+@dataclass(frozen=True)
+class RunCopy:
+    run_dir: Path
+    config: Path  # the run's config, its output folder where the copy is
+
+
+@pytest.fixture
+def run_copy(finished_run: FinishedRun, tmp_path: Path) -> RunCopy:
+    """A copy of the finished run in this test's folder, with its config, to change and resume."""
+    shutil.copytree(finished_run.run_dir, tmp_path / "runs" / "r")
+    config = json.loads(finished_run.config.read_text())
+    config["logging"]["output_dir"] = str(tmp_path / "runs")
+    (tmp_path / "c.json").write_text(json.dumps(config))
+    return RunCopy(tmp_path / "runs" / "r", tmp_path / "c.json")

@@ -5,7 +5,7 @@ The kill is SIGKILL by default; with `--signal TERM` or `INT` it is the signal a
 sends, which the run answers by saving a checkpoint of its last step and exiting 143 or 130 (checked
 at every kill). Used by tests/test_crash_resume.py with a few kill points; run by hand for more:
 
-    python tests/crash_harness.py --kills 20 [--every-iters 4] [--nproc 2] [--signal TERM]
+    python -m tests.crash_harness --kills 20 [--every-iters 4] [--nproc 2] [--signal TERM]
 """
 from __future__ import annotations
 
@@ -15,17 +15,14 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
 from app.loader import iterations_per_epoch
-from bench.synthetic import write_cifar100
+from tests.support import app_env, start_app, write_cifar100, write_config
 
 
 @dataclass
@@ -39,24 +36,15 @@ class CrashReport:
 
 
 def _config(path: Path, data: Path, out: Path, every_iters: int, epochs: int, batch: int) -> Path:
-    cfg = json.loads((ROOT / "config.json").read_text())
-    cfg["data"].update(root=str(data), download=False)
-    cfg["train"].update(epochs=epochs, batch_size=batch)
-    cfg["eval"].update(batch_size=20)
-    cfg["checkpoint"].update(every_iters=every_iters)
-    cfg["logging"].update(output_dir=str(out), log_every_iters=2)
-    path.write_text(json.dumps(cfg))
-    return path
+    return write_config(path, data={"root": str(data), "download": False},
+                        train={"epochs": epochs, "batch_size": batch}, eval={"batch_size": 20},
+                        checkpoint={"every_iters": every_iters}, logging={"output_dir": str(out), "log_every_iters": 2})
 
 
 def _start(args: list[str], nproc: int) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, 2 // nproc)),
-           "PYTHONUNBUFFERED": "1"}
     extra = ["--nproc-per-node", str(nproc), "--backend", "gloo"] if nproc > 1 else []
     # A new session, so that SIGKILL reaches the launcher and every process it spawned.
-    return subprocess.Popen([sys.executable, "-m", "app", *args, *extra], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    return start_app(*args, *extra, env=app_env(OMP_NUM_THREADS=str(max(1, 2 // nproc))), start_new_session=True)
 
 
 def _wait_for_training(proc: subprocess.Popen) -> tuple[float, int]:

@@ -472,7 +472,7 @@ def test_rejects_non_uint8_images() -> None:
         _augment(32)(torch.rand(2, 3, 32, 32))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_cuda_matches_cpu_for_the_same_parameters() -> None:
     images = _random_images(32, seed=33)
     cuda_aug = BatchAugment(generator=torch.Generator(device="cuda").manual_seed(34))

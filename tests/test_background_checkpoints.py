@@ -4,7 +4,6 @@ kill during the write leaves the previous checkpoint intact, and a run's checkpo
 bytes' worth of state whether written in the background or not."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -21,9 +20,9 @@ from torch import nn
 from app.checkpoint import load_checkpoint
 from app.runs import lock_run_dir
 from app.training import finish
-from conftest import ROOT, run_app, write_config
 from handlers.atomic import TEMP_PREFIX, write_atomic
 from handlers.checkpoints import CheckpointWriteError, SaveThenRemove
+from tests.support import ROOT, run_config, run_main
 
 
 class SlowSaver(SaveThenRemove):
@@ -148,11 +147,11 @@ CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_kill_during_a_background_write_leaves_the_previous_checkpoint_intact(tmp_path: Path) -> None:
     folder, marker = tmp_path / "checkpoints", tmp_path / "written"
     folder.mkdir()
-    env = dict(os.environ)
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(folder), str(marker)], env=env, cwd=ROOT)
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(folder), str(marker)], cwd=ROOT)
     deadline = time.monotonic() + 120
     while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -172,12 +171,10 @@ def test_a_run_saves_the_same_state_in_the_background_as_in_the_foreground(tmp_p
     files = {}
     for background in (True, False):
         name = f"bg-{background}".lower()
-        cfg = write_config(tmp_path / f"{name}.json", data={"root": str(small_data), "download": False},
-                           train={"epochs": 1, "batch_size": 48},
-                           checkpoint={"every_iters": 2, "keep_last": 4, "background_write": background},
-                           logging={"output_dir": str(tmp_path / "runs"), "log_every_iters": 2})
-        result = run_app("--config", str(cfg), "--run-name", name)
-        assert result.returncode == 0, result.stderr
+        cfg = run_config(tmp_path / f"{name}.json", small_data, tmp_path / "runs", train={"epochs": 1},
+                         checkpoint={"every_iters": 2, "keep_last": 4, "background_write": background})
+        ran = run_main("--config", str(cfg), "--run-name", name)
+        assert ran.returncode == 0, ran.stderr
         files[background] = sorted((tmp_path / "runs" / name / "checkpoints").glob("training_checkpoint_*.pt"))
     assert [p.name for p in files[True]] == [p.name for p in files[False]] == [
         f"training_checkpoint_{i}.pt" for i in (2, 4, 5)]  # two in the background, the last not

@@ -1,4 +1,7 @@
-"""Bad input ends in one clear line, a non-zero exit, no traceback, and nothing under the output folder."""
+"""Bad input ends in one clear line, a non-zero exit, no traceback, and nothing under the output folder.
+
+Through main(), in this process: what is under test is what the command checks and says. Output into a
+closed pipe is a property of the process, so those run as processes."""
 from __future__ import annotations
 
 import os
@@ -10,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_app, write_cifar100, write_config
+from tests.support import ROOT, Ran, app_env, one_error_line, run_main, write_cifar100, write_config
 
 
 @pytest.fixture()
@@ -18,33 +21,31 @@ def out(tmp_path: Path) -> Path:
     return tmp_path / "runs"
 
 
-def _assert_clean_failure(result, code: int, *words: str, out: Path) -> None:
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == code, result.stderr
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr + result.stdout
+def assert_clean_failure(ran: Ran, code: int, *words: str, out: Path) -> None:
+    assert ran.returncode == code, ran.stderr
+    line = one_error_line(ran.stderr)
     for w in words:
-        assert w in lines[0], lines[0]
+        assert w in line, line
     assert not out.exists() or not any(out.iterdir())
 
 
 def test_invalid_json(tmp_path: Path, out: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text('{"train": {"epochs": 3,}}')
-    _assert_clean_failure(run_app("--config", str(bad), "--output-dir", str(out)), 2, str(bad), "invalid JSON",
-                          out=out)
+    assert_clean_failure(run_main("--config", str(bad), "--output-dir", str(out)), 2, str(bad), "invalid JSON",
+                         out=out)
 
 
-def test_unknown_key(tmp_path: Path, out: Path, small_data: Path) -> None:
+def test_unknown_key(tmp_path: Path, out: Path) -> None:
     cfg = write_config(tmp_path / "c.json", train={"epochz": 3})
-    _assert_clean_failure(run_app("--config", str(cfg), "--output-dir", str(out)), 2, str(cfg),
-                          "unknown key 'train.epochz'", out=out)
+    assert_clean_failure(run_main("--config", str(cfg), "--output-dir", str(out)), 2, str(cfg),
+                         "unknown key 'train.epochz'", out=out)
 
 
 def test_wrong_type(tmp_path: Path, out: Path) -> None:
     cfg = write_config(tmp_path / "c.json", train={"batch_size": "128"})
-    _assert_clean_failure(run_app("--config", str(cfg), "--output-dir", str(out)), 2, str(cfg),
-                          "train.batch_size must be an integer", out=out)
+    assert_clean_failure(run_main("--config", str(cfg), "--output-dir", str(out)), 2, str(cfg),
+                         "train.batch_size must be an integer", out=out)
 
 
 @pytest.mark.parametrize("flags,words", [
@@ -56,13 +57,13 @@ def test_wrong_type(tmp_path: Path, out: Path) -> None:
 ])
 def test_bad_flag(tmp_path: Path, out: Path, small_data: Path, flags, words) -> None:
     cfg = write_config(tmp_path / "c.json", data={"root": str(small_data), "download": False})
-    _assert_clean_failure(run_app("--config", str(cfg), "--output-dir", str(out), *flags), 2, words, out=out)
+    assert_clean_failure(run_main("--config", str(cfg), "--output-dir", str(out), *flags), 2, words, out=out)
 
 
 def test_missing_config_file(tmp_path: Path, out: Path) -> None:
     missing = tmp_path / "nope.json"
-    _assert_clean_failure(run_app("--config", str(missing), "--output-dir", str(out)), 2, str(missing),
-                          "not found", out=out)
+    assert_clean_failure(run_main("--config", str(missing), "--output-dir", str(out)), 2, str(missing), "not found",
+                         out=out)
 
 
 def test_missing_data_with_download_off_fails_fast_and_says_how(tmp_path: Path, out: Path) -> None:
@@ -70,39 +71,39 @@ def test_missing_data_with_download_off_fails_fast_and_says_how(tmp_path: Path, 
     empty.mkdir()
     cfg = write_config(tmp_path / "c.json", data={"root": str(empty), "download": False})
     started = time.monotonic()
-    result = run_app("--config", str(cfg), "--output-dir", str(out))
+    ran = run_main("--config", str(cfg), "--output-dir", str(out))
     assert time.monotonic() - started < 30
-    _assert_clean_failure(result, 1, str(empty / "cifar-100-python"), "cifar-100-python.tar.gz", out=out)
+    assert_clean_failure(ran, 1, str(empty / "cifar-100-python"), "cifar-100-python.tar.gz", out=out)
 
 
 def test_bad_resume_path(tmp_path: Path, out: Path, small_data: Path) -> None:
     cfg = write_config(tmp_path / "c.json", data={"root": str(small_data), "download": False})
     nothing = tmp_path / "no_such_run"
-    _assert_clean_failure(run_app("--config", str(cfg), "--output-dir", str(out), "--resume", str(nothing)), 1,
-                          str(nothing), out=out)
-    _assert_clean_failure(run_app("--config", str(cfg), "--output-dir", str(out), "--resume"), 1,
-                          "no run to resume", out=out)
+    assert_clean_failure(run_main("--config", str(cfg), "--output-dir", str(out), "--resume", str(nothing)), 1,
+                         str(nothing), out=out)
+    assert_clean_failure(run_main("--config", str(cfg), "--output-dir", str(out), "--resume"), 1,
+                         "no run to resume", out=out)
 
 
 def test_help_documents_every_flag() -> None:
-    result = run_app("--help")
-    assert result.returncode == 0
+    ran = run_main("--help")
+    assert ran.returncode == 0
     for flag in ("--config", "--lr", "--batch-size", "--epochs", "--resume", "--data-root", "--output-dir",
                  "--run-name", "--nproc-per-node", "--backend", "--seed", "--device"):
-        assert flag in result.stdout
+        assert flag in ran.stdout
 
 
 @pytest.mark.parametrize("flags,words", [
     (["--lr", "nan"], "--lr: must be a finite number, got NaN"),
     (["--lr", "inf"], "--lr: must be a finite number, got Infinity"),
     (["--seed", str(2**32)], "--seed: must be from 0 to 4294967295"),
-    # 240 images at batch 128: 2 iterations; OneCycleLR would divide by a warm-up of 0.6 of one
-    (["--epochs", "1"], "schedule.pct_start 0.3 gives a warm-up of 0.6 of the run's 2 iterations"),
+    # 80 images at batch 128: 1 iteration; OneCycleLR would divide by a warm-up of 0.3 of one
+    (["--epochs", "1"], "schedule.pct_start 0.3 gives a warm-up of 0.3 of the run's 1 iterations"),
 ])
 def test_dry_run_refuses_flags_no_run_could_use(tmp_path: Path, out: Path, small_data: Path, flags, words) -> None:
     cfg = write_config(tmp_path / "c.json", data={"root": str(small_data), "download": False})
-    _assert_clean_failure(run_app("--config", str(cfg), "--output-dir", str(out), "--dry-run", *flags), 2, words,
-                          out=out)
+    assert_clean_failure(run_main("--config", str(cfg), "--output-dir", str(out), "--dry-run", *flags), 2, words,
+                         out=out)
 
 
 @pytest.mark.parametrize("edit,words", [
@@ -116,8 +117,8 @@ def test_dry_run_refuses_config_files_no_run_could_use(tmp_path: Path, out: Path
     path = write_config(tmp_path / "c.json", data={"root": str(small_data), "download": False})
     content = edit(path.read_text())
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
-    _assert_clean_failure(run_app("--config", str(path), "--output-dir", str(out), "--dry-run"), 2, str(path), words,
-                          out=out)
+    assert_clean_failure(run_main("--config", str(path), "--output-dir", str(out), "--dry-run"), 2, str(path), words,
+                         out=out)
 
 
 @pytest.mark.parametrize("split,labels,words", [
@@ -132,22 +133,23 @@ def test_dry_run_refuses_data_no_run_could_use(tmp_path: Path, out: Path, split,
     d["data"] = d["data"][:len(d["fine_labels"])]
     path.write_bytes(pickle.dumps(d))
     cfg = write_config(tmp_path / "c.json", data={"root": str(root), "download": False})
-    _assert_clean_failure(run_app("--config", str(cfg), "--output-dir", str(out), "--dry-run"), 1, str(path), words,
-                          out=out)
+    assert_clean_failure(run_main("--config", str(cfg), "--output-dir", str(out), "--dry-run"), 1, str(path), words,
+                         out=out)
 
 
 def run_into_closed_pipe(*args: str, buffered: bool = True) -> subprocess.CompletedProcess:
     """`python -m app ARGS | head -1` where head has already exited: stdout is a pipe nobody reads."""
     read_end, write_end = os.pipe()
     os.close(read_end)
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "" if buffered else "1"}
     try:
-        return subprocess.run([sys.executable, "-m", "app", *args], cwd=ROOT, env=env, stdout=write_end,
+        return subprocess.run([sys.executable, "-m", "app", *args], cwd=ROOT,
+                              env=app_env(PYTHONUNBUFFERED="" if buffered else "1"), stdout=write_end,
                               stderr=subprocess.PIPE, text=True, timeout=600)
     finally:
         os.close(write_end)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,buffered", [(["--help"], True), (["--dry-run"], True), (["--dry-run"], False)],
                          ids=["help", "dry-run", "dry-run-unbuffered"])
 def test_output_into_a_closed_pipe_ends_quietly(tmp_path: Path, out: Path, small_data: Path, args, buffered) -> None:

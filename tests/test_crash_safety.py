@@ -15,68 +15,34 @@ from pathlib import Path
 import pytest
 import torch
 from ignite.engine import Engine, Events
-
-from conftest import ROOT, run_app, run_until, write_cifar100, write_config
-from handlers.checkpoints import SaveThenRemove, training_checkpoints
-from handlers.loss_buffer import LossBuffer, LossNotFinite
 from ignite.handlers import Checkpoint
 
-
-def _config(tmp: Path, data: Path, epochs: int = 2, **train) -> Path:
-    return write_config(tmp / "c.json", data={"root": str(data), "download": False},
-                        train={"epochs": epochs, "batch_size": 48, **train},
-                        logging={"output_dir": str(tmp / "runs"), "log_every_iters": 2})
+from handlers.checkpoints import SaveThenRemove, training_checkpoints
+from handlers.loss_buffer import LossBuffer, LossNotFinite
+from tests.support import (ROOT, app_env, epochs_printed, one_error_line, run_app, run_config, run_main, start_app,
+                           write_cifar100)
 
 
 def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _one_error_line(result) -> str:
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    return lines[0]
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory, small_data: Path):
-    """A finished 2-epoch run (5 iterations per epoch), copied fresh for each test that changes it."""
-    tmp = tmp_path_factory.mktemp("finished")
-    cfg = _config(tmp, small_data)
-    assert run_app("--config", str(cfg), "--run-name", "r").returncode == 0
-    return tmp, cfg
-
-
-def _copy(finished, dest: Path) -> tuple[Path, Path]:
-    import shutil
-
-    src, cfg = finished
-    shutil.copytree(src / "runs", dest / "runs")
-    new_cfg = dest / "c.json"
-    data = json.loads(cfg.read_text())
-    data["logging"]["output_dir"] = str(dest / "runs")
-    new_cfg.write_text(json.dumps(data))
-    return dest / "runs" / "r", new_cfg
-
-
-def test_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(finished, tmp_path: Path) -> None:
-    run_dir, cfg = _copy(finished, tmp_path)
-    newest = run_dir / "checkpoints" / "training_checkpoint_10.pt"
+def test_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(run_copy) -> None:
+    newest = run_copy.run_dir / "checkpoints" / "training_checkpoint_10.pt"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
-    result = run_app("--config", str(cfg), "--resume", str(run_dir))
-    assert result.returncode == 0, result.stderr
-    assert "training_checkpoint_10.pt" in result.stderr and "training_checkpoint_5.pt" in result.stderr
-    assert [line.split()[1] for line in result.stdout.splitlines() if line.startswith("epoch ")] == ["2/2"]
+    ran = run_main("--config", str(run_copy.config), "--resume", str(run_copy.run_dir))
+    assert ran.returncode == 0, ran.stderr
+    assert "training_checkpoint_10.pt" in ran.stderr and "training_checkpoint_5.pt" in ran.stderr
+    assert epochs_printed(ran.stdout) == ["2/2"]
     torch.load(newest, weights_only=True)  # written again, whole
 
 
-def test_no_intact_checkpoint_is_one_line_and_an_error(finished, tmp_path: Path) -> None:
-    run_dir, cfg = _copy(finished, tmp_path)
-    for path in training_checkpoints(run_dir / "checkpoints"):
+def test_no_intact_checkpoint_is_one_line_and_an_error(run_copy) -> None:
+    for path in training_checkpoints(run_copy.run_dir / "checkpoints"):
         path.write_bytes(b"not a checkpoint")
-    result = run_app("--config", str(cfg), "--resume", str(run_dir))
-    assert result.returncode == 1
-    assert "no intact training checkpoint" in _one_error_line(result)
+    ran = run_main("--config", str(run_copy.config), "--resume", str(run_copy.run_dir))
+    assert ran.returncode == 1
+    assert "no intact training checkpoint" in one_error_line(ran.stderr)
 
 
 def test_checkpoint_that_would_run_code_is_refused_and_the_code_does_not_run(tmp_path: Path, small_data) -> None:
@@ -88,29 +54,29 @@ def test_checkpoint_that_would_run_code_is_refused_and_the_code_does_not_run(tmp
 
     hostile = tmp_path / "training_checkpoint_5.pt"
     torch.save({"trainer": Payload(), "model": {}}, hostile)
-    result = run_app("--config", str(_config(tmp_path, small_data)), "--resume", str(hostile))
-    assert result.returncode == 1
-    assert str(hostile) in _one_error_line(result) and "not a loadable checkpoint" in result.stderr
+    cfg = run_config(tmp_path / "c.json", small_data, tmp_path / "runs")
+    ran = run_main("--config", str(cfg), "--resume", str(hostile))
+    assert ran.returncode == 1
+    assert str(hostile) in one_error_line(ran.stderr) and "not a loadable checkpoint" in ran.stderr
     assert not marker.exists()
 
 
-def test_resume_refuses_changes_that_alter_the_run_and_allows_safe_ones(finished, tmp_path: Path) -> None:
-    run_dir, cfg = _copy(finished, tmp_path)
-    refused = run_app("--config", str(cfg), "--resume", str(run_dir), "--epochs", "3", "--lr", "0.2")
+def test_resume_refuses_changes_that_alter_the_run_and_allows_safe_ones(run_copy, tmp_path: Path) -> None:
+    refused = run_main("--config", str(run_copy.config), "--resume", str(run_copy.run_dir), "--epochs", "3",
+                       "--lr", "0.2")
     assert refused.returncode == 2
-    line = _one_error_line(refused)
+    line = one_error_line(refused.stderr)
     assert "optimizer.lr: 0.1 -> 0.2" in line and "train.epochs: 2 -> 3" in line
-    safe = run_app("--config", str(cfg), "--resume", str(run_dir), "--output-dir", str(tmp_path / "other"))
+    safe = run_main("--config", str(run_copy.config), "--resume", str(run_copy.run_dir), "--output-dir",
+                    str(tmp_path / "other"))
     assert safe.returncode == 0 and "finished" in safe.stdout  # logging.* may change
 
 
-def test_resume_on_other_data_is_refused(finished, tmp_path: Path) -> None:
-    run_dir, cfg = _copy(finished, tmp_path)
-    newest = run_dir / "checkpoints" / "training_checkpoint_10.pt"
-    newest.unlink()  # unfinished again: resumes from iteration 5
-    other = write_cifar100(tmp_path / "other", 240, 50, seed=99)
-    result = run_app("--config", str(cfg), "--resume", str(run_dir), "--data-root", str(other))
-    assert result.returncode == 1 and "not the data this run was trained on" in _one_error_line(result)
+def test_resume_on_other_data_is_refused(run_copy, tmp_path: Path) -> None:
+    (run_copy.run_dir / "checkpoints" / "training_checkpoint_10.pt").unlink()  # unfinished again: from 5
+    other = write_cifar100(tmp_path / "other", 80, 20, seed=99)
+    ran = run_main("--config", str(run_copy.config), "--resume", str(run_copy.run_dir), "--data-root", str(other))
+    assert ran.returncode == 1 and "not the data this run was trained on" in one_error_line(ran.stderr)
 
 
 def test_divergence_stops_before_the_checkpoint_and_keeps_the_last_good_one(tmp_path: Path) -> None:
@@ -127,18 +93,20 @@ def test_divergence_stops_before_the_checkpoint_and_keeps_the_last_good_one(tmp_
 
 
 def test_diverging_run_exits_3_with_one_line_and_saves_nothing(tmp_path: Path, small_data: Path) -> None:
-    result = run_app("--config", str(_config(tmp_path, small_data)), "--run-name", "nan", "--lr", "1e12")
-    assert result.returncode == 3
-    assert "training loss became" in _one_error_line(result)
+    cfg = run_config(tmp_path / "c.json", small_data, tmp_path / "runs")
+    ran = run_main("--config", str(cfg), "--run-name", "nan", "--lr", "1e12")
+    assert ran.returncode == 3
+    assert "training loss became" in one_error_line(ran.stderr)
     assert training_checkpoints(tmp_path / "runs" / "nan" / "checkpoints") == []
 
 
 def test_unwritable_output_folder_is_reported_before_training(tmp_path: Path, small_data: Path) -> None:
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    result = run_app("--config", str(_config(tmp_path, small_data)), "--output-dir", str(blocker / "runs"))
-    assert result.returncode == 1 and str(blocker) in _one_error_line(result)
-    assert result.stdout == ""  # no training started
+    cfg = run_config(tmp_path / "c.json", small_data, tmp_path / "runs")
+    ran = run_main("--config", str(cfg), "--output-dir", str(blocker / "runs"))
+    assert ran.returncode == 1 and str(blocker) in one_error_line(ran.stderr)
+    assert ran.stdout == ""  # no training started
 
 
 def _limit_file_size() -> None:
@@ -146,30 +114,28 @@ def _limit_file_size() -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (60 * 2**20, 60 * 2**20))
 
 
-def test_failed_checkpoint_write_ends_the_run_and_keeps_earlier_checkpoints(tmp_path: Path, small_data) -> None:
-    cfg = _config(tmp_path, small_data, epochs=3)
-    run_dir = tmp_path / "runs" / "r"
-    kept = run_dir / "checkpoints" / "training_checkpoint_5.pt"
-    run_until(kept, "--config", str(cfg), "--run-name", "r")
+@pytest.mark.slow
+def test_failed_checkpoint_write_ends_the_run_and_keeps_earlier_checkpoints(run_copy) -> None:
+    """A file-size limit below a checkpoint's size (a full disk, as the process sees it)."""
+    checkpoints = run_copy.run_dir / "checkpoints"
+    (checkpoints / "training_checkpoint_10.pt").unlink()  # the run as if killed during epoch 2
+    kept = checkpoints / "training_checkpoint_5.pt"
     before = _digest(kept)
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    result = subprocess.run([sys.executable, "-m", "app", "--config", str(cfg), "--resume", str(run_dir)],
-                            cwd=ROOT, env=env, capture_output=True, text=True, preexec_fn=_limit_file_size,
-                            timeout=600)
+    result = run_app("--config", str(run_copy.config), "--resume", str(run_copy.run_dir),
+                     preexec_fn=_limit_file_size)
     assert result.returncode == 1
-    line = _one_error_line(result)
+    line = one_error_line(result.stderr)
     assert "cannot write checkpoint" in line and "training_checkpoint_10.pt" in line
     assert _digest(kept) == before
-    assert not list((run_dir / "checkpoints").glob(".partial-*"))
+    assert not list(checkpoints.glob(".partial-*"))
 
 
+@pytest.mark.slow
 def test_when_one_process_dies_the_others_exit_promptly(tmp_path: Path) -> None:
     data = write_cifar100(tmp_path / "data", 960, 20)
-    cfg = _config(tmp_path, data, epochs=5, batch_size=32)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "app", "--config", str(cfg), "--run-name", "d",
-                             "--nproc-per-node", "2", "--backend", "gloo"], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    cfg = run_config(tmp_path / "c.json", data, tmp_path / "runs", train={"epochs": 5, "batch_size": 32})
+    proc = start_app("--config", str(cfg), "--run-name", "d", "--nproc-per-node", "2", "--backend", "gloo",
+                     env=app_env(OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not (tmp_path / "runs" / "d" / "tb").exists() and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -184,29 +150,28 @@ def test_when_one_process_dies_the_others_exit_promptly(tmp_path: Path) -> None:
     assert not Path(f"/proc/{workers[0]}").exists() or b"zombie" in Path(f"/proc/{workers[0]}/status").read_bytes()
 
 
-def test_newest_checkpoint_of_another_model_falls_back_to_the_newest_that_fits(finished, tmp_path: Path) -> None:
-    run_dir, cfg = _copy(finished, tmp_path)
-    newest = run_dir / "checkpoints" / "training_checkpoint_10.pt"
+def test_newest_checkpoint_of_another_model_falls_back_to_the_newest_that_fits(run_copy) -> None:
+    newest = run_copy.run_dir / "checkpoints" / "training_checkpoint_10.pt"
     ckpt = torch.load(newest, weights_only=True)
     ckpt["model"]["fc.weight"], ckpt["model"]["fc.bias"] = torch.zeros(10, 512), torch.zeros(10)
     torch.save(ckpt, newest)
-    result = run_app("--config", str(cfg), "--resume", str(run_dir))
-    assert result.returncode == 0, result.stderr
-    assert f"{newest}: not a checkpoint of this run's model" in result.stderr
-    assert "resuming from" in result.stderr and "training_checkpoint_5.pt" in result.stderr
-    assert [line.split()[1] for line in result.stdout.splitlines() if line.startswith("epoch ")] == ["2/2"]
+    ran = run_main("--config", str(run_copy.config), "--resume", str(run_copy.run_dir))
+    assert ran.returncode == 0, ran.stderr
+    assert f"{newest}: not a checkpoint of this run's model" in ran.stderr
+    assert "resuming from" in ran.stderr and "training_checkpoint_5.pt" in ran.stderr
+    assert epochs_printed(ran.stdout) == ["2/2"]
 
 
-def test_checkpoint_meta_that_does_not_fit_the_model_is_one_line(finished, tmp_path: Path) -> None:
-    run_dir, _ = _copy(finished, tmp_path)
+def test_checkpoint_meta_that_does_not_fit_the_model_is_one_line(finished_run, tmp_path: Path) -> None:
     bad = tmp_path / "bad_meta.pt"
-    ckpt = torch.load(run_dir / "checkpoints" / "training_checkpoint_10.pt", weights_only=True)
+    ckpt = torch.load(finished_run.run_dir / "checkpoints" / "training_checkpoint_10.pt", weights_only=True)
     ckpt["meta"]["classes"] = json.dumps(["cat", "dog"])  # 2 names for a 100-class model
     torch.save(ckpt, bad)
-    result = run_app("evaluate", "--checkpoint", str(bad), "--device", "cpu")
-    assert result.returncode == 1 and f"{bad}: damaged meta (classes: 100 names expected)" in _one_error_line(result)
+    ran = run_main("evaluate", "--checkpoint", str(bad), "--device", "cpu")
+    assert ran.returncode == 1 and f"{bad}: damaged meta (classes: 100 names expected)" in one_error_line(ran.stderr)
 
 
+@pytest.mark.slow
 def test_a_small_checkpoint_that_would_expand_to_gigabytes_is_refused_unread(tmp_path: Path) -> None:
     """A real torch.save file of 1.1 GiB of zeros, its zip entries deflated to about 1 MB: torch.load
     would take 1.6 GB of memory for it (measured). Refused by its declared size before anything is
@@ -222,13 +187,12 @@ def test_a_small_checkpoint_that_would_expand_to_gigabytes_is_refused_unread(tmp
                 shutil.copyfileobj(fin, fout, 2**24)
     raw.unlink()
     assert bomb.stat().st_size < 3 * 2**20  # small on disk
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
     # VmHWM: this process image's peak resident memory (ru_maxrss would count the forking parent's)
     script = ("import sys; from pathlib import Path; from app.cli import main; code = main(sys.argv[1:]); "
               "print(next(line.split()[1] for line in Path('/proc/self/status').read_text().splitlines() "
               "if line.startswith('VmHWM')), file=sys.stderr); sys.exit(code)")
     result = subprocess.run([sys.executable, "-c", script, "evaluate", "--checkpoint", str(bomb), "--device", "cpu"],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                            cwd=ROOT, env=app_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 1
     line, maxrss_kb = result.stderr.strip().splitlines()
     assert line.startswith(f"error: {bomb}: refused, it would take 1.1 GiB in memory"), line

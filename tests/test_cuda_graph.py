@@ -17,9 +17,9 @@ import torch
 
 from app.cuda_graph import CudaGraphStep
 from app.engines import Precision
-from lockstep import compare_steps, make_side
+from app.optim import CapturableSGD
+from tests.lockstep import compare_steps, make_side
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 EPOCHS = 3
 SIZES = (64, 64, 64, 40)
@@ -33,6 +33,7 @@ def deterministic_cudnn():
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("precision,rtol", [(Precision(None, False), 1e-3), (Precision(torch.bfloat16, False), 1e-2)],
                          ids=["fp32", "bf16"])
 def test_graphed_steps_equal_eager_steps_over_a_whole_one_cycle(deterministic_cudnn, precision: Precision,
@@ -52,3 +53,22 @@ def test_graphed_steps_equal_eager_steps_over_a_whole_one_cycle(deterministic_cu
     momenta = [e["momentum"] for e in log]  # what the graphed optimizer read
     assert momenta[0] == pytest.approx(0.95) and min(momenta) < 0.86 and momenta[-1] == pytest.approx(0.95)
     assert not torch.equal(graphed.generator.get_state(), start)  # replays draw new augmentations
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="capture works here")
+def test_where_no_graph_can_be_captured_the_step_trains_eagerly_and_says_so_once(capsys) -> None:
+    """Capture can fail (here: no CUDA at all); the run then goes on with the eager step, warned once."""
+    seen = []
+
+    def eager(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        seen.append(len(labels))
+        return torch.tensor([2.0, 0.5])
+
+    model = torch.nn.Linear(2, 2)
+    step = CudaGraphStep(eager, model, CapturableSGD(model.parameters(), lr=0.1, momentum=0.9), torch.Generator())
+    batch = torch.zeros(4, 3, 32, 32, dtype=torch.uint8), torch.zeros(4, dtype=torch.long)
+    outputs = [step(*batch), step(*batch)]
+    assert step.failed and seen == [4, 4] and all(torch.equal(o, torch.tensor([2.0, 0.5])) for o in outputs)
+    warnings = capsys.readouterr().err.strip().splitlines()
+    assert len(warnings) == 1 and warnings[0].startswith("warning: CUDA graph capture failed (")
+    assert warnings[0].endswith("); training eagerly")

@@ -11,14 +11,14 @@ import torch
 
 from app.data import load_cifar100
 from app.errors import UserError
-from conftest import write_cifar100
+from tests.support import TEST_IMAGES, TRAIN_IMAGES, write_cifar100
 
 
 def test_reads_images_labels_and_class_names(small_data: Path) -> None:
     data = load_cifar100(small_data)
-    assert data.train.images.shape == (240, 3, 32, 32) and data.train.images.dtype == torch.uint8
-    assert data.test.images.shape == (50, 3, 32, 32)
-    assert data.train.labels.dtype == torch.int64 and len(data.train.labels) == 240
+    assert data.train.images.shape == (TRAIN_IMAGES, 3, 32, 32) and data.train.images.dtype == torch.uint8
+    assert data.test.images.shape == (TEST_IMAGES, 3, 32, 32)
+    assert data.train.labels.dtype == torch.int64 and len(data.train.labels) == TRAIN_IMAGES
     assert len(data.classes) == 100 and data.classes[7] == "class_07"
 
 

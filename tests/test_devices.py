@@ -9,7 +9,7 @@ one without a map location fails here exactly as it would for a file from a GPU 
 checkpoint holds is its augmentation generator's state, a CUDA generator's (16 bytes: Philox seed and
 offset), which a CPU generator cannot take; those files are written here with such a state. The other
 direction (a CPU checkpoint resumed on a GPU), and both directions with files from a real GPU, are in the
-GPU acceptance check (bench/gpu_check.py, cross-device).
+GPU acceptance check (tests/acceptance, test_cross_device).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from app.checkpoint import load_checkpoint
-from conftest import run_app, write_config
+from tests.support import run_main
 
 
 def write_as_if_from_a_gpu(src: Path, dst: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -43,20 +43,8 @@ def _tensors(obj):
             yield from _tensors(v)
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory, small_data: Path):
-    """A finished 2-epoch CPU run (5 iterations per epoch) and its config."""
-    tmp = tmp_path_factory.mktemp("devices")
-    cfg = write_config(tmp / "c.json", data={"root": str(small_data), "download": False},
-                       train={"epochs": 2, "batch_size": 48, "device": "cpu"},
-                       logging={"output_dir": str(tmp / "runs"), "log_every_iters": 2})
-    result = run_app("--config", str(cfg), "--run-name", "r")
-    assert result.returncode == 0, result.stderr
-    return tmp / "runs" / "r", cfg
-
-
-def test_a_gpu_checkpoint_loads_here_only_through_the_cpu(finished, tmp_path: Path, monkeypatch) -> None:
-    run_dir, _ = finished
+def test_a_gpu_checkpoint_loads_here_only_through_the_cpu(finished_run, tmp_path: Path, monkeypatch) -> None:
+    run_dir = finished_run.run_dir
     gpu = tmp_path / "gpu.pt"
     write_as_if_from_a_gpu(run_dir / "checkpoints" / "training_checkpoint_10.pt", gpu, monkeypatch)
     with pytest.raises(RuntimeError, match="CUDA"):
@@ -68,22 +56,17 @@ def test_a_gpu_checkpoint_loads_here_only_through_the_cpu(finished, tmp_path: Pa
     assert generators.dtype == torch.uint8 and generators.device.type == "cpu"
 
 
-def test_a_gpu_checkpoint_resumes_on_the_cpu_exactly(finished, tmp_path: Path, monkeypatch) -> None:
+def test_a_gpu_checkpoint_resumes_on_the_cpu_exactly(run_copy, monkeypatch) -> None:
     """Resumed from the epoch-1 checkpoint, relabelled as a GPU file (its generator state still a CPU
     generator's), the run ends with the weights of the uninterrupted run: every state (weights, momentum
     buffers, schedule, generator) arrived intact."""
-    src, cfg = finished
-    run_dir = tmp_path / "runs" / "r"
-    shutil.copytree(src, run_dir)
+    run_dir = run_copy.run_dir
     reference = torch.load(run_dir / "checkpoints" / "training_checkpoint_10.pt", weights_only=True)
     epoch1 = run_dir / "checkpoints" / "training_checkpoint_5.pt"
     write_as_if_from_a_gpu(epoch1, epoch1, monkeypatch)
     (run_dir / "checkpoints" / "training_checkpoint_10.pt").unlink()
-    config = json.loads(cfg.read_text())
-    config["logging"]["output_dir"] = str(tmp_path / "runs")
-    (tmp_path / "c.json").write_text(json.dumps(config))
 
-    result = run_app("--config", str(tmp_path / "c.json"), "--resume", str(epoch1), "--device", "cpu")
+    result = run_main("--config", str(run_copy.config), "--resume", str(epoch1), "--device", "cpu")
     assert result.returncode == 0, result.stderr
     resumed = torch.load(run_dir / "checkpoints" / "training_checkpoint_10.pt", weights_only=True)
     for name, value in reference["model"].items():
@@ -93,12 +76,12 @@ def test_a_gpu_checkpoint_resumes_on_the_cpu_exactly(finished, tmp_path: Path, m
     assert torch.equal(resumed["augment"]["generators"], reference["augment"]["generators"])
 
 
-def test_evaluate_and_predict_take_a_gpu_checkpoint(finished, tmp_path: Path, monkeypatch) -> None:
-    run_dir, _ = finished
+def test_evaluate_and_predict_take_a_gpu_checkpoint(finished_run, tmp_path: Path, monkeypatch) -> None:
+    run_dir = finished_run.run_dir
     best = next((run_dir / "checkpoints").glob("best_checkpoint_*.pt"))
     gpu = tmp_path / best.name
     write_as_if_from_a_gpu(best, gpu, monkeypatch)
-    result = run_app("evaluate", "--checkpoint", str(gpu), "--json", "--device", "cpu")
+    result = run_main("evaluate", "--checkpoint", str(gpu), "--json", "--device", "cpu")
     assert result.returncode == 0, result.stderr
     logged = json.loads((run_dir / "results.json").read_text())["best"]
     report = json.loads(result.stdout)
@@ -106,7 +89,7 @@ def test_evaluate_and_predict_take_a_gpu_checkpoint(finished, tmp_path: Path, mo
 
     image = tmp_path / "red.png"
     Image.new("RGB", (40, 40), (200, 30, 30)).save(image)
-    predicted = run_app("predict", "--checkpoint", str(gpu), str(image), "--json")
+    predicted = run_main("predict", "--checkpoint", str(gpu), str(image), "--json")
     assert predicted.returncode == 0, predicted.stderr
     assert len(json.loads(predicted.stdout)[0]["top"]) == 5
 
@@ -116,10 +99,11 @@ def cuda_generator_state(seed: int, offset: int) -> torch.Tensor:
     return torch.tensor(list(seed.to_bytes(8, "little") + offset.to_bytes(8, "little")), dtype=torch.uint8)
 
 
-def test_a_gpu_checkpoint_with_a_cuda_generator_resumes_on_the_cpu(finished, tmp_path: Path, monkeypatch) -> None:
+def test_a_gpu_checkpoint_with_a_cuda_generator_resumes_on_the_cpu(finished_run, tmp_path: Path,
+                                                                   monkeypatch) -> None:
     """A CPU generator cannot take a CUDA generator's state: the run resumes with augmentation re-seeded
     from it, says so, finishes, and does the same every time it is resumed from that checkpoint."""
-    src, cfg = finished
+    src, cfg = finished_run.run_dir, finished_run.config
     ends = []
     for attempt in ("a", "b"):
         run_dir = tmp_path / attempt / "runs" / "r"
@@ -134,7 +118,7 @@ def test_a_gpu_checkpoint_with_a_cuda_generator_resumes_on_the_cpu(finished, tmp
         config["logging"]["output_dir"] = str(tmp_path / attempt / "runs")
         (tmp_path / attempt / "c.json").write_text(json.dumps(config))
 
-        result = run_app("--config", str(tmp_path / attempt / "c.json"), "--resume", str(epoch1), "--device", "cpu")
+        result = run_main("--config", str(tmp_path / attempt / "c.json"), "--resume", str(epoch1), "--device", "cpu")
         assert result.returncode == 0, result.stderr
         assert "another kind of device" in result.stdout and "epoch 2/2" in result.stdout
         assert json.loads((run_dir / "results.json").read_text())["status"] == "finished"

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from app.evaluate import evaluate_checkpoint
-from conftest import ROOT, run_app, write_cifar100, write_config
+from tests.support import ROOT, app_env, run_app, write_cifar100, write_config
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +49,8 @@ def test_two_spawned_processes_give_the_one_process_metrics_of_the_same_checkpoi
 def test_torchrun_runs_the_same_code_path(tmp_path: Path, uneven_data: Path) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
            "-m", "app", "--config", str(_config(tmp_path, uneven_data)), "--run-name", "tr"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(cmd, cwd=ROOT, env=app_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                            timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "runs" / "tr"
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["tr"]

@@ -1,4 +1,5 @@
-"""After a run: `python -m app evaluate` and `python -m app predict` on its checkpoints."""
+"""After a run: `python -m app evaluate` and `python -m app predict` on its checkpoints (in this process
+through main(), but for what only a process shows: several of them, and a closed pipe)."""
 from __future__ import annotations
 
 import json
@@ -11,24 +12,19 @@ from PIL import Image
 
 from app.errors import UserError
 from app.predict import load_image
-from conftest import run_app, write_config
-from test_cli_errors import run_into_closed_pipe
+from tests.support import TEST_IMAGES, run_app, run_main
+from tests.test_cli_errors import run_into_closed_pipe
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, small_data: Path) -> Path:
-    tmp = tmp_path_factory.mktemp("inspect")
-    cfg = write_config(tmp / "c.json", data={"root": str(small_data), "download": False},
-                       train={"epochs": 2, "batch_size": 48},
-                       logging={"output_dir": str(tmp / "runs"), "log_every_iters": 5})
-    assert run_app("--config", str(cfg), "--run-name", "r").returncode == 0
-    return tmp / "runs" / "r"
+@pytest.fixture
+def run_dir(finished_run) -> Path:
+    return finished_run.run_dir
 
 
-def _evaluate(*args: str) -> dict:
-    result = run_app("evaluate", *args, "--json", "--device", "cpu")
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+def _evaluate(*args: str, process: bool = False) -> dict:
+    ran = (run_app if process else run_main)("evaluate", *args, "--json", "--device", "cpu")
+    assert ran.returncode == 0, ran.stderr
+    return json.loads(ran.stdout)
 
 
 def test_evaluate_gives_the_numbers_training_logged(run_dir: Path) -> None:
@@ -39,7 +35,7 @@ def test_evaluate_gives_the_numbers_training_logged(run_dir: Path) -> None:
         report = _evaluate("--checkpoint", str(checkpoint))
         assert report["top1"] == logged["top1"] and report["top5"] == logged["top5"]
         assert report["loss"] == pytest.approx(logged["loss"], rel=1e-6)
-    assert report["epoch"] == 2 and report["images"] == 50
+    assert report["epoch"] == 2 and report["images"] == TEST_IMAGES
     per_class = report["per_class_accuracy"]
     assert all(name.startswith("class_") for name in per_class)
     worst = [w["accuracy"] for w in report["worst_classes"]]
@@ -48,18 +44,19 @@ def test_evaluate_gives_the_numbers_training_logged(run_dir: Path) -> None:
     assert counts == sorted(counts, reverse=True) and all(c["true"] != c["predicted"] for c in report["most_confused"])
 
 
+@pytest.mark.slow
 def test_evaluate_under_two_processes_gives_the_same_numbers(run_dir: Path) -> None:
     checkpoint = str(run_dir / "checkpoints" / "training_checkpoint_10.pt")
     alone = _evaluate("--checkpoint", checkpoint)
-    split = _evaluate("--checkpoint", checkpoint, "--nproc-per-node", "2", "--backend", "gloo")
+    split = _evaluate("--checkpoint", checkpoint, "--nproc-per-node", "2", "--backend", "gloo", process=True)
     assert {k: split[k] for k in ("top1", "top5", "per_class_accuracy", "most_confused")} == \
            {k: alone[k] for k in ("top1", "top5", "per_class_accuracy", "most_confused")}
     assert split["loss"] == pytest.approx(alone["loss"], rel=1e-6)
 
 
 def test_evaluate_report_reads_well(run_dir: Path) -> None:
-    result = run_app("evaluate", "--checkpoint", str(run_dir / "checkpoints" / "training_checkpoint_10.pt"),
-                     "--device", "cpu")
+    result = run_main("evaluate", "--checkpoint", str(run_dir / "checkpoints" / "training_checkpoint_10.pt"),
+                      "--device", "cpu")
     assert result.returncode == 0
     for heading in ("top-1", "ten worst classes:", "most confused (true -> predicted):", "per-class accuracy:"):
         assert heading in result.stdout
@@ -68,7 +65,7 @@ def test_evaluate_report_reads_well(run_dir: Path) -> None:
 def test_evaluate_bad_checkpoint_is_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "x.pt"
     bad.write_bytes(b"garbage")
-    result = run_app("evaluate", "--checkpoint", str(bad))
+    result = run_main("evaluate", "--checkpoint", str(bad))
     assert result.returncode == 1 and result.stderr.count("\n") == 1 and str(bad) in result.stderr
 
 
@@ -77,7 +74,7 @@ def test_predict_top5_for_images_of_any_size(run_dir: Path, tmp_path: Path) -> N
     Image.new("RGB", (100, 60), (200, 30, 30)).save(wide)
     Image.new("L", (20, 50), 128).save(tall)
     checkpoint = str(next((run_dir / "checkpoints").glob("best_checkpoint_*.pt")))
-    result = run_app("predict", "--checkpoint", checkpoint, str(wide), str(tall), "--json")
+    result = run_main("predict", "--checkpoint", checkpoint, str(wide), str(tall), "--json")
     assert result.returncode == 0, result.stderr
     predictions = json.loads(result.stdout)
     assert [p["image"] for p in predictions] == [str(wide), str(tall)]
@@ -85,7 +82,7 @@ def test_predict_top5_for_images_of_any_size(run_dir: Path, tmp_path: Path) -> N
         probs = [t["probability"] for t in p["top"]]
         assert len(probs) == 5 and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
         assert all(t["class"].startswith("class_") for t in p["top"])
-    text = run_app("predict", "--checkpoint", checkpoint, str(wide))
+    text = run_main("predict", "--checkpoint", checkpoint, str(wide))
     assert text.stdout.splitlines()[0] == str(wide) and text.stdout.splitlines()[1].strip().startswith("1. class_")
 
 
@@ -93,11 +90,12 @@ def test_predict_names_a_file_that_is_not_an_image(run_dir: Path, tmp_path: Path
     notes = tmp_path / "notes.txt"
     notes.write_text("hello")
     checkpoint = str(run_dir / "checkpoints" / "training_checkpoint_10.pt")
-    result = run_app("predict", "--checkpoint", checkpoint, str(notes))
+    result = run_main("predict", "--checkpoint", checkpoint, str(notes))
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and str(notes) in result.stderr and "not an image" in result.stderr
 
 
+@pytest.mark.slow
 def test_evaluate_into_a_closed_pipe_ends_quietly(run_dir: Path) -> None:
     checkpoint = str(run_dir / "checkpoints" / "training_checkpoint_10.pt")
     for buffered in (True, False):
@@ -140,6 +138,6 @@ def test_predict_refuses_images_too_large_to_decode_safely(tmp_path: Path, width
 def test_predict_names_an_image_too_large_in_one_line(run_dir: Path, tmp_path: Path) -> None:
     big = _write_black_png(tmp_path / "big.png", 20_000, 20_000)
     checkpoint = str(run_dir / "checkpoints" / "training_checkpoint_10.pt")
-    result = run_app("predict", "--checkpoint", checkpoint, str(big))
+    result = run_main("predict", "--checkpoint", checkpoint, str(big))
     assert result.returncode == 1 and result.stdout == "" and result.stderr.count("\n") == 1
     assert str(big) in result.stderr and "too large to decode safely" in result.stderr

@@ -4,9 +4,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import run_app, write_cifar100, write_config
+import pytest
+
+from tests.support import run_app, write_cifar100, write_config
 
 
+@pytest.mark.slow
 def test_climbs_well_above_chance_within_minutes(tmp_path: Path) -> None:
     data = write_cifar100(tmp_path / "data", 640, 200, used_classes=10, seed=1, learnable=True)
     cfg = write_config(tmp_path / "c.json", data={"root": str(data), "download": False},

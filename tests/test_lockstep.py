@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from app.engines import Precision
-from lockstep import compare_steps, make_side
+from tests.lockstep import compare_steps, make_side
 
 CPU, FP32 = torch.device("cpu"), Precision(None, False)
 

@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 from ignite.engine import Engine, Events
 
-from conftest import ROOT, write_cifar100, write_config
-from crash_harness import crash_resume
+from tests.crash_harness import crash_resume
 from handlers.preemption import GracefulStop, StopEvents, TrainingInterrupted
+from tests.support import ROOT, app_env, one_error_line, start_app, wait_for_line, write_cifar100, write_config
 
 
+@pytest.mark.slow
 def test_sigterm_at_random_moments_then_resume_ends_bit_identical(tmp_path: Path) -> None:
     report = crash_resume(tmp_path, kills=2, seed=5, every_iters=0, sig=signal.SIGTERM)
     # 143 for each graceful stop; 0 only for a signal that came as the run was ending anyway
@@ -50,6 +51,7 @@ def test_a_stop_saves_the_last_completed_step_before_the_schedule_moves() -> Non
     assert started == [1, 2, 3] and at_stop == [3]
 
 
+@pytest.mark.slow
 def test_a_second_signal_during_the_save_stops_at_once(tmp_path: Path) -> None:
     """The user insisting: the process dies of the second signal in the middle of the (slow) save."""
     script = textwrap.dedent(f"""
@@ -79,14 +81,8 @@ def test_a_second_signal_during_the_save_stops_at_once(tmp_path: Path) -> None:
 
 
 def _run_and_signal(args: list[str], signum: int, after_line: str, *, group: bool) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "app", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    out = []
-    for line in proc.stdout:
-        out.append(line)
-        if line.startswith(after_line):
-            break
+    proc = start_app(*args, env=app_env(OMP_NUM_THREADS="1"), start_new_session=True)
+    out = wait_for_line(proc, after_line)
     (os.killpg if group else os.kill)(proc.pid, signum)
     signalled = time.monotonic()
     rest, err = proc.communicate(timeout=120)
@@ -94,6 +90,7 @@ def _run_and_signal(args: list[str], signum: int, after_line: str, *, group: boo
     return subprocess.CompletedProcess(proc.args, proc.returncode, "".join(out) + rest, err)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum,code,nproc,group", [(signal.SIGINT, 130, 1, True), (signal.SIGTERM, 143, 2, False)],
                          ids=["SIGINT to the process group", "SIGTERM to the launcher of 2 processes"])
 def test_interrupted_run_saves_marks_and_says_how_to_resume(tmp_path: Path, signum, code, nproc, group) -> None:
@@ -105,11 +102,10 @@ def test_interrupted_run_saves_marks_and_says_how_to_resume(tmp_path: Path, sign
     result = _run_and_signal(["--config", str(cfg), "--run-name", "r", *extra], signum, "epoch 1/4", group=group)
     run_dir = tmp_path / "runs" / "r"
     assert result.returncode == code, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    iteration = int(lines[0].split("after iteration ")[1].split()[0])
-    assert lines[0].startswith(f"interrupted by {signal.Signals(signum).name} after iteration {iteration}")
-    assert f"continue with --resume {run_dir}" in lines[0]
+    line = one_error_line(result.stderr)
+    iteration = int(line.split("after iteration ")[1].split()[0])
+    assert line.startswith(f"interrupted by {signal.Signals(signum).name} after iteration {iteration}")
+    assert f"continue with --resume {run_dir}" in line
     assert (run_dir / "checkpoints" / f"training_checkpoint_{iteration}.pt").exists()
     results = json.loads((run_dir / "results.json").read_text())
     assert results["status"] == "interrupted" and results["iterations"] == iteration

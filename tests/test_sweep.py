@@ -25,7 +25,7 @@ from app.sweep.plan import load_plan, make_plan, parse_grid, run_config
 from app.sweep.runner import Board, device_slots, lock_sweep
 from app.sweep.status import read_results, run_status
 from bench.packing import sweep_throughput
-from conftest import ROOT, run_app, write_cifar100, write_config
+from tests.support import ROOT, app_env, run_app, start_app, write_cifar100, write_config
 
 EPOCHS = 2  # of 2 iterations each: 64 training images in batches of 32
 
@@ -41,7 +41,7 @@ def sweep_setup(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def _sweep(*args: str) -> subprocess.CompletedProcess:
-    return run_app("sweep", "--devices", "cpu", *args, env={"OMP_NUM_THREADS": ""})
+    return run_app("sweep", "--devices", "cpu", *args, env=app_env(OMP_NUM_THREADS=""))
 
 
 DIVERGES = "lr1e+30"  # lr 1e30: the training loss becomes NaN
@@ -57,6 +57,7 @@ def grid_sweep(sweep_setup):
     return out / "grid", result, time.monotonic() - start
 
 
+@pytest.mark.slow
 def test_a_grid_of_seeds_gives_one_ordinary_run_folder_per_combination(grid_sweep) -> None:
     sweep_dir, result, _ = grid_sweep
     names = {f"{lr}-seed{s}" for lr in ("lr0.05", "lr0.1", DIVERGES) for s in (0, 1)}
@@ -75,6 +76,7 @@ def test_a_grid_of_seeds_gives_one_ordinary_run_folder_per_combination(grid_swee
     assert plan["seeds"] == [0, 1] and plan["grid"] == {"optimizer.lr": [0.05, 0.1, 1e30]}
 
 
+@pytest.mark.slow
 def test_a_failing_run_is_reported_and_the_others_finish(grid_sweep) -> None:
     sweep_dir, result, _ = grid_sweep
     assert result.returncode == 1
@@ -98,6 +100,7 @@ def _validation(run_dir: Path) -> EventAccumulator:
     return acc
 
 
+@pytest.mark.slow
 def test_the_summary_equals_what_the_runs_results_give(grid_sweep, capsys) -> None:
     sweep_dir, _, _ = grid_sweep
     summary = json.loads((sweep_dir / "summary.json").read_text())
@@ -122,6 +125,7 @@ def test_the_summary_equals_what_the_runs_results_give(grid_sweep, capsys) -> No
     assert capsys.readouterr().out == (sweep_dir / "summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_rewriting_the_table_is_one_line_and_keeps_the_old_table(grid_sweep) -> None:
     sweep_dir, _, _ = grid_sweep
     before = (sweep_dir / "summary.json").read_bytes()
@@ -130,9 +134,7 @@ def test_a_full_disk_while_rewriting_the_table_is_one_line_and_keeps_the_old_tab
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
         resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200))
 
-    result = subprocess.run([sys.executable, "-m", "app", "sweep", "--summary", str(sweep_dir)], cwd=ROOT,
-                            env=dict(os.environ), capture_output=True, text=True,
-                            preexec_fn=small_files_only, timeout=120)
+    result = run_app("sweep", "--summary", str(sweep_dir), preexec_fn=small_files_only, timeout=120)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert lines[0].startswith(f"error: {sweep_dir / 'summary.json'}: cannot write")
@@ -140,6 +142,7 @@ def test_a_full_disk_while_rewriting_the_table_is_one_line_and_keeps_the_old_tab
     assert not [p for p in sweep_dir.iterdir() if p.name.startswith(".partial-")]
 
 
+@pytest.mark.slow
 def test_what_is_left_to_run_is_printed_and_the_throughput_measured(grid_sweep, capsys) -> None:
     sweep_dir, _, wall = grid_sweep
     assert main(["sweep", "--resume", str(sweep_dir), "--print-commands"]) == 0
@@ -159,6 +162,7 @@ def _fresh_starts(log: Path) -> int:
     return log.read_text().count(": ResNet18 with")
 
 
+@pytest.mark.slow
 def test_a_killed_sweep_resumes_unfinished_runs_and_trains_nothing_twice(sweep_setup, capsys) -> None:
     """Made in one folder with relative paths (data.root "data", output "runs"), resumed from another."""
     cfg, out = sweep_setup
@@ -166,10 +170,9 @@ def test_a_killed_sweep_resumes_unfinished_runs_and_trains_nothing_twice(sweep_s
     relative = write_config(home / "relative.json", data={"root": "data", "download": False},
                             train={"epochs": EPOCHS, "batch_size": 32})
     sweep_dir = home / "runs" / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    proc = subprocess.Popen([sys.executable, "-m", "app", "sweep", "--config", relative.name, "--output-dir", "runs",
-                             "--name", "killed", "--seeds", "0-2", "--devices", "cpu"], cwd=home, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = app_env()
+    proc = start_app("sweep", "--config", relative.name, "--output-dir", "runs", "--name", "killed", "--seeds", "0-2",
+                     "--devices", "cpu", cwd=home, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     epoch_one = sweep_dir / "seed1" / "checkpoints" / "training_checkpoint_2.pt"
     deadline = time.monotonic() + 120
     while not epoch_one.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -195,8 +198,7 @@ def test_a_killed_sweep_resumes_unfinished_runs_and_trains_nothing_twice(sweep_s
     assert task.returncode == 0 and "seed0 is finished (2 epochs); nothing to do" in task.stdout, task.stderr
 
     # Resumed, and stopped with SIGTERM (a scheduler, Ctrl-C) during seed2: passed on, seed2 saves.
-    stopped = subprocess.Popen([sys.executable, "-m", "app", "sweep", "--resume", str(sweep_dir), "--devices",
-                                "cpu"], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    stopped = start_app("sweep", "--resume", str(sweep_dir), "--devices", "cpu", stderr=None)
     seed2_epoch_one = sweep_dir / "seed2" / "checkpoints" / "training_checkpoint_2.pt"
     while not seed2_epoch_one.exists() and stopped.poll() is None and time.monotonic() < deadline + 120:
         time.sleep(0.05)
@@ -263,22 +265,50 @@ def test_grid_keys_that_only_fit_together_are_accepted(sweep_setup, tmp_path: Pa
     assert not (tmp_path / "runs").exists()  # planned, not created
 
 
-def test_a_path_that_is_not_a_sweep_folder_is_one_line(grid_sweep, capsys) -> None:
-    sweep_dir, _, _ = grid_sweep
-    for path in (sweep_dir / "summary.md", sweep_dir.parent / "absent"):
+def test_a_path_that_is_not_a_sweep_folder_is_one_line(tmp_path: Path, capsys) -> None:
+    (tmp_path / "summary.md").write_text("# not a sweep")
+    for path in (tmp_path / "summary.md", tmp_path / "absent", tmp_path):
         assert main(["sweep", "--summary", str(path)]) == 1
         assert capsys.readouterr().err == f"error: {path}: not a sweep folder (no sweep.json)\n"
 
 
-def test_a_sweep_another_sweep_is_running_is_refused_with_exit_2(grid_sweep, capsys) -> None:
-    sweep_dir, _, _ = grid_sweep
-    held = lock_sweep(load_plan(sweep_dir)[0])
+@pytest.fixture
+def planned_sweep(sweep_setup, tmp_path: Path, capsys) -> Path:
+    """A sweep of 2 seeds x 2 learning rates, created and handed to another scheduler: nothing trained."""
+    cfg, _ = sweep_setup
+    assert main(["sweep", "--config", str(cfg), "--output-dir", str(tmp_path / "runs"), "--name", "planned",
+                 "--seeds", "0,1", "--grid", "optimizer.lr=0.05,0.1", "--print-commands"]) == 0
+    return tmp_path / "runs" / "planned"
+
+
+def test_a_sweep_handed_to_another_scheduler_lists_every_run_and_its_table(planned_sweep, capsys) -> None:
+    """--print-commands: one ordinary command per run, from the folder the sweep was made in, a SLURM
+    script with one task per run, and a table where every run is still to start."""
+    printed = capsys.readouterr()
+    lines = printed.out.strip().splitlines()
+    rel = os.path.relpath(planned_sweep, ROOT)
+    assert lines == [f"cd {ROOT} && python -m app --config {rel}/configs/lr{lr}-seed{s}.json"
+                     for lr in (0.05, 0.1) for s in (0, 1)]
+    assert "4 of 4 runs to run; as a SLURM job array: sbatch " in printed.err
+    script = (planned_sweep / "slurm.sh").read_text()
+    assert "#SBATCH --array=0-3" in script and "runs=(lr0.05-seed0 lr0.05-seed1 lr0.1-seed0 lr0.1-seed1)" in script
+    assert os.access(planned_sweep / "slurm.sh", os.X_OK)
+    assert main(["sweep", "--summary", str(planned_sweep)]) == 0
+    table = capsys.readouterr().out
+    assert "4 runs: 4 not started" in table and "| optimizer.lr=0.05 | 0/2 | – |" in table
+    assert read_results(planned_sweep / "lr0.1-seed1") is None and run_status(planned_sweep / "lr0.1-seed1") == \
+        "not started"
+
+
+def test_a_sweep_another_sweep_is_running_is_refused_with_exit_2(planned_sweep, capsys) -> None:
+    capsys.readouterr()
+    held = lock_sweep(load_plan(planned_sweep)[0])
     try:
-        assert main(["sweep", "--resume", str(sweep_dir), "--devices", "cpu"]) == 2
+        assert main(["sweep", "--resume", str(planned_sweep), "--devices", "cpu"]) == 2
     finally:
         held.release()
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"error: {sweep_dir}: in use by pid {os.getpid()}")
+    assert len(err) == 1 and err[0].startswith(f"error: {planned_sweep}: in use by pid {os.getpid()}")
     assert err[0].endswith("; another sweep is running these runs")
 
 

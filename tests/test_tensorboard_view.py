@@ -4,31 +4,28 @@ still going (stopped with SIGSTOP after its first evaluation, so it cannot finis
 from __future__ import annotations
 
 import json
-import os
+import shutil
 import signal
 import struct
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from bench.tensorboard_view import TensorBoardServer
-from conftest import ROOT, run_app, write_config
+from tests.support import BATCH, run_config, start_app
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory, small_data: Path):
+def two_runs(tmp_path_factory, small_data: Path, finished_run):
     tmp = tmp_path_factory.mktemp("tbview")
-    cfg = write_config(tmp / "c.json", data={"root": str(small_data), "download": False},
-                       train={"epochs": 2, "batch_size": 48}, logging={"output_dir": str(tmp / "runs"),
-                                                                       "log_every_iters": 2})
-    result = run_app("--config", str(cfg), "--run-name", "finished")
-    assert result.returncode == 0, result.stderr
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    live = subprocess.Popen([sys.executable, "-m", "app", "--config", str(cfg), "--run-name", "live", "--epochs", "3"],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    shutil.copytree(finished_run.run_dir, tmp / "runs" / "finished")
+    cfg = run_config(tmp / "c.json", small_data, tmp / "runs")
+    live = start_app("--config", str(cfg), "--run-name", "live", "--epochs", "3", stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL)
     epoch1 = tmp / "runs" / "live" / "checkpoints" / "training_checkpoint_5.pt"
     deadline = time.monotonic() + 300
     while not epoch1.exists() and time.monotonic() < deadline:
@@ -70,7 +67,7 @@ def test_hparams_lists_the_running_run_with_what_it_reached(two_runs) -> None:
     assert set(sessions) == {"finished/tb/validation", "live/tb/validation"}
     finished, live = sessions["finished/tb/validation"], sessions["live/tb/validation"]
     assert finished["status"] == "STATUS_SUCCESS" and live["status"] == "STATUS_UNKNOWN"
-    assert finished["hparams"]["batch_size"] == "48" and finished["hparams"]["lr"] == 0.1
+    assert finished["hparams"]["batch_size"] == str(BATCH) and finished["hparams"]["lr"] == 0.1
     assert live["hparams"]["epochs"] == "3" and finished["hparams"]["epochs"] == "2"
     for name, session, step in (("finished", finished, 10), ("live", live, 5)):
         results = json.loads((folder / name / "results.json").read_text())

@@ -1,50 +1,35 @@
-"""End to end: a real run on a few hundred images, its files, its TensorBoard scalars, and resume."""
+"""End to end: a real run on a few dozen images, its files, its TensorBoard scalars, and resume."""
 from __future__ import annotations
 
+import io
 import json
+import re
 from pathlib import Path
 
 import pytest
+import torch
+from ignite.engine import Engine
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from app.checkpoint import load_checkpoint
-from conftest import run_app, run_until, write_config
-
-
-def _config(tmp_path: Path, data: Path, epochs: int = 2, **extra) -> Path:
-    return write_config(tmp_path / "c.json", data={"root": str(data), "download": False},
-                        train={"epochs": epochs, "batch_size": 48, **extra.pop("train", {})},
-                        logging={"output_dir": str(tmp_path / "runs"), "log_every_iters": 2,
-                                 **extra.pop("logging", {})}, **extra)
-
-
-def _scalars(folder: Path, tag: str) -> list[tuple[int, float]]:
-    acc = EventAccumulator(str(folder))
-    acc.Reload()
-    return [(e.step, e.value) for e in acc.Scalars(tag)]
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, small_data: Path):
-    tmp = tmp_path_factory.mktemp("e2e")
-    result = run_app("--config", str(_config(tmp, small_data)), "--run-name", "r1")
-    assert result.returncode == 0, result.stderr
-    return tmp / "runs" / "r1", result
+from handlers.loss_buffer import LossBuffer
+from handlers.progress import attach_progress_bar
+from tests.support import (BATCH, EPOCHS, TEST_IMAGES, TRAIN_IMAGES, epochs_printed, run_app, run_config, run_main,
+                           run_until, scalars)
 
 
 def test_prints_one_summary_line_per_epoch(finished_run) -> None:
-    _, result = finished_run
-    lines = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]
+    lines = [line for line in finished_run.stdout.splitlines() if line.startswith("epoch ")]
     assert [line.split()[1] for line in lines] == ["1/2", "2/2"]
     assert all("val top-1" in line and "top-5" in line and "img/s" in line for line in lines)
 
 
 def test_writes_config_results_and_checkpoints(finished_run) -> None:
-    run_dir, _ = finished_run
+    run_dir = finished_run.run_dir
     saved = json.loads((run_dir / "config.json").read_text())
-    assert saved["train"]["epochs"] == 2 and saved["optimizer"]["lr"] == 0.1
+    assert saved["train"]["epochs"] == EPOCHS and saved["optimizer"]["lr"] == 0.1
     results = json.loads((run_dir / "results.json").read_text())
-    assert results["status"] == "finished" and results["epochs"] == 2
+    assert results["status"] == "finished" and results["epochs"] == EPOCHS
     assert set(results["best"]) >= {"top1", "top5", "loss", "epoch"}
     assert results["best"]["top1"] >= results["final"]["top1"] and results["wall_time_seconds"] > 0
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
@@ -58,13 +43,13 @@ def test_writes_config_results_and_checkpoints(finished_run) -> None:
 def test_tensorboard_overlays_training_and_validation_on_the_trainers_iterations(finished_run) -> None:
     """Training: loss, top-1, lr and momentum at every iteration; validation: loss, top-1, top-5 at the
     iteration each epoch ended; the same tags in both runs, so TensorBoard draws them in one chart."""
-    run_dir, _ = finished_run
+    run_dir = finished_run.run_dir
     train, validation = run_dir / "tb" / "train", run_dir / "tb" / "validation"
-    loss, top1 = _scalars(train, "metrics/loss"), _scalars(train, "metrics/top1")
-    lr, momentum = _scalars(train, "schedule/lr"), _scalars(train, "schedule/momentum")
+    loss, top1 = scalars(train, "metrics/loss"), scalars(train, "metrics/top1")
+    lr, momentum = scalars(train, "schedule/lr"), scalars(train, "schedule/momentum")
     assert [s for s, _ in loss] == [s for s, _ in top1] == [s for s, _ in lr] == [s for s, _ in momentum] \
         == list(range(1, 11))
-    assert all(abs(v * 48 - round(v * 48)) < 1e-4 and 0 <= v <= 1 for _, v in top1)  # a share of a batch of 48
+    assert all(abs(v * BATCH - round(v * BATCH)) < 1e-4 and 0 <= v <= 1 for _, v in top1)  # a share of a batch
     assert max(v for _, v in lr) == pytest.approx(0.1, rel=1e-3) and lr[-1][1] < 1e-4  # one cycle
     # ... and momentum the other way: lowest where the learning rate peaks
     assert momentum[0][1] == pytest.approx(0.95) and momentum[-1][1] == pytest.approx(0.95)
@@ -72,10 +57,10 @@ def test_tensorboard_overlays_training_and_validation_on_the_trainers_iterations
     assert min(v for _, v in momentum) == pytest.approx(0.85) == momentum[peak][1]
     results = json.loads((run_dir / "results.json").read_text())
     for tag in ("top1", "top5", "loss"):
-        values = _scalars(validation, f"metrics/{tag}")
+        values = scalars(validation, f"metrics/{tag}")
         assert [s for s, _ in values] == [5, 10]
         assert values[-1][1] == pytest.approx(results["final"][tag], rel=1e-5)
-        best = _scalars(validation, f"summary/best_{tag}")
+        best = scalars(validation, f"summary/best_{tag}")
         assert [s for s, _ in best] == [5, 10] and best[-1][1] == pytest.approx(results["best"][tag], rel=1e-5)
     groups = {tag.split("/")[0] for folder in (train, validation) for tag in _tags(folder)}
     assert sorted(groups)[:2] == ["metrics", "schedule"]  # the two groups Time Series opens
@@ -89,7 +74,7 @@ def _tags(folder: Path) -> list[str]:
 
 
 def test_tensorboard_has_images_histograms_epoch_figures_and_hparams(finished_run) -> None:
-    run_dir, _ = finished_run
+    run_dir = finished_run.run_dir
     train = EventAccumulator(str(run_dir / "tb" / "train"), size_guidance={"images": 0})
     train.Reload()
     grid = train.Images("train/augmented_images")
@@ -103,7 +88,8 @@ def test_tensorboard_has_images_histograms_epoch_figures_and_hparams(finished_ru
     assert [e.step for e in matrices] == [5, 10] and matrices[0].width >= 600
     assert [e.step for e in val.Histograms("validation/per_class_accuracy")] == [5, 10]
     table = val.Tensors("validation/most_confused/text_summary")  # tensorboardX names text tags so
-    assert [e.step for e in table] == [5, 10] and b"| true class | predicted as |" in table[-1].tensor_proto.string_val[0]
+    assert [e.step for e in table] == [5, 10]
+    assert b"| true class | predicted as |" in table[-1].tensor_proto.string_val[0]
     hparams = val.PluginTagToContent("hparams")
     assert {"_hparams_/experiment", "_hparams_/session_start_info", "_hparams_/session_end_info"} <= set(hparams)
     start = hparams["_hparams_/session_start_info"]
@@ -111,44 +97,69 @@ def test_tensorboard_has_images_histograms_epoch_figures_and_hparams(finished_ru
 
 
 def test_without_a_terminal_logs_one_line_per_epoch_and_no_bar(finished_run) -> None:
-    _, result = finished_run
-    assert "it/s" not in result.stderr and "\r" not in result.stdout + result.stderr
-    assert len(result.stdout.strip().splitlines()) == 3  # the run line and one line per epoch
+    assert "it/s" not in finished_run.stderr and "\r" not in finished_run.stdout + finished_run.stderr
+    assert len(finished_run.stdout.strip().splitlines()) == 3  # the run line and one line per epoch
 
 
-def test_progress_bar_can_be_forced_on(tmp_path: Path, small_data: Path) -> None:
-    cfg = _config(tmp_path, small_data, epochs=2, logging={"progress_bar": "on"})
-    result = run_app("--config", str(cfg))
-    assert result.returncode == 0 and "Epoch [2/2]" in result.stderr and "lr=" in result.stderr
+def test_the_progress_bar_shows_the_epoch_the_loss_and_the_learning_rate() -> None:
+    """What `logging.progress_bar` "on" attaches (a terminal gets it with "auto"): tqdm's bar, advanced
+    when the losses are read, with the smoothed loss and the learning rate."""
+    trainer = Engine(lambda e, _: torch.tensor([2.5, 0.5]))
+    LossBuffer(every=2, scheduled=lambda: {"lr": 0.05, "momentum": 0.9}).attach(trainer)
+    stream = io.StringIO()
+    attach_progress_bar(trainer, every=2).tqdm_kwargs["file"] = stream  # where tqdm draws (stderr in a run)
+    trainer.run(range(4), max_epochs=2)
+    shown = stream.getvalue()
+    assert "Epoch [2/2]" in shown and "lr=0.05" in shown and "running_loss=2.5" in shown
 
 
 def test_dry_run_checks_and_describes_without_writing(tmp_path: Path, small_data: Path) -> None:
-    result = run_app("--config", str(_config(tmp_path, small_data)), "--dry-run")
-    assert result.returncode == 0, result.stderr
-    assert '"batch_size": 48' in result.stdout and "11,220,132 parameters" in result.stdout
-    assert "240 training and 50 test images" in result.stdout
-    # 240 images, batch 48: 5 iterations per epoch, 10 in all, the peak at 30%
-    assert "learning rate: 0.004 at iteration 1, 0.1 at iteration 3, 4e-07 at iteration 10" in result.stdout
+    ran = run_main("--config", str(run_config(tmp_path / "c.json", small_data, tmp_path / "runs")), "--dry-run")
+    assert ran.returncode == 0, ran.stderr
+    assert f'"batch_size": {BATCH}' in ran.stdout and "11,220,132 parameters" in ran.stdout
+    assert f"{TRAIN_IMAGES} training and {TEST_IMAGES} test images" in ran.stdout
+    # 80 images, batch 16: 5 iterations per epoch, 10 in all, the peak at 30%
+    assert "learning rate: 0.004 at iteration 1, 0.1 at iteration 3, 4e-07 at iteration 10" in ran.stdout
     assert ("momentum: 0.95 at iteration 1, 0.85 at iteration 3, 0.95 at iteration 10, cycled by the schedule"
-            in result.stdout)
+            in ran.stdout)
     assert not (tmp_path / "runs").exists()
 
 
-def test_resume_after_kill_continues_same_run_without_repeating_an_epoch(tmp_path: Path, small_data: Path) -> None:
-    cfg = _config(tmp_path, small_data, epochs=3)
+@pytest.mark.slow
+def test_a_run_killed_after_a_checkpoint_has_it_in_tensorboard_and_resumes_without_repeating(
+        tmp_path: Path, small_data: Path) -> None:
+    """SIGKILL the moment training_checkpoint_7.pt appears (epochs of 5 iterations, a checkpoint every 7
+    iterations as well): the event files, read back with TensorBoard's reader, have every iteration up
+    to 7 and all of epoch 1's figures; `--resume` then continues in the same folder from iteration 7,
+    no epoch repeated, every iteration and epoch in TensorBoard once."""
+    cfg = run_config(tmp_path / "c.json", small_data, tmp_path / "runs", train={"epochs": 3},
+                     checkpoint={"every_iters": 7})
     run_dir = tmp_path / "runs" / "r"
-    run_until(run_dir / "checkpoints" / "training_checkpoint_5.pt", "--config", str(cfg), "--run-name", "r")
+    run_until(run_dir / "checkpoints" / "training_checkpoint_7.pt", "--config", str(cfg), "--run-name", "r")
     assert not (run_dir / "checkpoints" / "training_checkpoint_15.pt").exists()
+    train = EventAccumulator(str(run_dir / "tb" / "train"))
+    train.Reload()
+    for tag in ("metrics/loss", "metrics/top1", "schedule/lr", "schedule/momentum"):
+        assert [e.step for e in train.Scalars(tag)][:7] == list(range(1, 8)), tag
+    for tag in ("system/epoch_seconds", "system/images_per_second"):
+        assert [e.step for e in train.Scalars(tag)][:1] == [5], tag
+    val = EventAccumulator(str(run_dir / "tb" / "validation"), size_guidance={"images": 0, "histograms": 0})
+    val.Reload()
+    for tag in ("metrics/top1", "metrics/loss", "summary/best_top1"):
+        assert [e.step for e in val.Scalars(tag)][:1] == [5], tag
+    assert [e.step for e in val.Histograms("validation/per_class_accuracy")][:1] == [5]
+    assert [e.step for e in val.Images("validation/confusion_matrix")][:1] == [5]
+    assert "_hparams_/session_start_info" in val.PluginTagToContent("hparams")  # from the start
 
     result = run_app("--config", str(cfg), "--resume")
     assert result.returncode == 0, result.stderr
-    epochs = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("epoch ")]
-    assert epochs[0] in ("2/3", "3/3") and epochs[-1] == "3/3" and "1/3" not in epochs
+    assert re.search(r"resuming .* from training_checkpoint_(7|10)\.pt", result.stdout)  # 10: killed after it
+    printed = epochs_printed(result.stdout)
+    assert printed[0] in ("2/3", "3/3") and printed[-1] == "3/3" and "1/3" not in printed
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["r"]
-    steps = [s for s, _ in _scalars(run_dir / "tb" / "validation", "metrics/top1")]
-    assert steps == [5, 10, 15]
-    assert [s for s, _ in _scalars(run_dir / "tb" / "train", "metrics/loss")] == list(range(1, 16))
+    assert [s for s, _ in scalars(run_dir / "tb" / "validation", "metrics/top1")] == [5, 10, 15]
+    assert [s for s, _ in scalars(run_dir / "tb" / "train", "metrics/loss")] == list(range(1, 16))
     assert json.loads((run_dir / "results.json").read_text())["epochs"] == 3
 
-    again = run_app("--config", str(cfg), "--resume")
+    again = run_main("--config", str(cfg), "--resume")
     assert again.returncode == 0 and "finished" in again.stdout

@@ -1,0 +1,126 @@
+"""What the tests share: config files over the project's config.json, the application run as a user
+runs it (a fresh process) or in this process through `main()`, and the checks every such run needs.
+(Data sets in the real on-disk format: bench/synthetic.py, `write_cifar100`.)"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from app.cli import main
+from bench.synthetic import write_cifar100  # noqa: F401 - the tests' data, from here with the rest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The finished run: 80 images in batches of 16 (5 iterations per epoch), 2 epochs, 20 test images.
+TRAIN_IMAGES, TEST_IMAGES, BATCH, EPOCHS = 80, 20, 16, 2
+
+
+def write_config(path: Path, **sections: Any) -> Path:
+    """A config file that is the project's config.json with some sections overridden."""
+    cfg = json.loads((ROOT / "config.json").read_text())
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            cfg[section].update(values)
+        else:
+            cfg[section] = values
+    path.write_text(json.dumps(cfg, indent=2))
+    return path
+
+
+def run_config(path: Path, data: Path, output_dir: Path, **sections) -> Path:
+    """The finished run's config (sections override it), for a run of its own."""
+    train = {"epochs": EPOCHS, "batch_size": BATCH, **sections.pop("train", {})}
+    logging = {"output_dir": str(output_dir), "log_every_iters": 2, **sections.pop("logging", {})}
+    return write_config(path, data={"root": str(data), "download": False}, train=train, logging=logging,
+                        **sections)
+
+
+@dataclass
+class Ran:
+    """What a command did: its exit code and what it printed."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_main(*args: str) -> Ran:
+    """`python -m app ARGS` in this process, through main(), its output captured: the quick way to test
+    what a command says and does, where no process boundary is under test."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as e:  # --help, and a process's own exit code (app/launch.py)
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return Ran(code, out.getvalue(), err.getvalue())
+
+
+def app_env(**extra: str) -> dict[str, str]:
+    """The environment of an application process: two threads (this machine's cores), unbuffered."""
+    return {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1", **extra}
+
+
+def run_app(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None,
+            **kwargs: Any) -> subprocess.CompletedProcess:
+    """`python -m app ARGS` in a fresh process, the way a user runs it."""
+    return subprocess.run([sys.executable, "-m", "app", *args], cwd=cwd or ROOT, env=env or app_env(),
+                          capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def start_app(*args: str, env: dict | None = None, **kwargs: Any) -> subprocess.Popen:
+    """`python -m app ARGS` started in a fresh process; stdout and stderr are pipes unless given."""
+    kwargs.setdefault("stdout", subprocess.PIPE)
+    kwargs.setdefault("stderr", subprocess.PIPE)
+    return subprocess.Popen([sys.executable, "-m", "app", *args], cwd=kwargs.pop("cwd", ROOT), env=env or app_env(),
+                            text=True, **kwargs)
+
+
+def run_until(path: Path, *args: str, timeout: float = 300) -> None:
+    """Start `python -m app ARGS` and SIGKILL it as soon as `path` exists (a checkpoint, say)."""
+    proc = start_app(*args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert path.exists(), f"{path} never appeared"
+
+
+def wait_for_line(proc: subprocess.Popen, prefix: str) -> list[str]:
+    """Read the process's stdout up to a line that starts with `prefix`; the lines read."""
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith(prefix):
+            return lines
+    raise AssertionError(f"never printed {prefix!r}: {''.join(lines)} {proc.stderr.read() if proc.stderr else ''}")
+
+
+def one_error_line(stderr: str) -> str:
+    """The one line a failed command printed: exactly one, and no traceback."""
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    return lines[0]
+
+
+def epochs_printed(stdout: str) -> list[str]:
+    """The epochs whose line a run printed, as "2/3"."""
+    return [line.split()[1] for line in stdout.splitlines() if line.startswith("epoch ")]
+
+
+def scalars(folder: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of a TensorBoard scalar, read with TensorBoard's own reader."""
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
