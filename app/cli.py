@@ -10,8 +10,6 @@ import argparse
 import sys
 from typing import Callable, NoReturn, Optional, Sequence
 
-import torch.multiprocessing
-
 from app.config import Config, check_setting, load_config, override
 from app.errors import ConfigError, SettingError
 from app.launch import EXIT_BROKEN_PIPE, discard_output, failure
@@ -169,8 +167,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except BrokenPipeError:
         discard_output()
         return EXIT_BROKEN_PIPE
-    except torch.multiprocessing.ProcessExitedException as e:
-        return e.exit_code or 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -178,7 +174,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         known = failure(e)
         if known is None:
             raise
-        print(known[0], file=sys.stderr)
-        return known[1]
+        line, code = known
+        if line is not None:
+            print(line, file=sys.stderr)
+        return code
 
 

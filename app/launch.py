@@ -4,7 +4,8 @@ One process, processes spawned here through ignite.distributed (`--nproc-per-nod
 that torchrun started: the same function runs in each (`run_processes`). Every process ends the same
 way: a failure the user can act on (bad input, a diverged loss, a full disk, a graceful stop) is one
 line from rank 0 and an exit code, never a traceback (`failure`); output into a pipe whose reader has
-gone (`| head -1`) ends quietly with 141, as SIGPIPE would.
+gone (`| head -1`) ends quietly with 141, as SIGPIPE would. When a process of several dies, the
+others end within seconds (app/peers.py) and one line names the rank that died.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import torch
 
 from app.device import cuda_wanted
 from app.errors import ConfigError, UserError
+from app.peers import EXIT_PEER_DIED, PeerWatch
 from handlers.atomic import OutputWriteError
 from handlers.loss_buffer import LossNotFinite
 from handlers.preemption import TrainingInterrupted
@@ -74,19 +76,39 @@ def launch_settings(device: str, nproc: int, backend: Optional[str]) -> LaunchSe
     return LaunchSettings(backend, nproc if torchrun is None else None, world)
 
 
+class ProcessDied(Exception):
+    """A process the launcher spawned ended with a non-zero exit, and with it the launch: the line to
+    print (None where the process printed its own, as rank 0 does) and the exit code."""
+
+    def __init__(self, line: Optional[str], exit_code: int) -> None:
+        super().__init__(line or f"exit code {exit_code}")
+        self.line, self.exit_code = line, exit_code
+
+
 def run_processes(settings: LaunchSettings, fn: Callable[..., None], *args: Any) -> None:
     """fn(local_rank, *args) in every process of the launch, each ending as `failure` says."""
     quiet_libraries()
-    if settings.spawn and settings.spawn > 1:
+    spawned = bool(settings.spawn and settings.spawn > 1)
+    if spawned:
         _forward_stop_signals()
-    with idist.Parallel(backend=settings.backend, nproc_per_node=settings.spawn) as parallel:
-        parallel.run(_in_process, fn, *args)
+    try:
+        with idist.Parallel(backend=settings.backend, nproc_per_node=settings.spawn) as parallel:
+            parallel.run(_in_process, not spawned, fn, *args)  # the launcher names a dead process itself
+    except torch.multiprocessing.ProcessExitedException as e:
+        if e.signal_name is None:  # an exit code of its own: what it had to say, it said
+            raise ProcessDied(None, e.exit_code) from None
+        signum = -e.exit_code
+        raise ProcessDied(f"error: the process of rank {e.error_index} died ({e.signal_name}); the run's other "
+                          f"processes were stopped", 128 + signum) from None
 
 
-def failure(error: BaseException) -> Optional[tuple[str, int]]:
-    """The line to print and the exit code for an error that ends a command the expected way; None for
-    anything else (a bug: its traceback is what to report). Exit 2 for config and flags, 1 for other
-    input and for the disk, 3 for a diverged loss, 128 + N after signal N."""
+def failure(error: BaseException) -> Optional[tuple[Optional[str], int]]:
+    """The line to print (None: nothing more to say) and the exit code for an error that ends a command
+    the expected way; None for anything else (a bug: its traceback is what to report). Exit 2 for
+    config and flags, 1 for other input and for the disk, 3 for a diverged loss, 128 + N after signal
+    N (a graceful stop, or a spawned process killed by N)."""
+    if isinstance(error, ProcessDied):
+        return error.line, error.exit_code
     if isinstance(error, UserError):
         return f"error: {error}", error.exit_code
     if isinstance(error, LossNotFinite):
@@ -103,12 +125,17 @@ def failure(error: BaseException) -> Optional[tuple[str, int]]:
     return None
 
 
-def _in_process(local_rank: int, fn: Callable[..., None], *args: Any) -> None:
+def _in_process(local_rank: int, report_deaths: bool, fn: Callable[..., None], *args: Any) -> None:
     """Entry point of each process: a user error, divergence or disk failure becomes one line (from
-    rank 0) and an exit code, in spawned processes and under torchrun alike."""
+    rank 0) and an exit code, in spawned processes and under torchrun alike; with several processes,
+    a peer that dies ends this one too (`report_deaths`: whether it says so, see app/peers.py)."""
     quiet_libraries()  # again: a spawned process starts with fresh logging
+    watch = PeerWatch.start(report_deaths) if idist.get_world_size() > 1 else None
     try:
         fn(local_rank, *args)
+        if watch is not None:
+            idist.barrier()  # all leave together: a peer that ends before the others are done has died
+            watch.stop()
         gc.collect()  # the run's objects (DDP's hold on the process group) go before the group does
         sys.stdout.flush()  # a closed pipe shows here, not at this process's exit
     except BrokenPipeError:  # before OSError: a reader that went away is not a failure to report
@@ -116,13 +143,19 @@ def _in_process(local_rank: int, fn: Callable[..., None], *args: Any) -> None:
         sys.exit(EXIT_BROKEN_PIPE)
     except Exception as e:  # noqa: BLE001 - what `failure` does not know goes on, with its traceback
         known = failure(e)
-        if known is None:
+        dead = watch.dead_peer() if watch is not None and known is None else None
+        if known is None and dead is None:
             raise
+        if dead is not None:  # the collective that raised had lost its peer
+            watch.report(dead)
+            known = (None, EXIT_PEER_DIED)
+        if watch is not None:
+            watch.stop()
         _exit(*known)
 
 
-def _exit(line: str, code: int) -> NoReturn:
-    if idist.get_rank() == 0:
+def _exit(line: Optional[str], code: int) -> NoReturn:
+    if line is not None and idist.get_rank() == 0:
         print(line, file=sys.stderr, flush=True)
     if idist.get_world_size() > 1:
         # One of a group of processes leaves the group and then exits without the interpreter's

@@ -9,6 +9,7 @@ import resource
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 
+from app.peers import EXIT_PEER_DIED, GRACE_SECONDS, PeerWatch, process_start_time
 from handlers.checkpoints import SaveThenRemove, training_checkpoints
 from handlers.loss_buffer import LossBuffer, LossNotFinite
 from tests.support import (ROOT, app_env, epochs_printed, one_error_line, run_app, run_config, run_main, start_app,
@@ -131,7 +133,10 @@ def test_failed_checkpoint_write_ends_the_run_and_keeps_earlier_checkpoints(run_
 
 
 @pytest.mark.slow
-def test_when_one_process_dies_the_others_exit_promptly(tmp_path: Path) -> None:
+def test_when_one_process_dies_the_others_exit_promptly_and_one_line_names_it(tmp_path: Path) -> None:
+    """SIGKILL to one of 2 spawned processes: the other and the launcher end within seconds (their
+    bound here leaves room for a loaded machine; tests/peer_death_stress.py measures), exit 128 + 9,
+    with one line naming the rank."""
     data = write_cifar100(tmp_path / "data", 960, 20)
     cfg = run_config(tmp_path / "c.json", data, tmp_path / "runs", train={"epochs": 5, "batch_size": 32})
     proc = start_app("--config", str(cfg), "--run-name", "d", "--nproc-per-node", "2", "--backend", "gloo",
@@ -140,14 +145,62 @@ def test_when_one_process_dies_the_others_exit_promptly(tmp_path: Path) -> None:
     while not (tmp_path / "runs" / "d" / "tb").exists() and time.monotonic() < deadline:
         time.sleep(0.1)
     children = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
-    workers = [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    workers = sorted(c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes())  # by rank
     assert len(workers) == 2 and proc.poll() is None
     os.kill(workers[1], signal.SIGKILL)
     killed = time.monotonic()
-    proc.communicate(timeout=120)
+    _, stderr = proc.communicate(timeout=120)
     assert time.monotonic() - killed < 30
-    assert proc.returncode != 0
+    assert proc.returncode == 128 + signal.SIGKILL
+    assert one_error_line(stderr) == "error: the process of rank 1 died (SIGKILL); the run's other processes were " \
+                                     "stopped"
     assert not Path(f"/proc/{workers[0]}").exists() or b"zombie" in Path(f"/proc/{workers[0]}/status").read_bytes()
+
+
+def test_a_peer_that_died_is_told_from_a_live_one_and_from_a_later_process_with_its_pid() -> None:
+    """What each process of a run watches its peers on the machine by (app/peers.py): a pid and the
+    moment that process started."""
+    sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
+    live, dying = subprocess.Popen(sleep), subprocess.Popen(sleep)
+    try:
+        watch = PeerWatch(0, {1: (live.pid, process_start_time(live.pid)),
+                              2: (dying.pid, process_start_time(dying.pid))})
+        assert watch.dead_peer() is None
+        dying.kill()
+        deadline = time.monotonic() + 10
+        while watch.dead_peer() is None and time.monotonic() < deadline:  # a zombie until reaped: dead already
+            time.sleep(0.01)
+        assert watch.dead_peer() == (2, dying.pid) and dying.poll() is not None
+        assert watch.dead_peer() == (2, dying.pid)  # and once reaped
+        later = PeerWatch(0, {1: (live.pid, process_start_time(live.pid) - 1)})  # the same pid, another process
+        assert later.dead_peer() == (1, live.pid)
+    finally:
+        live.kill()
+        live.wait()
+
+
+BLOCKED = textwrap.dedent("""
+    import subprocess, sys, threading
+    from app.peers import PeerWatch, process_start_time
+
+    peer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    PeerWatch(0, {1: (peer.pid, process_start_time(peer.pid))}).watch()
+    print(peer.pid, flush=True)
+    threading.Event().wait()  # blocked, as in a collective whose peer is gone: only the watch can end it
+""")
+
+
+@pytest.mark.slow
+def test_a_process_blocked_while_its_peer_dies_ends_within_seconds_naming_it() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", BLOCKED], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    peer = int(proc.stdout.readline())
+    os.kill(peer, signal.SIGKILL)
+    killed = time.monotonic()
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == EXIT_PEER_DIED and time.monotonic() - killed < GRACE_SECONDS + 2
+    assert one_error_line(stderr) == f"error: the process of rank 1 (pid {peer}) died; this run's other processes " \
+                                     f"stop too"
 
 
 def test_newest_checkpoint_of_another_model_falls_back_to_the_newest_that_fits(run_copy) -> None:
