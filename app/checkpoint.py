@@ -221,21 +221,23 @@ def expected_model_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
 
 @dataclass(frozen=True)
 class TrainingCheckpoint:
-    """A training checkpoint checked to fit a run: its file, the trainer's position in it, and its
-    contents as loaded by the check (so that a process that both checks and trains loads it once;
-    `without_contents` for processes that are spawned, which load it themselves)."""
+    """A training checkpoint checked to fit a run: its file, the trainer's position in it, its meta,
+    and its contents as the check loaded them, until `take` hands them over: a process that both
+    checks and trains loads the file once, and does not keep a second copy while it trains. Spawned
+    processes get it `without_contents` and load it themselves."""
 
     path: Path
     iteration: int
     epoch_length: int
     meta: CheckpointMeta
-    contents: Optional[dict[str, Any]] = dataclasses.field(default=None, repr=False, compare=False)
+    loaded: list[dict[str, Any]] = dataclasses.field(default_factory=list, repr=False, compare=False)
 
-    def load(self) -> dict[str, Any]:
-        return self.contents if self.contents is not None else load_checkpoint(self.path)
+    def take(self) -> dict[str, Any]:
+        """The contents: those the check loaded (handed over, not kept here), else loaded now."""
+        return self.loaded.pop() if self.loaded else load_checkpoint(self.path)
 
     def without_contents(self) -> TrainingCheckpoint:
-        return dataclasses.replace(self, contents=None)
+        return dataclasses.replace(self, loaded=[])
 
 
 def check_training_checkpoint(path: Path, shapes: Mapping[str, tuple[int, ...]]) -> TrainingCheckpoint:
@@ -256,4 +258,4 @@ def check_training_checkpoint(path: Path, shapes: Mapping[str, tuple[int, ...]])
     if not (isinstance(trainer, dict) and all(isinstance(trainer.get(k), int) and trainer[k] >= 0
                                               for k in ("iteration", "epoch_length"))):
         raise UserError(f"{path}: damaged trainer state (iteration and epoch_length expected)")
-    return TrainingCheckpoint(path, trainer["iteration"], trainer["epoch_length"], read_meta(path, ckpt), ckpt)
+    return TrainingCheckpoint(path, trainer["iteration"], trainer["epoch_length"], read_meta(path, ckpt), [ckpt])

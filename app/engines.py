@@ -16,7 +16,7 @@ from ignite.engine import Engine
 from ignite.metrics import Accuracy, ConfusionMatrix, Loss, TopKCategoricalAccuracy
 from torch import nn
 
-from app.augment import Normalize
+from app.augment import BatchAugment, Normalize
 from app.config import Config
 from app.cuda_graph import CudaGraphStep
 from app.device import memory_format
@@ -88,15 +88,13 @@ def use_cuda_graphs(cfg: Config, device: torch.device, world: int, precision: Pr
 
 
 def build_train_step(cfg: Config, model: nn.Module, train_model: nn.Module, optimizer: CapturableSGD,
-                     augment: Callable[[torch.Tensor], torch.Tensor], generator: torch.Generator,
-                     device: torch.device, precision: Precision, scaler: Optional[torch.amp.GradScaler],
-                     world: int) -> TrainStep:
+                     augment: BatchAugment, device: torch.device, precision: Precision,
+                     scaler: Optional[torch.amp.GradScaler], world: int) -> TrainStep:
     """The eager step of `train_model` (the model itself, or its DDP / torch.compile wrapper), replayed
-    from CUDA graphs where `use_cuda_graphs` allows (`generator`: the augmentation's, which each graph
-    replay advances)."""
+    from CUDA graphs where `use_cuda_graphs` allows (each replay advancing the augmentation's generator)."""
     step = make_train_step(train_model, optimizer, augment, device, precision, scaler, cfg.train.channels_last)
     if use_cuda_graphs(cfg, device, world, precision):
-        step = CudaGraphStep(step, model, optimizer, generator)
+        step = CudaGraphStep(step, model, optimizer, augment.generator)
     return step
 
 

@@ -72,8 +72,8 @@ def build_parts(cfg: Config, local_rank: int) -> RunParts:
                                    rank=rank, world_size=world)
     test_batches = evaluation_batches(data.test.images, data.test.labels, cfg.eval.batch_size, device)
 
-    model = build_model(cfg.model.name, cfg.model.num_classes).to(device, memory_format=memory_format(
-        cfg.train.channels_last))
+    model = build_model(cfg.model.name, cfg.model.num_classes)
+    model = model.to(device, memory_format=memory_format(cfg.train.channels_last))
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, len(train_batches))
     train_model: nn.Module = model
@@ -85,8 +85,7 @@ def build_parts(cfg: Config, local_rank: int) -> RunParts:
     precision = Precision.resolve(cfg.train.amp, device)
     scaler = torch.amp.GradScaler(device.type) if precision.scaler else None
     augment = build_augment(cfg.augment, torch.Generator(device).manual_seed(cfg.seed * 7919 + rank))
-    step = build_train_step(cfg, model, train_model, optimizer, augment, augment.generator, device, precision,
-                            scaler, world)
+    step = build_train_step(cfg, model, train_model, optimizer, augment, device, precision, scaler, world)
     return RunParts(device, data, train_batches, test_batches, model, optimizer, scheduler, augment, step, scaler)
 
 
@@ -212,8 +211,7 @@ def _train(cfg: Config, plan: RunPlan, local_rank: int, rank0: bool, stop: Grace
     # the training device, generator states stay CPU byte tensors), so a checkpoint resumes anywhere.
     checkpoint = None
     if plan.checkpoint is not None:
-        checkpoint = plan.checkpoint.load()
-        plan = dataclasses.replace(plan, checkpoint=plan.checkpoint.without_contents())  # held here only
+        checkpoint = plan.checkpoint.take()
         if plan.checkpoint.meta.data != fingerprint:
             raise UserError(f"{cfg.data.root}: not the data this run was trained on (fingerprint "
                             f"{fingerprint} != {plan.checkpoint.meta.data})")

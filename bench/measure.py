@@ -82,8 +82,8 @@ class _Setup:
         self.scheduler = build_scheduler(cfg, self.optimizer, 0, total_steps=iters_total + 10)
         self.precision = Precision.resolve(cfg.train.amp, device)
         self.fmt = fmt
-        self.step = build_train_step(cfg, self.model, self.train_model, self.optimizer, self.augment,
-                                     self.augment.generator, device, self.precision, None, world=1)
+        self.step = build_train_step(cfg, self.model, self.train_model, self.optimizer, self.augment, device,
+                                     self.precision, None, world=1)
 
 
 def plain_loop(s: _Setup, device: torch.device, iters: int) -> float:

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def uneven_data(tmp_path_factory) -> Path:
     """The test set (51 images) does not split evenly over 2 processes."""
-    return write_cifar100(tmp_path_factory.mktemp("uneven"), 192, 51, seed=3)
+    return write_cifar100(tmp_path_factory.mktemp("uneven"), 128, 51, seed=3)
 
 
 def _config(tmp_path: Path, data: Path, epochs: int = 1) -> Path:
@@ -37,8 +37,8 @@ def test_two_spawned_processes_give_the_one_process_metrics_of_the_same_checkpoi
     epoch_lines = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]
     assert len(epoch_lines) == 1  # printed by rank 0 only
     logged = json.loads((run_dir / "results.json").read_text())["final"]
-    # 192 images, global batch 32 = 16 per process: 6 iterations per epoch
-    checkpoint = run_dir / "checkpoints" / "training_checkpoint_6.pt"
+    # 128 images, global batch 32 = 16 per process: 4 iterations per epoch
+    checkpoint = run_dir / "checkpoints" / "training_checkpoint_4.pt"
     alone = evaluate_checkpoint(checkpoint, str(uneven_data))
     assert logged["top1"] == alone["top1"] and logged["top5"] == alone["top5"]
     assert logged["loss"] == pytest.approx(alone["loss"], rel=1e-5)
@@ -55,4 +55,4 @@ def test_torchrun_runs_the_same_code_path(tmp_path: Path, uneven_data: Path) -> 
     run_dir = tmp_path / "runs" / "tr"
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["tr"]
     assert json.loads((run_dir / "results.json").read_text())["status"] == "finished"
-    assert (run_dir / "checkpoints" / "training_checkpoint_6.pt").exists()
+    assert (run_dir / "checkpoints" / "training_checkpoint_4.pt").exists()

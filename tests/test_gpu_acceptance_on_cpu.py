@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_the_acceptance_check_runs_its_checks_on_a_cpu(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/acceptance",
                              "--acceptance-device", "cpu", "--acceptance-out", str(tmp_path),
-                             "--acceptance-n-train", "256", "--acceptance-n-test", "60", "--acceptance-epochs", "2",
-                             "--acceptance-batch-size", "64", "--basetemp", str(tmp_path / "work")],
+                             "--acceptance-n-train", "128", "--acceptance-n-test", "40", "--acceptance-epochs", "2",
+                             "--acceptance-batch-size", "32", "--basetemp", str(tmp_path / "work")],
                             cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "2"}, capture_output=True, text=True,
                             timeout=900)
     report = json.loads((tmp_path / "gpu_check.json").read_text())

@@ -12,7 +12,7 @@ from PIL import Image
 
 from app.errors import UserError
 from app.predict import load_image
-from tests.support import TEST_IMAGES, run_app, run_main
+from tests.support import TEST_IMAGES, one_error_line, run_app, run_main
 from tests.test_cli_errors import run_into_closed_pipe
 
 
@@ -66,7 +66,7 @@ def test_evaluate_bad_checkpoint_is_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "x.pt"
     bad.write_bytes(b"garbage")
     result = run_main("evaluate", "--checkpoint", str(bad))
-    assert result.returncode == 1 and result.stderr.count("\n") == 1 and str(bad) in result.stderr
+    assert result.returncode == 1 and str(bad) in one_error_line(result.stderr)
 
 
 def test_predict_top5_for_images_of_any_size(run_dir: Path, tmp_path: Path) -> None:
@@ -92,7 +92,8 @@ def test_predict_names_a_file_that_is_not_an_image(run_dir: Path, tmp_path: Path
     checkpoint = str(run_dir / "checkpoints" / "training_checkpoint_10.pt")
     result = run_main("predict", "--checkpoint", checkpoint, str(notes))
     assert result.returncode == 1 and result.stdout == ""
-    assert result.stderr.count("\n") == 1 and str(notes) in result.stderr and "not an image" in result.stderr
+    line = one_error_line(result.stderr)
+    assert str(notes) in line and "not an image" in line
 
 
 @pytest.mark.slow
@@ -139,5 +140,5 @@ def test_predict_names_an_image_too_large_in_one_line(run_dir: Path, tmp_path: P
     big = _write_black_png(tmp_path / "big.png", 20_000, 20_000)
     checkpoint = str(run_dir / "checkpoints" / "training_checkpoint_10.pt")
     result = run_main("predict", "--checkpoint", checkpoint, str(big))
-    assert result.returncode == 1 and result.stdout == "" and result.stderr.count("\n") == 1
+    assert result.returncode == 1 and result.stdout == "" and one_error_line(result.stderr)
     assert str(big) in result.stderr and "too large to decode safely" in result.stderr
