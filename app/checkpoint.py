@@ -171,11 +171,16 @@ class CheckpointMeta:
     data: str
 
 
-def read_meta(path: Path, ckpt: Mapping[str, Any]) -> CheckpointMeta:
-    """The checkpoint's meta, or a UserError naming the file (exit 1: a bad file, not a bad config)."""
+def _raw_meta(path: Path, ckpt: Mapping[str, Any]) -> dict[str, str]:
     meta = ckpt.get("meta")
     if not (isinstance(meta, dict) and all(isinstance(meta.get(k), str) for k in ("config", "classes", "data"))):
         raise UserError(f"{path}: damaged meta (config, classes and data expected)")
+    return meta
+
+
+def read_meta(path: Path, ckpt: Mapping[str, Any]) -> CheckpointMeta:
+    """The checkpoint's meta, or a UserError naming the file (exit 1: a bad file, not a bad config)."""
+    meta = _raw_meta(path, ckpt)
     try:
         cfg = config_from_dict(json.loads(meta["config"]), f"{path} (meta.config)")
         classes = json.loads(meta["classes"])
@@ -221,15 +226,16 @@ def expected_model_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
 
 @dataclass(frozen=True)
 class TrainingCheckpoint:
-    """A training checkpoint checked to fit a run: its file, the trainer's position in it, its meta,
-    and its contents as the check loaded them, until `take` hands them over: a process that both
-    checks and trains loads the file once, and does not keep a second copy while it trains. Spawned
-    processes get it `without_contents` and load it themselves."""
+    """A training checkpoint checked to fit a run: its file, the trainer's position in it, the
+    fingerprint of the data it was trained on, and its contents as the check loaded them, until `take`
+    hands them over: a process that both checks and trains loads the file once, and does not keep a
+    second copy while it trains. Spawned processes get it `without_contents` and load it themselves.
+    (Its config is not decoded: on a resume the running config, checked against the run's, decides.)"""
 
     path: Path
     iteration: int
     epoch_length: int
-    meta: CheckpointMeta
+    data_fingerprint: str
     loaded: list[dict[str, Any]] = dataclasses.field(default_factory=list, repr=False, compare=False)
 
     def take(self) -> dict[str, Any]:
@@ -258,4 +264,5 @@ def check_training_checkpoint(path: Path, shapes: Mapping[str, tuple[int, ...]])
     if not (isinstance(trainer, dict) and all(isinstance(trainer.get(k), int) and trainer[k] >= 0
                                               for k in ("iteration", "epoch_length"))):
         raise UserError(f"{path}: damaged trainer state (iteration and epoch_length expected)")
-    return TrainingCheckpoint(path, trainer["iteration"], trainer["epoch_length"], read_meta(path, ckpt), [ckpt])
+    return TrainingCheckpoint(path, trainer["iteration"], trainer["epoch_length"], _raw_meta(path, ckpt)["data"],
+                              [ckpt])

@@ -212,9 +212,9 @@ def _train(cfg: Config, plan: RunPlan, local_rank: int, rank0: bool, stop: Grace
     checkpoint = None
     if plan.checkpoint is not None:
         checkpoint = plan.checkpoint.take()
-        if plan.checkpoint.meta.data != fingerprint:
+        if plan.checkpoint.data_fingerprint != fingerprint:
             raise UserError(f"{cfg.data.root}: not the data this run was trained on (fingerprint "
-                            f"{fingerprint} != {plan.checkpoint.meta.data})")
+                            f"{fingerprint} != {plan.checkpoint.data_fingerprint})")
     lock = None
     if rank0:
         plan, lock = claim_run_dir(cfg, plan)  # held until this process ends
