@@ -8,8 +8,7 @@ import torch
 from app.config import Config, config_from_dict, load_config, momentum_range, override, to_dict
 from app.errors import ConfigError
 from app.loader import ShardedBatches
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support import ROOT
 
 
 def test_config_json_is_the_recipe() -> None:

@@ -4,14 +4,13 @@ one are skipped, and the table and the JSON report are written."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support import ROOT, app_env
 
 
 @pytest.mark.slow
@@ -20,7 +19,7 @@ def test_the_acceptance_check_runs_its_checks_on_a_cpu(tmp_path: Path) -> None:
                              "--acceptance-device", "cpu", "--acceptance-out", str(tmp_path),
                              "--acceptance-n-train", "128", "--acceptance-n-test", "40", "--acceptance-epochs", "2",
                              "--acceptance-batch-size", "32", "--basetemp", str(tmp_path / "work")],
-                            cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "2"}, capture_output=True, text=True,
+                            cwd=ROOT, env=app_env(), capture_output=True, text=True,
                             timeout=900)
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     checks = report["checks"]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support import ROOT
+
 CORE = {"config", "typed_json", "data", "loader", "augment", "model", "optim", "engines", "cuda_graph", "device",
         "errors"}
 

@@ -14,8 +14,7 @@ import pytest
 
 from app.config import Config, override, to_dict
 from app.loader import iterations_per_epoch
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support import ROOT
 
 
 @dataclass
