@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import ignite.distributed as idist
+import torch
 
 from app.checkpoint import epochs_done, load_checkpoint, model_from_checkpoint
 from app.data import ensure_dataset, load_cifar100
@@ -81,6 +82,6 @@ def check_evaluation_inputs(checkpoint: Path, data_root: Optional[str]) -> dict[
     """Before any process starts: the checkpoint loads and fits the model, and the data is there.
     Returns the loaded checkpoint."""
     contents = load_checkpoint(checkpoint)
-    _, meta = model_from_checkpoint(checkpoint, contents, resolve_device("cpu"))
+    _, meta = model_from_checkpoint(checkpoint, contents, torch.device("cpu"))
     ensure_dataset(data_root or meta.config.data.root, download=False)
     return contents

@@ -21,9 +21,8 @@ def commands(plan: SweepPlan) -> list[str]:
     """One shell line per run that is neither finished nor being trained, runnable from any folder."""
     lines = []
     for run in plan.runs:
-        command = next_command(plan, run)
-        if command is not None and run_status(run.run_dir(plan.sweep_dir)) != "running":  # not trained elsewhere
-            lines.append(f"cd {shlex.quote(str(plan.workdir))} && {shlex.join(command)}")
+        if run_status(run.run_dir(plan.sweep_dir)) not in ("finished", "running"):  # "running": elsewhere
+            lines.append(f"cd {shlex.quote(str(plan.workdir))} && {shlex.join(next_command(plan, run))}")
     return lines
 
 

@@ -16,7 +16,7 @@ import torch
 
 from app.config import Config
 from app.data import ensure_dataset
-from app.errors import ConfigError, UserError
+from app.errors import ConfigError
 from app.sweep.cluster import commands, write_slurm_script
 from app.sweep.plan import create_sweep, load_plan, make_plan, parse_grid, parse_seeds, run_config
 from app.sweep.runner import SweepRunner, check_not_running, device_slots
@@ -34,14 +34,9 @@ def _given(args: argparse.Namespace, names: Sequence[str]) -> Optional[str]:
 
 
 def sweep(args: argparse.Namespace, config_from_flags: Callable[[argparse.Namespace], Config]) -> int:
-    """`config_from_flags`: the base config from --config and the training flags, as `train` reads them."""
-    try:
-        return _sweep(args, config_from_flags)
-    except OSError as e:  # a folder that cannot be created or read: the path named, one line
-        raise UserError(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)) from None
-
-
-def _sweep(args: argparse.Namespace, config_from_flags: Callable[[argparse.Namespace], Config]) -> int:
+    """`config_from_flags`: the base config from --config and the training flags, as `train` reads them.
+    A folder that cannot be created or read ends, as every command's OSError does, in one line naming it
+    (app/launch.py `failure`)."""
     plan_flags = ("config", "seeds", "grid", "name", *RUN_FLAGS)
     if args.summary is not None:
         extra = _given(args, (*plan_flags, "devices", "per_device", "resume", "print_commands"))

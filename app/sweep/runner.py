@@ -217,8 +217,6 @@ class SweepRunner:
         if not self._wants_to_run(run):  # finished, or taken by another process, since the sweep began
             return
         command = next_command(self.plan, run, sys.executable)
-        if command is None:
-            return
         log = self.plan.sweep_dir / "logs" / f"{run.name}.log"
         env = {**os.environ, **slot.env, "PYTHONUNBUFFERED": "1"}
         argv = [*command, "--device", slot.device]

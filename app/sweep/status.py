@@ -59,12 +59,10 @@ def record_outcome(sweep_dir: Path, name: str, failure: Optional[dict[str, Any]]
     write_json_atomic(sweep_dir / FAILURES_FILE, failures)
 
 
-def next_command(plan: SweepPlan, run: PlannedRun, python: str = "python") -> Optional[list[str]]:
-    """What runs `run` from where it is, from the sweep's workdir: None if finished; a resume if its
-    folder exists; else a new run."""
+def next_command(plan: SweepPlan, run: PlannedRun, python: str = "python") -> list[str]:
+    """What takes an unfinished `run` on from where it is, from the sweep's workdir: a resume if its
+    folder exists, else a new run. (Whether it is to run at all is its `run_status`.)"""
     run_dir = run.run_dir(plan.sweep_dir)
-    if run_status(run_dir) == "finished":
-        return None
 
     def path(p: Path) -> str:
         return os.path.relpath(p.resolve(), plan.workdir)
