@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ import pytest
 
 from app.config import Config, override, to_dict
 from app.loader import iterations_per_epoch
-from tests.support import ROOT
+from tests.support import run_app, start_app
 
 
 @dataclass
@@ -44,23 +43,21 @@ class Acceptance:
 
     def app(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
         """`python -m app ARGS` in a fresh process, as a user runs it; a non-zero exit fails the check."""
-        result = subprocess.run([sys.executable, "-m", "app", *args], cwd=ROOT, env=_env(), capture_output=True,
-                                text=True, timeout=timeout)
+        result = run_app(*args, env=_env(), timeout=timeout)
         assert result.returncode == 0, f"exit {result.returncode}: {tail(result.stderr or result.stdout)}"
         return result
 
     def popen(self, *args: str, log: Path) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "app", *args], cwd=ROOT, env=_env(), stdout=log.open("w"),
-                                stderr=subprocess.STDOUT)
+        return start_app(*args, env=_env(), stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
 def _env() -> dict[str, str]:
+    """The machine's own thread count (a GPU machine's CPU work should use its cores), unbuffered."""
     return {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
 def tail(text: str, n: int = 600) -> str:
     return text[-n:].replace("\n", " | ")
-
 
 
 def needs_gpu(acceptance: Acceptance) -> None:
