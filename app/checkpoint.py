@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,26 +105,27 @@ def data_fingerprint(data: Cifar100) -> str:
 
 # ---------------------------------------------------------------------------------------------- saving
 
-def best_model_checkpoint(folder: Path, model: torch.nn.Module, meta: RunMeta, trainer: Engine,
-                          background: bool) -> Checkpoint:
-    """The best model by validation top-1, for the evaluator's COMPLETED event (one file kept)."""
-    return _best_model_checkpoint(folder, {"model": model, "meta": meta}, trainer, background=background)
+def best_model_checkpoint(saver: SaveThenRemove, model: torch.nn.Module, meta: RunMeta, trainer: Engine
+                          ) -> Checkpoint:
+    """The best model by validation top-1, for the evaluator's COMPLETED event (one file kept), written
+    by the training checkpoints' saver (handlers/checkpoints.py says why)."""
+    return _best_model_checkpoint(saver, {"model": model, "meta": meta}, trainer)
 
 
-def attach_checkpoints(trainer: Engine, folder: Path, to_save: Mapping[str, Any], *, keep_last: int,
-                       event: Events | EventsList, background: bool = False) -> tuple[Checkpoint, SaveThenRemove]:
-    """The training checkpoints in `folder`, saved at `event` (written in the background if
+def attach_checkpoints(trainer: Engine, saver: SaveThenRemove, to_save: Mapping[str, Any], *, keep_last: int,
+                       event: Events | EventsList, background: bool = False) -> Checkpoint:
+    """The training checkpoints in the saver's folder, saved at `event` (written in the background if
     `background`), keeping the newest `keep_last` counted from the files on disk: after a resume the
     handler knows the files earlier processes wrote, and any beyond `keep_last` (left by an older
-    version, say) go once this process has written a newer one. Returns the handler and its saver."""
-    handler, saver = attach_training_checkpoint(trainer, folder, to_save, keep_last=keep_last, event=event,
-                                                background=background)
-    on_disk = training_checkpoints(folder)  # newest first
+    version, say) go once this process has written a newer one."""
+    handler = attach_training_checkpoint(trainer, saver, to_save, keep_last=keep_last, event=event,
+                                         background=background)
+    on_disk = training_checkpoints(saver.dirname)  # newest first
     kept, stale = on_disk[:keep_last], on_disk[keep_last:]
     handler.load_state_dict({"_saved": [(training_checkpoint_iteration(p.name), p.name) for p in reversed(kept)]})
     for p in stale:
         saver.remove(p.name)  # deleted after the next checkpoint is complete on disk
-    return handler, saver
+    return handler
 
 
 # --------------------------------------------------------------------------------- loading and checking
@@ -136,25 +138,39 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise UserError(f"{path}: refused, it would take {size / 2**30:.1f} GiB in memory (a checkpoint of this "
                         f"application takes about 0.1 GiB; the limit is {MAX_CHECKPOINT_BYTES / 2**30:.0f} GiB)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's warnings about a file's pickle protocol: the line below says it
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"{path}: checkpoint not found") from None
     except Exception as e:  # noqa: BLE001 - truncated zip, bad pickle, refused global: all "not loadable"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: not a loadable checkpoint ({first})") from None
+        raise UserError(f"{path}: not a loadable checkpoint ({_load_failure(e)})") from None
     if not isinstance(ckpt, dict):
         raise UserError(f"{path}: not a training checkpoint (found {type(ckpt).__name__})")
     return ckpt
+
+
+def _load_failure(error: Exception) -> str:
+    """Why torch.load refused a file, in a few words. Not torch's advice to load with weights_only=False,
+    which would let the file run code: the refused object is named instead."""
+    text = str(error).strip()
+    if "Weights only load failed" in text:
+        detail = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines() if "WeightsUnpickler error:" \
+            in text else []
+        what = detail[0].strip().split(". ")[0] if detail else "an object that is not a tensor or plain data"
+        return f"it holds {what}; this application loads only tensors and plain data, never code"
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _expanded_size(path: Path) -> int:
     """What loading would read into memory: a zip's (torch.save's format) entries uncompressed, as its
     directory declares them (a small file can declare gigabytes); otherwise the file's own size."""
     try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as z:
-                return sum(info.file_size for info in z.infolist())
-        return path.stat().st_size
+        if not zipfile.is_zipfile(path):
+            size = path.stat().st_size  # for a missing file: FileNotFoundError, named below
+            raise UserError(f"{path}: not a checkpoint (not the zip archive torch.save writes; {size:,} bytes)")
+        with zipfile.ZipFile(path) as z:
+            return sum(info.file_size for info in z.infolist())
     except FileNotFoundError:
         raise UserError(f"{path}: checkpoint not found") from None
     except (OSError, zipfile.BadZipFile) as e:
@@ -230,12 +246,14 @@ class TrainingCheckpoint:
     fingerprint of the data it was trained on, and its contents as the check loaded them, until `take`
     hands them over: a process that both checks and trains loads the file once, and does not keep a
     second copy while it trains. Spawned processes get it `without_contents` and load it themselves.
-    (Its config is not decoded: on a resume the running config, checked against the run's, decides.)"""
+    (Its config is kept as the meta holds it: on a resume the running config is checked against it,
+    and then decides.)"""
 
     path: Path
     iteration: int
     epoch_length: int
     data_fingerprint: str
+    config: Optional[dict[str, Any]]  # the config it was trained with, as its meta holds it (None: unreadable)
     loaded: list[dict[str, Any]] = dataclasses.field(default_factory=list, repr=False, compare=False)
 
     def take(self) -> dict[str, Any]:
@@ -264,5 +282,10 @@ def check_training_checkpoint(path: Path, shapes: Mapping[str, tuple[int, ...]])
     if not (isinstance(trainer, dict) and all(isinstance(trainer.get(k), int) and trainer[k] >= 0
                                               for k in ("iteration", "epoch_length"))):
         raise UserError(f"{path}: damaged trainer state (iteration and epoch_length expected)")
-    return TrainingCheckpoint(path, trainer["iteration"], trainer["epoch_length"], _raw_meta(path, ckpt)["data"],
-                              [ckpt])
+    meta = _raw_meta(path, ckpt)
+    try:
+        config = json.loads(meta["config"])
+    except json.JSONDecodeError:
+        config = None
+    return TrainingCheckpoint(path, trainer["iteration"], trainer["epoch_length"], meta["data"],
+                              config if isinstance(config, dict) else None, [ckpt])

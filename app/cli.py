@@ -14,6 +14,7 @@ from app.config import Config, check_setting, load_config, override
 from app.errors import ConfigError, SettingError
 from app.launch import EXIT_BROKEN_PIPE, discard_output, failure
 from app.runs import LATEST
+from handlers.stop_signals import release_stop_signals
 
 
 class _Parser(argparse.ArgumentParser):
@@ -159,6 +160,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     SIGPIPE ended (`yes | head -1`): with `set -o pipefail` a pipeline fails as with any Unix tool."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = COMMANDS.get(argv[0]) if argv else None
+    if command is not None or "--dry-run" in argv:
+        release_stop_signals()  # held for training only (app/__main__.py): elsewhere a signal ends the command
     try:
         try:
             return command(argv[1:]) if command else _train(argv)

@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 
 from app.config import Config
 from app.data import ensure_dataset
+from app.device import cuda_wanted
 from app.errors import ConfigError
 from app.launch import is_first_on_node, is_first_process, launch_settings, run_processes
 from app.runs import check_writable, plan_run
@@ -19,6 +20,9 @@ def train(cfg: Config, resume: Optional[str], dry_run: bool) -> int:
     """Check the launch, the run to create or resume (with its checkpoint), the output folder and the
     data; then describe the run (`dry_run`) or train it."""
     settings = launch_settings(cfg.train.device, cfg.distributed.nproc_per_node, cfg.distributed.backend)
+    if cfg.train.amp == "fp16" and not cuda_wanted(cfg.train.device):
+        raise ConfigError("train.amp: fp16 is for CUDA GPUs; on the CPU its matrix products have no fast kernels "
+                          "and a run takes many times longer than with bf16 (use bf16, or off)")
     if cfg.train.batch_size % settings.world:
         raise ConfigError(f"train.batch_size {cfg.train.batch_size} does not divide evenly over {settings.world} "
                           f"processes")
@@ -40,7 +44,7 @@ def train(cfg: Config, resume: Optional[str], dry_run: bool) -> int:
 
     if settings.spawn and plan.checkpoint is not None:  # spawned processes load the checkpoint themselves
         plan = dataclasses.replace(plan, checkpoint=plan.checkpoint.without_contents())
-    run_processes(settings, training, cfg, plan)
+    run_processes(settings, training, cfg, plan, graceful=True)
     return 0
 
 

@@ -15,7 +15,9 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 from dataclasses import dataclass
+from multiprocessing import resource_tracker
 from typing import Any, Callable, NoReturn, Optional
 
 import ignite.distributed as idist
@@ -27,6 +29,7 @@ from app.peers import EXIT_PEER_DIED, PeerWatch
 from handlers.atomic import OutputWriteError
 from handlers.loss_buffer import LossNotFinite
 from handlers.preemption import TrainingInterrupted
+from handlers.stop_signals import STOP_SIGNALS, hold_stop_signals, release_stop_signals
 
 EXIT_DIVERGED = 3
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
@@ -85,21 +88,77 @@ class ProcessDied(Exception):
         self.line, self.exit_code = line, exit_code
 
 
-def run_processes(settings: LaunchSettings, fn: Callable[..., None], *args: Any) -> None:
-    """fn(local_rank, *args) in every process of the launch, each ending as `failure` says."""
+def run_processes(settings: LaunchSettings, fn: Callable[..., None], *args: Any, graceful: bool = False) -> None:
+    """fn(local_rank, *args) in every process of the launch, each ending as `failure` says. `graceful`:
+    fn answers the stop signals itself (training: handlers/preemption.py); else they end it."""
     quiet_libraries()
     spawned = bool(settings.spawn and settings.spawn > 1)
-    if spawned:
-        _forward_stop_signals()
+    forwarder = StopForwarder() if spawned else None
     try:
         with idist.Parallel(backend=settings.backend, nproc_per_node=settings.spawn) as parallel:
-            parallel.run(_in_process, not spawned, fn, *args)  # the launcher names a dead process itself
+            parallel.run(_in_process, not spawned, graceful, fn, *args)  # the launcher names a dead process itself
     except torch.multiprocessing.ProcessExitedException as e:
         if e.signal_name is None:  # an exit code of its own: what it had to say, it said
             raise ProcessDied(None, e.exit_code) from None
         signum = -e.exit_code
         raise ProcessDied(f"error: the process of rank {e.error_index} died ({e.signal_name}); the run's other "
                           f"processes were stopped", 128 + signum) from None
+    finally:
+        if forwarder is not None:
+            forwarder.close()
+    if graceful and forwarder is not None and forwarder.signum is not None:  # it came as they were ending
+        raise TrainingInterrupted(forwarder.signum, 0, 0, finished=True)
+
+
+class StopForwarder:
+    """In the launcher of spawned processes: SIGTERM, SIGINT and SIGHUP passed on to them, so that they
+    stop gracefully (handlers/preemption.py) and the launcher waits for them. The launcher holds the
+    signals (handlers/stop_signals.py), and so do the processes it starts until they can answer; a
+    thread of its own takes them. Each signal goes to every process of the moment; a process that
+    starts after the first one gets that one too, once. A scheduler may signal only the launcher; if the
+    processes got the signal too (Ctrl-C reaches the whole process group), they take the forwarded copy
+    for the same request."""
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self._told: set[int] = set()
+        self._closed = threading.Event()
+        self._mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # inherited from here on
+        # multiprocessing's resource tracker, started with the first process, unblocks SIGINT and SIGTERM
+        # after it starts: start it now, with a handler that keeps a signal of that moment, and block again.
+        early: list[int] = []
+        previous = {s: signal.signal(s, lambda signum, _: early.append(signum)) for s in STOP_SIGNALS}
+        resource_tracker.ensure_running()
+        hold_stop_signals()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if early:
+            self.signum = early[0]
+        self._thread = threading.Thread(target=self._forward, name="forward stop signals", daemon=True)
+        self._thread.start()
+
+    def _forward(self) -> None:
+        while not self._closed.is_set():
+            info = signal.sigtimedwait(STOP_SIGNALS, 0.1)
+            children = [c.pid for c in multiprocessing.active_children() if c.pid is not None]
+            if info is not None:
+                self.signum = self.signum or info.si_signo
+                targets, signum = children, info.si_signo
+            elif self.signum is not None:
+                targets, signum = [pid for pid in children if pid not in self._told], self.signum
+            else:
+                continue
+            for pid in targets:
+                try:
+                    os.kill(pid, signum)
+                except ProcessLookupError:
+                    pass
+                self._told.add(pid)
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join()
+        signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)
 
 
 def failure(error: BaseException) -> Optional[tuple[Optional[str], int]]:
@@ -114,9 +173,13 @@ def failure(error: BaseException) -> Optional[tuple[Optional[str], int]]:
     if isinstance(error, LossNotFinite):
         return f"error: {error}; training stopped, checkpoints saved before it are untouched", EXIT_DIVERGED
     if isinstance(error, TrainingInterrupted):
-        run_dir = getattr(error, "run_dir", "RUN_DIR")
-        return (f"{error}: its checkpoint is saved; continue with --resume {run_dir} (and the same --config and "
-                f"flags)", error.exit_code)
+        run_dir = getattr(error, "run_dir", None)
+        if error.finished:
+            where = f" {run_dir}" if run_dir else ""
+            return (f"{error}: the run{where} had finished and every file of it is written; nothing is left "
+                    f"to resume", error.exit_code)
+        return (f"{error}: its checkpoint is saved; continue with --resume {run_dir or 'RUN_DIR'} (and the same "
+                f"--config and flags)", error.exit_code)
     if isinstance(error, OutputWriteError):  # a full disk: the message names the file
         return f"error: {error}", 1
     if isinstance(error, OSError):  # a folder that went away
@@ -125,14 +188,24 @@ def failure(error: BaseException) -> Optional[tuple[Optional[str], int]]:
     return None
 
 
-def _in_process(local_rank: int, report_deaths: bool, fn: Callable[..., None], *args: Any) -> None:
+def _in_process(local_rank: int, report_deaths: bool, graceful: bool, fn: Callable[..., None], *args: Any) -> None:
     """Entry point of each process: a user error, divergence or disk failure becomes one line (from
     rank 0) and an exit code, in spawned processes and under torchrun alike; with several processes,
     a peer that dies ends this one too (`report_deaths`: whether it says so, see app/peers.py)."""
     quiet_libraries()  # again: a spawned process starts with fresh logging
+    held = set(STOP_SIGNALS) <= signal.pthread_sigmask(signal.SIG_BLOCK, [])  # by app/__main__.py or a launcher
+    if held and not graceful:
+        release_stop_signals()  # nothing here answers them: they end the process, as they would any tool
+        held = False
     watch = PeerWatch.start(report_deaths) if idist.get_world_size() > 1 else None
     try:
         fn(local_rank, *args)
+        if held:  # what fn answered is answered: a signal from now on waits for the exit, pending
+            hold_stop_signals()
+        if held and idist.get_world_size() == 1:  # (with several, the launcher or torchrun answers it)
+            late = sorted(set(signal.sigpending()) & set(STOP_SIGNALS))
+            if late:
+                raise TrainingInterrupted(late[0], 0, 0, finished=True)
         if watch is not None:
             idist.barrier()  # all leave together: a peer that ends before the others are done has died
             watch.stop()
@@ -151,13 +224,17 @@ def _in_process(local_rank: int, report_deaths: bool, fn: Callable[..., None], *
             known = (None, EXIT_PEER_DIED)
         if watch is not None:
             watch.stop()
-        _exit(*known)
+        _exit(*known, together=isinstance(e, TrainingInterrupted))
 
 
-def _exit(line: Optional[str], code: int) -> NoReturn:
+def _exit(line: Optional[str], code: int, together: bool = False) -> NoReturn:
+    """`together`: every process ends this way at once (a graceful stop): none exits before rank 0 has
+    said how to resume, since the spawn launcher stops the others as soon as one exits."""
     if line is not None and idist.get_rank() == 0:
         print(line, file=sys.stderr, flush=True)
     if idist.get_world_size() > 1:
+        if together:
+            idist.barrier()
         # One of a group of processes leaves the group and then exits without the interpreter's
         # teardown: seen here (1 exit in 10), that teardown can abort in C++ ("terminate called
         # without an active exception"), turning the exit code into SIGABRT's. Everything the run
@@ -167,19 +244,6 @@ def _exit(line: Optional[str], code: int) -> NoReturn:
         sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
-
-
-def _forward_stop_signals() -> None:
-    """In the launcher of spawned processes: pass SIGTERM and SIGINT on to them, so that they stop
-    gracefully (handlers/preemption.py) and the launcher waits for them. A scheduler may signal only
-    the launcher; if the children got the signal too (Ctrl-C reaches the whole process group), they
-    take the forwarded copy for the same request."""
-    def forward(signum: int, _frame: Any) -> None:
-        for child in multiprocessing.active_children():
-            os.kill(child.pid, signum)
-
-    for s in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(s, forward)
 
 
 def quiet_libraries() -> None:

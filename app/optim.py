@@ -121,8 +121,10 @@ def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, iterations_pe
     total_steps = total_steps or cfg.train.epochs * iterations_per_epoch
     if schedule.pct_start * total_steps <= 1:  # OneCycleLR would divide by a warm-up of length zero, or less
         raise ConfigError(f"schedule.pct_start {schedule.pct_start} gives a warm-up of "
-                          f"{schedule.pct_start * total_steps:g} of the run's {total_steps} iterations; it needs "
-                          f"more than 1 (train longer or raise pct_start)")
+                          f"{schedule.pct_start * total_steps:g} of the run's {total_steps} iterations "
+                          f"(train.epochs {cfg.train.epochs} of {iterations_per_epoch} iterations at "
+                          f"train.batch_size {cfg.train.batch_size}); it needs more than 1 (raise train.epochs or "
+                          f"schedule.pct_start)")
     return torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=cfg.optimizer.lr, total_steps=total_steps,
         pct_start=schedule.pct_start, anneal_strategy=schedule.anneal_strategy, div_factor=schedule.div_factor,
@@ -131,9 +133,10 @@ def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, iterations_pe
 
 
 def scheduled_values(optimizer: torch.optim.Optimizer) -> Callable[[], dict[str, float]]:
-    """What the step about to be logged used: the first group's learning rate and momentum."""
-    group = optimizer.param_groups[0]  # the schedule writes into this dict, never replaces it
-    return lambda: {"lr": group["lr"], "momentum": group["momentum"]}
+    """What the step about to be logged used: the first group's learning rate and momentum. Looked up at
+    every call: `load_state_dict` (a resume) replaces the optimizer's param group dicts, and a dict held
+    from before would show the freshly built optimizer's first values for the rest of the run."""
+    return lambda: {name: optimizer.param_groups[0][name] for name in SCHEDULED}
 
 
 def describe_schedule(cfg: Config, iterations_per_epoch: int) -> list[str]:

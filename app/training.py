@@ -24,13 +24,15 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from app.augment import BatchAugment, build_augment
-from app.checkpoint import GeneratorStates, RunMeta, attach_checkpoints, best_model_checkpoint, data_fingerprint
+from app.checkpoint import (TRAINING_KEYS, GeneratorStates, RunMeta, attach_checkpoints, best_model_checkpoint,
+                            data_fingerprint)
 from app.config import Config, to_dict
 from app.data import Cifar100, load_cifar100
 from app.device import memory_format, resolve_device
 from app.engines import Precision, TrainStep, build_train_step, create_evaluator, create_trainer, evaluation_batches
 from app.errors import UserError
 from app.hparams import hparams
+from app.launch import failure
 from app.loader import ShardedBatches
 from app.model import build_model, count_parameters
 from app.optim import CapturableSGD, build_optimizer, build_scheduler, scheduled_values
@@ -98,6 +100,7 @@ class WiredRun:
     to_save: dict[str, Any]  # what a training checkpoint holds (app/checkpoint.py)
     writers: list[SaveThenRemove] = dataclasses.field(default_factory=list)  # rank 0's, to wait for at the end
     tensorboard: Optional[TensorBoardLogging] = None  # rank 0's
+    results: Optional[RunResults] = None  # rank 0's
 
 
 def wire_run(cfg: Config, plan: RunPlan, parts: RunParts, meta: RunMeta, stop: GracefulStop, rank0: bool,
@@ -121,7 +124,8 @@ def wire_run(cfg: Config, plan: RunPlan, parts: RunParts, meta: RunMeta, stop: G
     losses = LossBuffer(cfg.logging.log_every_iters, scheduled_values(parts.optimizer))
     generators = GeneratorStates(parts.augment.generator)
     to_save: dict[str, Any] = {"trainer": trainer, "model": parts.model, "optimizer": parts.optimizer,
-                               "lr_scheduler": lr_scheduler, "augment": generators, "meta": meta}
+                               "lr_scheduler": lr_scheduler, "augment": generators, "meta": meta,
+                               "losses": losses}
     if parts.scaler is not None:
         to_save["scaler"] = parts.scaler
 
@@ -151,30 +155,33 @@ def wire_run(cfg: Config, plan: RunPlan, parts: RunParts, meta: RunMeta, stop: G
         return WiredRun(trainer, evaluator, to_save)
 
     background = cfg.checkpoint.background_write
-    best = best_model_checkpoint(plan.checkpoints_dir, parts.model, meta, trainer, background)
+    saver = SaveThenRemove(plan.checkpoints_dir, background)  # one writer: files land in the order asked
+    best = best_model_checkpoint(saver, parts.model, meta, trainer)
     evaluator.add_event_handler(Events.COMPLETED, best)
     results = RunResults(plan.run_dir / "results.json").attach(trainer, evaluator)
     to_save.update(best_checkpoint=best, results=results)
     if cfg.logging.progress_bar == "on" or (cfg.logging.progress_bar == "auto" and sys.stderr.isatty()):
         attach_progress_bar(trainer, cfg.logging.log_every_iters)
-    # 4. The epoch's line, after its evaluation; TensorBoard's epoch figures, with the line's times; a
-    #    stop marks results.json interrupted.
+    # 4. The epoch's line, after its evaluation; TensorBoard's epoch figures, with the line's times.
     EpochSummary(evaluator, write, world).attach(trainer)
     purge = None if resumed_iteration is None else resumed_iteration + 1
     tb = TensorBoardLogging(plan.run_dir / "tb", purge_from=purge).attach(
         trainer, evaluator, best=lambda: results.best, class_names=meta.classes,
         sample_images=None if resumed_iteration else lambda: augmented_samples(cfg, parts))
-    trainer.add_event_handler(StopEvents.STOP_REQUESTED, results.write, "interrupted")
     # 5. TensorBoard on disk, then the training checkpoint: what it holds and what TensorBoard shows agree.
     trainer.add_event_handler(saves, tb.flush)
-    _, saver = attach_checkpoints(trainer, plan.checkpoints_dir, to_save, keep_last=cfg.checkpoint.keep_last,
-                                  event=saves, background=background)
+    attach_checkpoints(trainer, saver, to_save, keep_last=cfg.checkpoint.keep_last, event=saves,
+                       background=background)
+    # 6. A stop: its checkpoint (and any best model before it) on disk, then results.json says
+    #    interrupted; only then does GracefulStop let any process go.
+    trainer.add_event_handler(StopEvents.STOP_REQUESTED, saver.wait)
+    trainer.add_event_handler(StopEvents.STOP_REQUESTED, results.write, "interrupted")
     if plan.checkpoint is None:
         tb.log_config(to_dict(cfg))
         tb.log_hparams(hparams(cfg, world))
     remove_partial_files(plan.checkpoints_dir)
     remove_partial_files(plan.run_dir)
-    return WiredRun(trainer, evaluator, to_save, [saver, best.save_handler], tb)
+    return WiredRun(trainer, evaluator, to_save, [saver], tb, results)
 
 
 def sync_buffers(model: nn.Module) -> None:
@@ -197,7 +204,7 @@ def augmented_samples(cfg: Config, parts: RunParts, n: int = 64) -> torch.Tensor
 
 def training(local_rank: int, cfg: Config, plan: RunPlan) -> None:
     rank0 = idist.get_rank() == 0
-    stop = GracefulStop(every=cfg.logging.log_every_iters)  # SIGTERM/SIGINT from now on: a graceful stop
+    stop = GracefulStop()  # SIGTERM, SIGINT, SIGHUP from now on: a graceful stop
     try:
         _train(cfg, plan, local_rank, rank0, stop)
     finally:
@@ -224,7 +231,9 @@ def _train(cfg: Config, plan: RunPlan, local_rank: int, rank0: bool, stop: Grace
     resumed = plan.checkpoint.iteration if plan.checkpoint else (0 if plan.resume else None)
     run = wire_run(cfg, plan, parts, RunMeta(cfg, parts.data.classes, fingerprint), stop, rank0, resumed, write)
     if checkpoint is not None:
-        Checkpoint.load_objects(to_load={k: v for k, v in run.to_save.items() if k != "meta"}, checkpoint=checkpoint)
+        # What an older version did not save yet (the smoothed loss) starts afresh.
+        to_load = {k: v for k, v in run.to_save.items() if k != "meta" and (k in checkpoint or k in TRAINING_KEYS)}
+        Checkpoint.load_objects(to_load=to_load, checkpoint=checkpoint)
         del checkpoint  # the model and optimizer hold their own copies now
         write(f"resuming {plan.run_dir} from {plan.checkpoint.path.name} "
               f"(epoch {run.trainer.state.epoch}, iteration {run.trainer.state.iteration})")
@@ -236,33 +245,53 @@ def _train(cfg: Config, plan: RunPlan, local_rank: int, rank0: bool, stop: Grace
         write(f"run {plan.run_dir}: ResNet18 with {count_parameters(parts.model):,} parameters on "
               f"{idist.get_world_size()} x {parts.device.type}, batch {cfg.train.batch_size}, "
               f"{len(parts.train_batches)} iterations per epoch")
-    completed = interrupted = False
+    error: Optional[BaseException] = None
     try:
         run.trainer.run(parts.train_batches, max_epochs=cfg.train.epochs)
-        completed = True
+        late = stop.final_request()  # in every process: a signal after the last step is answered too
+        if late:
+            state = run.trainer.state
+            raise TrainingInterrupted(late, state.iteration, state.epoch, finished=True)
     except TrainingInterrupted as e:
         e.run_dir = plan.run_dir  # for the line that says how to resume
-        interrupted = True
+        raise
+    except BaseException as e:
+        error = e
         raise
     finally:
-        finish(run.writers, run.tensorboard, lock, report_write_errors=completed or interrupted)
+        finish(run, lock, error)
 
 
-def finish(writers: list[SaveThenRemove], tb: Optional[TensorBoardLogging], lock: Optional[RunLock],
-           report_write_errors: bool) -> None:
+def finish(run: WiredRun, lock: Optional[RunLock], error: Optional[BaseException]) -> None:
     """Every checkpoint written in the background lands (each writer waited for, whatever another
-    raised), TensorBoard is closed and the run folder released; then the first write error is raised
-    if the run had ended well (the stop's or the last checkpoint did not land: that is what to report),
-    else the error that ended the run is the one reported."""
+    raised); a run that ends in an error (`error`, or a write that failed) has results.json say
+    `failed` with the line that says why; TensorBoard is closed and the run folder released. Then the
+    first write error is raised if the run had ended well (the stop's or the last checkpoint did not
+    land: that is what to report), else the error that ended the run is the one reported."""
     first_error: Optional[Exception] = None
-    for writer in writers:
+    for writer in run.writers:
         try:
             writer.wait()
         except Exception as e:  # noqa: BLE001 - kept until every writer and the cleanup are done
             first_error = first_error or e
-    if tb is not None:
-        tb.close()
+    failed = error or first_error
+    if run.results is not None and failed is not None:
+        try:
+            run.results.write(run.trainer, "failed", error=failure_reason(failed))
+        except Exception:  # noqa: BLE001 - a full disk, say: the error that ended the run is the one to report
+            pass
+    if run.tensorboard is not None:
+        run.tensorboard.close()
     if lock is not None:
         lock.release()
-    if first_error is not None and report_write_errors:
+    if first_error is not None and error is None:
         raise first_error
+
+
+def failure_reason(error: BaseException) -> str:
+    """The one line results.json gives for a run that ended in `error`: what the command prints."""
+    known = failure(error)
+    if known is not None and known[0]:
+        return known[0].removeprefix("error: ")
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__

@@ -131,25 +131,26 @@ def _iteration(engine: Engine) -> int:
     return engine.state.iteration
 
 
-def best_model_checkpoint(folder: str | Path, to_save: Mapping[str, Any], trainer: Engine,
-                          metric: str = "top1", background: bool = False) -> Checkpoint:
-    """A Checkpoint for the evaluator's COMPLETED event; keeps the single best file. Its saver is
-    `handler.save_handler` (to `wait` for before the process ends)."""
+def best_model_checkpoint(saver: SaveThenRemove, to_save: Mapping[str, Any], trainer: Engine,
+                          metric: str = "top1") -> Checkpoint:
+    """A Checkpoint for the evaluator's COMPLETED event; keeps the single best file. Give it the saver
+    of the run's training checkpoints: one writer, so that a training checkpoint is on disk only after
+    every best model asked for before it (a run that a training checkpoint says is finished has its
+    best model on disk), and waiting for that saver waits for both."""
     return Checkpoint(
-        dict(to_save), SaveThenRemove(folder, background),
+        dict(to_save), saver,
         filename_prefix="best", score_function=Checkpoint.get_default_score_fn(metric), score_name=metric,
         n_saved=1, global_step_transform=global_step_from_engine(trainer),
     )
 
 
-def attach_training_checkpoint(trainer: Engine, folder: str | Path, to_save: Mapping[str, Any], *,
-                               keep_last: int, event: Events | EventsList,
-                               background: bool = False) -> tuple[Checkpoint, SaveThenRemove]:
-    """Save at `event` (`checkpoint_event(every_iters)`, say); returns the handler and its saver. With
-    `background`, every save but the run's last is written while training goes on; the last is
+def attach_training_checkpoint(trainer: Engine, saver: SaveThenRemove, to_save: Mapping[str, Any], *,
+                               keep_last: int, event: Events | EventsList, background: bool = False) -> Checkpoint:
+    """Save through `saver` at `event` (`checkpoint_event(every_iters)`, say); returns the handler.
+    With `background`, every save but the run's last is written while training goes on; the last is
     written before the trainer completes, so a finished run's results never run ahead of its
-    checkpoint."""
-    saver = SaveThenRemove(folder, background)
+    checkpoint. (Sets `saver.background` on every save: ignite's Checkpoint gives the saver no
+    per-call argument.)"""
     handler = Checkpoint(
         dict(to_save), saver, filename_prefix=TRAINING_PREFIX, score_function=_iteration, n_saved=keep_last,
     )
@@ -162,7 +163,7 @@ def attach_training_checkpoint(trainer: Engine, folder: str | Path, to_save: Map
             saver.wait()
 
     trainer.add_event_handler(event, save)
-    return handler, saver
+    return handler
 
 
 def training_checkpoint_iteration(name: str) -> int | None:

@@ -13,7 +13,7 @@ instead of some waiting forever.
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import ignite.distributed as idist
 import torch
@@ -47,6 +47,14 @@ class LossBuffer:
         engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.every), self.flush)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.flush)
         return self
+
+    def state_dict(self) -> dict[str, Any]:
+        """The smoothed loss (what the progress bar and the epoch's line show), for a resume to go on from:
+        saved right after a flush, so nothing is buffered."""
+        return {"running_loss": self.running_loss}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.running_loss = state["running_loss"]
 
     def _collect(self, engine: Engine) -> None:
         # Read before the scheduler steps for the next iteration: the values this step used.

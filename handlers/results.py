@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from ignite.engine import Engine, Events
 
@@ -42,17 +42,23 @@ class RunResults:
             self.best = dict(self.final)
         self.write(trainer, "running")
 
-    def write(self, trainer: Engine, status: str) -> None:
-        """results.json with `status`: running, finished, or interrupted (a graceful stop)."""
-        write_json_atomic(self.path, {
+    def write(self, trainer: Engine, status: str, error: Optional[str] = None) -> None:
+        """results.json with `status`: running; finished, interrupted (a graceful stop), each written
+        only once the files it reports are on disk (attach it after what writes them); or failed, with
+        `error`, the one line that says why. `epochs` counts the epochs completed, not the one in progress."""
+        state = trainer.state
+        results = {
             "status": status,
             "best": self.best,
             "final": self.final,
-            "epochs": trainer.state.epoch,
-            "max_epochs": trainer.state.max_epochs,
-            "iterations": trainer.state.iteration,
+            "epochs": state.iteration // state.epoch_length if state.epoch_length else 0,
+            "max_epochs": state.max_epochs,
+            "iterations": state.iteration,
             "wall_time_seconds": round(self.wall_time(), 3),
-        })
+        }
+        if error is not None:
+            results["error"] = error
+        write_json_atomic(self.path, results)
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": json.dumps(self.best), "final": json.dumps(self.final), "elapsed": self.wall_time()}

@@ -4,6 +4,7 @@ kill during the write leaves the previous checkpoint intact, and a run's checkpo
 bytes' worth of state whether written in the background or not."""
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -19,9 +20,11 @@ from torch import nn
 
 from app.checkpoint import load_checkpoint
 from app.runs import lock_run_dir
-from app.training import finish
+from app.errors import UserError
+from app.training import WiredRun, finish
 from handlers.atomic import TEMP_PREFIX, write_atomic
 from handlers.checkpoints import CheckpointWriteError, SaveThenRemove
+from handlers.results import RunResults
 from tests.support import ROOT, run_config, run_main
 
 
@@ -89,6 +92,8 @@ def test_a_failed_background_write_is_raised_in_the_training_thread(tmp_path: Pa
 
 def test_the_end_of_a_run_waits_for_every_writer_and_releases_the_folder_even_when_one_failed(
         tmp_path: Path) -> None:
+    """And results.json says the run failed, with the line that says why: the write's error, or the
+    error that ended the run."""
     class FullDisk(SaveThenRemove):
         def _save_func(self, checkpoint, path, func) -> None:
             raise OSError(28, "No space left on device")
@@ -101,13 +106,21 @@ def test_the_end_of_a_run_waits_for_every_writer_and_releases_the_folder_even_wh
             Checkpoint({"model": nn.Linear(2, 2)}, saver, filename_prefix=f"w{i}",
                        score_function=lambda e: e.state.iteration)(_engine_at(1))
         lock = lock_run_dir(folder)
+        trainer = _engine_at(7)
+        trainer.state.epoch_length = 5
+        run = WiredRun(trainer, _engine_at(0), {}, [failing, slow], None, RunResults(folder / "results.json"))
         if report:
             with pytest.raises(CheckpointWriteError, match="No space left"):
-                finish([failing, slow], None, lock, report_write_errors=True)
+                finish(run, lock, None)
+            reason = "cannot write checkpoint (No space left on device)"
         else:
-            finish([failing, slow], None, lock, report_write_errors=False)
+            finish(run, lock, UserError("data/cifar-100-python/train: truncated"))
+            reason = "data/cifar-100-python/train: truncated"
         assert (folder / "w1_model_1.pt").is_file()  # the second writer was waited for
         lock_run_dir(folder).release()  # and the folder released: another process may take it
+        results = json.loads((folder / "results.json").read_text())
+        assert results["status"] == "failed" and reason in results["error"], results
+        assert (results["epochs"], results["iterations"]) == (1, 7)  # epochs completed, not the one begun
 
 
 CHILD = textwrap.dedent("""
