@@ -49,6 +49,20 @@ def _pixel_stds(v: Any) -> Optional[str]:
     return None if all(0 < s <= 1 for s in v) else "entries must be above 0 and at most 1 (pixels scaled to [0, 1])"
 
 
+TOP_K = 5  # the second accuracy every evaluation reports (top-5)
+
+
+def _enough_classes(v: Any) -> Optional[str]:
+    return None if v >= TOP_K else f"must be at least {TOP_K}: every evaluation reports top-{TOP_K} accuracy"
+
+
+def _folder_name(v: Any) -> Optional[str]:
+    # The run's folder under logging.output_dir, never a path that leads elsewhere.
+    if v in ("", ".", "..") or "/" in v or "\\" in v or "\0" in v:
+        return "must be one folder name (no '/', not '.' or '..'): the run's folder inside logging.output_dir"
+    return None
+
+
 def _check(fn) -> Any:
     return {"check": fn}
 
@@ -66,7 +80,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     name: Literal["resnet18"] = "resnet18"
-    num_classes: int = field(default=100, metadata=_check(_positive))
+    num_classes: int = field(default=100, metadata=_check(_enough_classes))
 
 
 @dataclass(frozen=True)
@@ -132,7 +146,7 @@ class CheckpointConfig:
 @dataclass(frozen=True)
 class LoggingConfig:
     output_dir: str = "runs"
-    run_name: Optional[str] = None
+    run_name: Optional[str] = field(default=None, metadata=_check(_folder_name))
     log_every_iters: int = field(default=20, metadata=_check(_positive))
     progress_bar: Literal["auto", "on", "off"] = "auto"
     # Config keys shown in TensorBoard's HParams tab besides the usual ones (a sweep sets its grid keys).

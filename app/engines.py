@@ -17,7 +17,7 @@ from ignite.metrics import Accuracy, ConfusionMatrix, Loss, TopKCategoricalAccur
 from torch import nn
 
 from app.augment import BatchAugment, Normalize
-from app.config import Config
+from app.config import TOP_K, Config
 from app.cuda_graph import CudaGraphStep
 from app.device import memory_format
 from app.loader import ShardedBatches
@@ -126,7 +126,7 @@ def create_evaluator(cfg: Config, model: nn.Module, device: torch.device) -> Eng
 
     evaluator = Engine(eval_step)
     Accuracy(device=device).attach(evaluator, "top1")
-    TopKCategoricalAccuracy(k=5, device=device).attach(evaluator, "top5")
+    TopKCategoricalAccuracy(k=TOP_K, device=device).attach(evaluator, "top5")
     Loss(F.cross_entropy, device=device).attach(evaluator, "loss")
     ConfusionMatrix(cfg.model.num_classes, device=device).attach(evaluator, "confusion")
     return evaluator

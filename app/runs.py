@@ -6,9 +6,11 @@ launcher only plans and checks (`new_run`, `resume_run`, `check_not_in_use`, `ch
 is written until every check has passed. Then rank 0 claims the folder (`claim_run_dir`) and keeps it
 for the life of its process:
 
-- Ownership is an exclusive flock on RUN_DIR/.lock, which names the holder (pid, host, start time).
-  The kernel drops it when the process ends, however it ends, so a killed run leaves no stale lock; a
-  second process that would train in the folder is refused with the holder's name.
+- Ownership is an exclusive flock on the folder itself and one on RUN_DIR/.lock, which names the holder
+  (pid, host, start time); the folder's own lock keeps a second trainer out even if .lock is deleted
+  (where a file system cannot lock folders, .lock's is the lock). The kernel drops both when the
+  process ends, however it ends, so a killed run leaves no stale lock; a second process that would
+  train in the folder is refused with the holder's name.
 - A new folder is assembled under a hidden name (config.json, checkpoints/, .lock already held) and
   renamed into place. A rename does not replace a folder with files in it, so a new run never adopts
   another run's folder, and an unnamed run that finds its timestamp taken takes the next free name.
@@ -74,13 +76,15 @@ class RunInUse(UserError):
 
 
 class RunLock:
-    """The exclusive flock on a run folder's .lock file, held while the file descriptor is open."""
+    """The exclusive flocks on a run folder itself and on its .lock file, held while they are open."""
 
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
+    def __init__(self, fd: int, folder_fd: Optional[int] = None) -> None:
+        self.fd, self.folder_fd = fd, folder_fd
 
     def release(self) -> None:
         os.close(self.fd)
+        if self.folder_fd is not None:
+            os.close(self.folder_fd)
 
 
 def _holder(lock_file: Path) -> str:
@@ -91,24 +95,64 @@ def _holder(lock_file: Path) -> str:
         return "another process"
 
 
+def _in_use(run_dir: Path) -> RunInUse:
+    return RunInUse(f"{run_dir}: in use by {_holder(run_dir / LOCK_FILE)}; wait for it to end or stop it, "
+                    f"or choose another --run-name")
+
+
+def _lock_folder(run_dir: Path, how: int) -> Optional[int]:
+    """An flock on the folder itself (its open directory), which no file deleted inside it can undo; None
+    where the file system has no such locks for folders (then the .lock file's flock is the lock).
+    Raises BlockingIOError if another process holds it."""
+    fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, how | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise
+    except OSError:  # EBADF, ENOLCK, EINVAL: locks on folders not supported here
+        os.close(fd)
+        return None
+    return fd
+
+
 def lock_run_dir(run_dir: Path) -> RunLock:
-    """Take RUN_DIR/.lock or raise RunInUse naming its holder; then record this process as the holder."""
+    """Take RUN_DIR itself and RUN_DIR/.lock or raise RunInUse naming the holder; then record this process
+    as the holder. The folder's own lock is what keeps a second trainer out when .lock has been deleted."""
+    try:
+        folder_fd = _lock_folder(run_dir, fcntl.LOCK_EX)
+    except BlockingIOError:
+        raise _in_use(run_dir) from None
     path = run_dir / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    except BaseException:
+        if folder_fd is not None:
+            os.close(folder_fd)
+        raise
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise RunInUse(f"{run_dir}: in use by {_holder(path)}; wait for it to end or stop it, "
-                       f"or choose another --run-name") from None
+        if folder_fd is not None:
+            os.close(folder_fd)
+        raise _in_use(run_dir) from None
     holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     os.ftruncate(fd, 0)
     os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
-    return RunLock(fd)
+    return RunLock(fd, folder_fd)
 
 
 def run_in_use(run_dir: Path) -> bool:
     """Whether a live process holds the folder's lock (tried shared and dropped at once)."""
+    try:
+        folder_fd = _lock_folder(run_dir, fcntl.LOCK_SH)
+    except BlockingIOError:
+        return True
+    except (FileNotFoundError, NotADirectoryError):  # no folder: never claimed
+        return False
+    if folder_fd is not None:
+        os.close(folder_fd)
     try:
         fd = os.open(run_dir / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
     except (FileNotFoundError, NotADirectoryError):  # no lock file: never claimed
@@ -125,8 +169,7 @@ def run_in_use(run_dir: Path) -> bool:
 def check_not_in_use(run_dir: Path) -> None:
     """The launcher's early check (the training process takes the lock for good)."""
     if run_in_use(run_dir):
-        raise RunInUse(f"{run_dir}: in use by {_holder(run_dir / LOCK_FILE)}; wait for it to end or "
-                       f"stop it, or choose another --run-name")
+        raise _in_use(run_dir)
 
 
 def _output_dir(cfg: Config) -> Path:
@@ -303,8 +346,22 @@ def plan_run(cfg: Config, resume: Optional[str], first_process: bool) -> RunPlan
     plan = resume_run(cfg, resume, warn=lambda m: print(f"warning: {m}", file=sys.stderr))
     if first_process:
         check_not_in_use(plan.run_dir)
-    changes = unsafe_changes(saved_config(plan.run_dir), cfg)
+    source, trained = trained_config(plan)
+    changes = unsafe_changes(trained, cfg)
     if changes:
-        raise ConfigError(f"{plan.run_dir}/config.json: cannot resume with settings that change the run: "
-                          + "; ".join(changes))
+        raise ConfigError(f"{source}: cannot resume with settings that change the run: " + "; ".join(changes))
     return plan
+
+
+def trained_config(plan: RunPlan) -> tuple[str, Config]:
+    """What the run was trained with, and where that is written: the checkpoint's own config (the truth:
+    RUN/config.json is a copy for people, and can be edited); the run's config.json for a run without a
+    checkpoint yet, or one whose checkpoint an older version wrote with settings this one does not know."""
+    checkpoint = plan.checkpoint
+    if checkpoint is not None and checkpoint.config is not None:
+        source = f"{checkpoint.path} (the config it was trained with)"
+        try:
+            return source, config_from_dict(checkpoint.config, source)
+        except ConfigError:
+            pass
+    return str(plan.run_dir / "config.json"), saved_config(plan.run_dir)

@@ -54,6 +54,8 @@ def test_wrong_type(tmp_path: Path, out: Path) -> None:
     (["--epochs", "many"], "--epochs: invalid int value"),
     (["--backend", "mpi"], "--backend: invalid choice"),
     (["--batch-size", "127", "--nproc-per-node", "2"], "does not divide evenly over 2 processes"),
+    (["--run-name", "../x"], "--run-name: must be one folder name"),
+    (["--run-name", "/tmp/elsewhere"], "--run-name: must be one folder name"),
 ])
 def test_bad_flag(tmp_path: Path, out: Path, small_data: Path, flags, words) -> None:
     cfg = write_config(tmp_path / "c.json", data={"root": str(small_data), "download": False})
@@ -111,7 +113,8 @@ def test_dry_run_refuses_flags_no_run_could_use(tmp_path: Path, out: Path, small
     (lambda text: text.replace('"epochs": 100', '"epochs": 100, "epochs": 3'), "duplicate key 'train.epochs'"),
     (lambda text: text.replace('"run_name": null', '"run_name": "caf\u00e9"').encode("latin-1"), "not UTF-8 text"),
     (lambda text: "[" * 100_000, "nested too deeply"),
-], ids=["nan", "duplicate", "latin-1", "deep"])
+    (lambda text: text.replace('"num_classes": 100', '"num_classes": 3'), "model.num_classes must be at least 5"),
+], ids=["nan", "duplicate", "latin-1", "deep", "classes-below-top-5"])
 def test_dry_run_refuses_config_files_no_run_could_use(tmp_path: Path, out: Path, small_data: Path, edit,
                                                        words) -> None:
     path = write_config(tmp_path / "c.json", data={"root": str(small_data), "download": False})
@@ -119,6 +122,12 @@ def test_dry_run_refuses_config_files_no_run_could_use(tmp_path: Path, out: Path
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
     assert_clean_failure(run_main("--config", str(path), "--output-dir", str(out), "--dry-run"), 2, str(path), words,
                          out=out)
+
+
+def test_fp16_on_the_cpu_is_refused_before_anything_is_written(tmp_path: Path, out: Path, small_data: Path) -> None:
+    cfg = write_config(tmp_path / "c.json", data={"root": str(small_data), "download": False}, train={"amp": "fp16"})
+    assert_clean_failure(run_main("--config", str(cfg), "--output-dir", str(out), "--device", "cpu"), 2,
+                         "train.amp: fp16 is for CUDA GPUs", out=out)
 
 
 @pytest.mark.parametrize("split,labels,words", [

@@ -59,7 +59,8 @@ def test_checkpoint_that_would_run_code_is_refused_and_the_code_does_not_run(tmp
     cfg = run_config(tmp_path / "c.json", small_data, tmp_path / "runs")
     ran = run_main("--config", str(cfg), "--resume", str(hostile))
     assert ran.returncode == 1
-    assert str(hostile) in one_error_line(ran.stderr) and "not a loadable checkpoint" in ran.stderr
+    line = one_error_line(ran.stderr)
+    assert str(hostile) in line and "not a loadable checkpoint" in line and "weights_only" not in line, line
     assert not marker.exists()
 
 
@@ -72,6 +73,24 @@ def test_resume_refuses_changes_that_alter_the_run_and_allows_safe_ones(run_copy
     safe = run_main("--config", str(run_copy.config), "--resume", str(run_copy.run_dir), "--output-dir",
                     str(tmp_path / "other"))
     assert safe.returncode == 0 and "finished" in safe.stdout  # logging.* may change
+
+
+def test_resume_checks_against_the_checkpoints_config_not_the_editable_copy(run_copy) -> None:
+    """RUN/config.json edited (the epochs, the lr) and given back as the config: the checkpoint still
+    says what the run was trained with, so the resume is refused in one line naming the key, instead
+    of a traceback from the schedule (epochs) or silently training with the old lr."""
+    (run_copy.run_dir / "checkpoints" / "training_checkpoint_10.pt").unlink()  # unfinished again: from 5
+    saved = run_copy.run_dir / "config.json"
+    for key, value, change in (("train", {"epochs": 3}, "train.epochs: 2 -> 3"),
+                               ("optimizer", {"lr": 0.2}, "optimizer.lr: 0.1 -> 0.2")):
+        edited = json.loads(saved.read_text())
+        edited[key].update(value)
+        saved.write_text(json.dumps(edited))
+        ran = run_main("--config", str(saved), "--resume", str(run_copy.run_dir))
+        line = one_error_line(ran.stderr)
+        assert ran.returncode == 2 and change in line and "training_checkpoint_5.pt" in line, line
+        edited[key].update({"epochs": 2} if key == "train" else {"lr": 0.1})
+        saved.write_text(json.dumps(edited))
 
 
 def test_resume_on_other_data_is_refused(run_copy, tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import zlib
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from app.errors import UserError
@@ -63,10 +64,15 @@ def test_evaluate_report_reads_well(run_dir: Path) -> None:
 
 
 def test_evaluate_bad_checkpoint_is_one_line(tmp_path: Path) -> None:
-    bad = tmp_path / "x.pt"
-    bad.write_bytes(b"garbage")
-    result = run_main("evaluate", "--checkpoint", str(bad))
-    assert result.returncode == 1 and str(bad) in one_error_line(result.stderr)
+    """Garbage, and a whole module pickled by torch.save: one line each, and never torch's advice to load
+    the file with weights_only=False (which would let it run code)."""
+    garbage, module = tmp_path / "x.pt", tmp_path / "module.pt"
+    garbage.write_bytes(b"garbage")
+    torch.save(torch.nn.Linear(2, 2), module)
+    for bad in (garbage, module):
+        result = run_main("evaluate", "--checkpoint", str(bad))
+        line = one_error_line(result.stderr)
+        assert result.returncode == 1 and str(bad) in line and "weights_only" not in line, line
 
 
 def test_predict_top5_for_images_of_any_size(run_dir: Path, tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from ignite.engine import Engine, Events
 
 from app.config import Config, override
 from app.errors import UserError
-from app.runs import LOCK_FILE, RunInUse, RunPlan, check_not_in_use, claim_run_dir
+from app.runs import LOCK_FILE, RunInUse, RunPlan, check_not_in_use, claim_run_dir, lock_run_dir
 from handlers.checkpoints import checkpoint_event, training_checkpoints
 from tests.support import one_error_line, run_app, run_config, run_main, start_app, wait_for_line
 
@@ -119,3 +119,16 @@ def test_claimed_folder_keeps_the_lock_through_its_rename(tmp_path: Path) -> Non
     lock.release()
     check_not_in_use(plan.run_dir)
 
+
+
+def test_deleting_the_lock_file_does_not_let_a_second_trainer_into_a_live_run(tmp_path: Path) -> None:
+    """The folder itself is locked: with .lock removed under a live run, a second claim is still refused."""
+    cfg = override(Config(), {"logging.output_dir": str(tmp_path), "logging.run_name": "r"})
+    plan, lock = claim_run_dir(cfg, RunPlan(tmp_path / "r"))
+    (plan.run_dir / LOCK_FILE).unlink()
+    with pytest.raises(RunInUse):
+        check_not_in_use(plan.run_dir)
+    with pytest.raises(RunInUse):
+        lock_run_dir(plan.run_dir)
+    lock.release()
+    lock_run_dir(plan.run_dir).release()
