@@ -214,6 +214,7 @@ def claim_run_dir(cfg: Config, plan: RunPlan) -> tuple[RunPlan, RunLock]:
     if plan.resume:
         lock = lock_run_dir(plan.run_dir)
         if plan.checkpoint is None:  # resumed before its first checkpoint: start again in place
+            _clear_outputs(plan.run_dir)
             plan.checkpoints_dir.mkdir(exist_ok=True)
             write_json_atomic(plan.run_dir / "config.json", to_dict(cfg))
         return plan, lock
@@ -238,6 +239,16 @@ def claim_run_dir(cfg: Config, plan: RunPlan) -> tuple[RunPlan, RunLock]:
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone after the rename; cleared after a failure
+
+
+def _clear_outputs(run_dir: Path) -> None:
+    """What a process killed before the first training checkpoint left (TensorBoard events, a best
+    model, results.json): the run starts again from nothing, and its outputs with it, instead of
+    showing the killed process's start twice."""
+    shutil.rmtree(run_dir / "tb", ignore_errors=True)
+    (run_dir / "results.json").unlink(missing_ok=True)
+    for best in checkpoints_dir(run_dir).glob("best_*.pt"):
+        best.unlink()
 
 
 def _rename_unless_taken(staging: Path, run_dir: Path) -> bool:

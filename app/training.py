@@ -104,16 +104,15 @@ class WiredRun:
 
 
 def wire_run(cfg: Config, plan: RunPlan, parts: RunParts, meta: RunMeta, stop: GracefulStop, rank0: bool,
-             resumed_iteration: Optional[int], write: Callable[[str], None]) -> WiredRun:
+             write: Callable[[str], None]) -> WiredRun:
     """The trainer and the evaluator, and every handler in the one order that works.
 
     Ignite runs the handlers of an event in the order they were attached, and the order matters on two
     events. ITERATION_STARTED: the graceful stop before the lr scheduler, so that a stop saves the
     schedule as the last step left it. The save events (`saves`: every epoch end, every
-    `checkpoint.every_iters` iterations but an epoch's last, and a graceful stop on SIGTERM/SIGINT):
-    the numbered lines below. Rank 0 only, and this is the one place that decides it: files,
-    TensorBoard, the progress bar, the epoch's line (`resumed_iteration`: where a resumed run
-    continues, for TensorBoard to hide what a killed process logged after it; None for a new run).
+    `checkpoint.every_iters` iterations but an epoch's last, and a graceful stop on SIGTERM, SIGINT or
+    SIGHUP): the numbered lines below. Rank 0 only, and this is the one place that decides it: files,
+    TensorBoard, the progress bar, the epoch's line.
     """
     world = idist.get_world_size()
     trainer = create_trainer(parts.step, parts.device)
@@ -164,10 +163,12 @@ def wire_run(cfg: Config, plan: RunPlan, parts: RunParts, meta: RunMeta, stop: G
         attach_progress_bar(trainer, cfg.logging.log_every_iters)
     # 4. The epoch's line, after its evaluation; TensorBoard's epoch figures, with the line's times.
     EpochSummary(evaluator, write, world).attach(trainer)
-    purge = None if resumed_iteration is None else resumed_iteration + 1
+    # A resumed run hides what earlier processes logged after its checkpoint (one resumed without a
+    # checkpoint starts afresh, app/runs.py); what a run logs at its start, only its first process logs.
+    purge = plan.checkpoint.iteration + 1 if plan.checkpoint else None
     tb = TensorBoardLogging(plan.run_dir / "tb", purge_from=purge).attach(
         trainer, evaluator, best=lambda: results.best, class_names=meta.classes,
-        sample_images=None if resumed_iteration else lambda: augmented_samples(cfg, parts))
+        sample_images=None if plan.checkpoint else lambda: augmented_samples(cfg, parts))
     # 5. TensorBoard on disk, then the training checkpoint: what it holds and what TensorBoard shows agree.
     trainer.add_event_handler(saves, tb.flush)
     attach_checkpoints(trainer, saver, to_save, keep_last=cfg.checkpoint.keep_last, event=saves,
@@ -228,8 +229,7 @@ def _train(cfg: Config, plan: RunPlan, local_rank: int, rank0: bool, stop: Grace
     # Rank 0's folder is the one (under torchrun each process named a new one itself).
     plan = dataclasses.replace(plan, run_dir=Path(idist.broadcast(str(plan.run_dir), src=0, safe_mode=True)))
     write = print if rank0 else (lambda _: None)
-    resumed = plan.checkpoint.iteration if plan.checkpoint else (0 if plan.resume else None)
-    run = wire_run(cfg, plan, parts, RunMeta(cfg, parts.data.classes, fingerprint), stop, rank0, resumed, write)
+    run = wire_run(cfg, plan, parts, RunMeta(cfg, parts.data.classes, fingerprint), stop, rank0, write)
     if checkpoint is not None:
         # What an older version did not save yet (the smoothed loss) starts afresh.
         to_load = {k: v for k, v in run.to_save.items() if k != "meta" and (k in checkpoint or k in TRAINING_KEYS)}
