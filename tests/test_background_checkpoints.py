@@ -23,7 +23,7 @@ from app.runs import lock_run_dir
 from app.errors import UserError
 from app.training import WiredRun, finish
 from handlers.atomic import TEMP_PREFIX, write_atomic
-from handlers.checkpoints import CheckpointWriteError, SaveThenRemove
+from handlers.checkpoints import CheckpointWriteError, SaveThenRemove, best_model_checkpoint
 from handlers.results import RunResults
 from tests.support import ROOT, run_config, run_main
 
@@ -199,3 +199,19 @@ def test_a_run_saves_the_same_state_in_the_background_as_in_the_foreground(tmp_p
             assert torch.equal(state["momentum_buffer"], y["optimizer"]["state"][key]["momentum_buffer"])
         assert torch.equal(x["augment"]["generators"], y["augment"]["generators"])
         assert x["trainer"] == y["trainer"]
+
+
+def test_a_training_checkpoint_lands_only_after_the_best_model_asked_for_before_it(tmp_path: Path) -> None:
+    """One saver for both: a slow best-model write (the last epoch's, say) is on disk before the training
+    checkpoint that follows it, so a run that its last checkpoint calls finished has its best model."""
+    saver = SlowSaver(tmp_path, delay=0.5)
+    trainer = _engine_at(4)
+    best = best_model_checkpoint(saver, {"model": nn.Linear(2, 2)}, trainer, metric="top1")
+    training = Checkpoint({"model": nn.Linear(2, 2)}, saver, filename_prefix="training",
+                          score_function=lambda e: e.state.iteration)
+    evaluator = _engine_at(1)
+    evaluator.state.metrics = {"top1": 0.5}
+    best(evaluator)  # in the background
+    saver.background = False
+    training(trainer)  # waits for the best model first
+    assert [p.name for p in tmp_path.glob("best_*.pt")] and (tmp_path / "training_model_4.pt").is_file()

@@ -16,7 +16,7 @@ from ignite.handlers import LRScheduler
 from app.augment import build_augment
 from app.config import Config, override
 from app.engines import Precision, create_trainer, make_train_step
-from app.optim import CapturableSGD, build_optimizer, build_scheduler
+from app.optim import CapturableSGD, build_optimizer, build_scheduler, scheduled_values
 
 
 def _batches(sizes: list[int], seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -150,3 +150,26 @@ def test_checkpointed_state_has_torch_sgds_layout_and_resumes_the_same_steps() -
     train(clone, b, 2)
     for p, q in zip(model.parameters(), clone.parameters()):
         assert torch.equal(p, q)
+
+
+def test_the_logged_schedule_after_a_resume_is_the_one_the_optimizer_follows() -> None:
+    """What TensorBoard and the progress bar show (scheduled_values, built before the checkpoint is
+    loaded, as training builds it) follows the schedule after load_state_dict, which replaces the
+    optimizer's param groups: not the fresh optimizer's first values (lr / 25, momentum 0.95)."""
+    cfg = override(Config(), {"train.epochs": 1})
+    first = build_optimizer(cfg, torch.nn.Linear(2, 2))
+    first_schedule = build_scheduler(cfg, first, 10)
+    for _ in range(4):
+        first.step()
+        first_schedule.step()
+    resumed = build_optimizer(cfg, torch.nn.Linear(2, 2))
+    resumed_schedule = build_scheduler(cfg, resumed, 10)
+    logged = scheduled_values(resumed)
+    resumed.load_state_dict(first.state_dict())
+    resumed_schedule.load_state_dict(first_schedule.state_dict())
+    for _ in range(3):
+        assert logged() == {"lr": first.param_groups[0]["lr"], "momentum": first.param_groups[0]["momentum"]}
+        for opt, schedule in ((first, first_schedule), (resumed, resumed_schedule)):
+            opt.step()
+            schedule.step()
+    assert logged()["lr"] != cfg.optimizer.lr / cfg.schedule.div_factor
