@@ -13,12 +13,14 @@ to a writer thread whose flush() does not drain its queue, so events logged just
 could still be in memory at a kill (and a full disk surfaced as tracebacks from that thread). `push`
 hands them to the OS after every batch of losses and every evaluation (a live run's curves are
 current); `flush` fsyncs them before every checkpoint, so that a checkpoint and TensorBoard agree even
-after a kill. A resumed run's files purge from the step after its checkpoint: what a killed process
-logged after it is hidden, and the curves go on without doubled points.
+after a kill. A resumed run's files lose what was logged after its checkpoint (the earlier files are
+rewritten without it, and marked as purged from there): what a killed process logged after it is
+gone, and every tag goes on without doubled points.
 """
 from __future__ import annotations
 
 import json
+import struct
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -33,18 +35,22 @@ from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData, SessionEndI
 from tensorboardX.proto.summary_pb2 import Summary, SummaryMetadata
 from tensorboardX.summary import histogram, image, scalar, text
 
-from handlers.atomic import OutputWriteError
+from handlers.atomic import OutputWriteError, write_atomic
 from handlers.confusion import confusion_image, most_confused, most_confused_table, per_class_accuracy
 from handlers.loss_buffer import LossEvents
 
 
 class EventLog:
-    """One event file in `folder`; from `purge_step` on, what earlier files of the folder logged is hidden."""
+    """One event file in `folder`; from `purge_step` on, what earlier files of the folder logged is removed
+    from them (`drop_events_from`) and, for readers of copies made before, marked as purged."""
 
     def __init__(self, folder: Path, purge_step: Optional[int] = None) -> None:
         self.folder = folder
         with self._naming_errors():
             folder.mkdir(parents=True, exist_ok=True)
+            if purge_step is not None:
+                for earlier in sorted(folder.glob("events.out.tfevents.*")):
+                    drop_events_from(earlier, purge_step)
             self._writer = EventsWriter(str(folder / "events"))
         if purge_step is not None:  # what TensorBoard's readers take as "a restart from this step"
             self._write(Event(step=purge_step, file_version="brain.Event:2"))
@@ -87,6 +93,29 @@ class EventLog:
 
     def _naming_errors(self):
         return OutputWriteError.naming(self.folder, "cannot write TensorBoard events")
+
+
+def drop_events_from(path: Path, step: int) -> None:
+    """Rewrite an event file without its events of `step` and later (atomically: a new file renamed over
+    it). TensorBoard's reader purges the scalars, images and histograms that a restart's START event
+    follows, but not texts and other tensors, which a resumed run would show twice; and a record cut
+    short by a kill is dropped with what follows it. Records kept are copied byte for byte (TFRecord:
+    length, its CRC, the serialized Event, its CRC)."""
+    data, kept, offset, dropped = path.read_bytes(), [], 0, False
+    while offset + 12 <= len(data):
+        (length,) = struct.unpack_from("<Q", data, offset)
+        end = offset + 12 + length + 4
+        if end > len(data):
+            dropped = True
+            break
+        event = Event.FromString(data[offset + 12: offset + 12 + length])
+        if event.step < step or event.HasField("file_version"):
+            kept.append(data[offset:end])
+        else:
+            dropped = True
+        offset = end
+    if dropped or offset != len(data):
+        write_atomic(path, lambda f: f.write(b"".join(kept)))
 
 
 HPARAMS_METRICS = (("summary/best_top1", "best top-1"), ("summary/best_top5", "top-5 at best top-1"),

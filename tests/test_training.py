@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from app.checkpoint import load_checkpoint
 from handlers.loss_buffer import LossBuffer
 from handlers.progress import attach_progress_bar
+from handlers.tensorboard import EventLog
 from tests.support import (BATCH, EPOCHS, TEST_IMAGES, TRAIN_IMAGES, epochs_printed, run_app, run_config, run_main,
                            run_until, scalars)
 
@@ -163,3 +165,25 @@ def test_a_run_killed_after_a_checkpoint_has_it_in_tensorboard_and_resumes_witho
 
     again = run_main("--config", str(cfg), "--resume")
     assert again.returncode == 0 and "finished" in again.stdout
+
+
+def test_a_resumed_runs_event_files_lose_what_was_logged_after_its_checkpoint(tmp_path: Path) -> None:
+    """Texts too, which TensorBoard's reader does not purge on a restart: a resume from iteration 3 shows
+    the killed process's step-5 text and scalar once, the resumed process's."""
+    killed = EventLog(tmp_path)
+    killed.text("config", "x", 0)
+    killed.scalar("loss", 1.0, 0)
+    killed.text("most_confused", "before the kill", 5)
+    killed.scalar("loss", 2.0, 5)
+    killed.flush()
+    killed.close()
+    time.sleep(1.1)  # event files are named by the second
+    resumed = EventLog(tmp_path, purge_step=4)
+    resumed.text("most_confused", "resumed", 5)
+    resumed.scalar("loss", 3.0, 5)
+    resumed.close()
+    acc = EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(0, 1.0), (5, 3.0)]
+    assert [e.step for e in acc.Tensors("config/text_summary")] == [0]
+    assert [e.step for e in acc.Tensors("most_confused/text_summary")] == [5]
