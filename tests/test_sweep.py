@@ -1,6 +1,8 @@
 """`python -m app sweep`: seeds x grid points as ordinary run folders, run K at a time, a table of
-mean and spread that matches the runs' own results, failures reported, a killed or stopped sweep
-resumed without training anything twice, and bad input refused before anything is created."""
+mean and spread that matches the runs' own results, each run's state read from its results.json,
+failures reported, a killed, moved or stopped (SIGHUP, taken as SIGTERM) sweep resumed where it is without
+training anything twice, a stop during creation leaving nothing, SLURM arrays within MaxArraySize,
+and bad input refused before anything is created."""
 from __future__ import annotations
 
 import io
@@ -8,6 +10,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,8 +25,9 @@ from app.cli import main
 from app.config import load_config, override
 from app.hparams import hparams
 from app.sweep.plan import load_plan, make_plan, parse_grid, run_config
-from app.sweep.runner import Board, device_slots, lock_sweep
-from app.sweep.status import read_results, run_status
+from app.runs import lock_run_dir
+from app.sweep.runner import Active, Board, Slot, SweepRunner, device_slots, lock_sweep
+from app.sweep.status import RunState, end_record, read_results, run_state, run_status
 from bench.packing import sweep_throughput
 from tests.support import ROOT, app_env, one_error_line, run_app, start_app, write_cifar100, write_config
 
@@ -81,7 +85,8 @@ def test_a_failing_run_is_reported_and_the_others_finish(grid_sweep) -> None:
     sweep_dir, result, _ = grid_sweep
     assert result.returncode == 1
     for seed in (0, 1):
-        assert f"{DIVERGES}-seed{seed}: failed (exit 3): error: training loss became " in result.stdout
+        line = next(ln for ln in result.stdout.splitlines() if ln.startswith(f"{DIVERGES}-seed{seed}: failed"))
+        assert line.startswith(f"{DIVERGES}-seed{seed}: failed (exit 3): ") and "training loss became " in line
     assert "4 of 6 runs finished, 2 failed" in result.stdout
     rows = {r["name"]: r for r in json.loads((sweep_dir / "summary.json").read_text())["runs"]}
     assert [n for n, r in rows.items() if r["status"] == "finished"] == [f"lr{lr}-seed{s}" for lr in (0.05, 0.1)
@@ -90,7 +95,7 @@ def test_a_failing_run_is_reported_and_the_others_finish(grid_sweep) -> None:
     assert bad["status"] == "failed" and bad["failure"]["exit_code"] == 3
     assert "training loss became " in bad["failure"]["error"]
     md = (sweep_dir / "summary.md").read_text()
-    assert f"| {DIVERGES}-seed0 | failed (exit 3: error: training loss became " in md
+    assert f"| {DIVERGES}-seed0 | failed (exit 3: " in md and "training loss became " in md
     assert "| optimizer.lr=1e+30 | 0/2 | – |" in md
 
 
@@ -149,7 +154,7 @@ def test_what_is_left_to_run_is_printed_and_the_throughput_measured(grid_sweep, 
     lines = printed.out.strip().splitlines()
     assert "2 of 6 runs to run" in printed.err
     assert [line.split("--config ")[1] for line in lines] == [
-        f"{rel}/configs/{DIVERGES}-seed{s}.json --resume {rel}/{DIVERGES}-seed{s}"
+        f"{rel}/configs/{DIVERGES}-seed{s}.json --output-dir {rel} --resume {rel}/{DIVERGES}-seed{s}"
         for s in (0, 1) for rel in [os.path.relpath(sweep_dir, ROOT)]]  # the failed ones, from their folders
     figures = sweep_throughput(sweep_dir, wall, 64)  # bench/packing.py's figures for one K
     steady = figures["per_run_steady_images_per_second"]
@@ -162,62 +167,84 @@ def _fresh_starts(log: Path) -> int:
 
 
 @pytest.mark.slow
-def test_a_killed_sweep_resumes_unfinished_runs_and_trains_nothing_twice(sweep_setup, capsys) -> None:
-    """Made in one folder with relative paths (data.root "data", output "runs"), resumed from another."""
+def test_a_killed_sweep_moved_elsewhere_resumes_there_and_trains_nothing_twice(sweep_setup, tmp_path: Path,
+                                                                               capsys) -> None:
+    """Made in one folder with relative paths (data.root "data", output "runs"), SIGKILLed, moved (mv) to
+    another with one run finished, one stopped and one not started, resumed from a third and stopped
+    there by SIGHUP (the terminal closed), then resumed again: every run trains in the new place."""
     cfg, out = sweep_setup
     home = cfg.parent  # holds data/
+    # Checkpoints written before training goes on, so that "epoch 1's checkpoint is there" is a moment
+    # when the run still has epoch 2 to train, and a signal then finds it training.
     relative = write_config(home / "relative.json", data={"root": "data", "download": False},
-                            train={"epochs": EPOCHS, "batch_size": 32})
-    sweep_dir = home / "runs" / "killed"
+                            train={"epochs": EPOCHS, "batch_size": 32}, checkpoint={"background_write": False})
+    first_place = home / "runs" / "killed"
     env = app_env()
     proc = start_app("sweep", "--config", relative.name, "--output-dir", "runs", "--name", "killed", "--seeds", "0-2",
                      "--devices", "cpu", cwd=home, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    epoch_one = sweep_dir / "seed1" / "checkpoints" / "training_checkpoint_2.pt"
+    epoch_one = first_place / "seed1" / "checkpoints" / "training_checkpoint_2.pt"
     deadline = time.monotonic() + 120
     while not epoch_one.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)  # nothing passed on: the run learns of it from the kernel
     proc.wait()
     assert epoch_one.exists()
-    seed1 = sweep_dir / "seed1"
-    while run_status(seed1) == "running" and time.monotonic() < deadline:
+    while run_status(first_place / "seed1") == "running" and time.monotonic() < deadline:
         time.sleep(0.1)  # the run stops gracefully, on the SIGTERM the kernel sent it
-    assert read_results(seed1)["status"] == "interrupted"
+    assert read_results(first_place / "seed1")["status"] == "interrupted"
+    assert not (first_place / "seed2").exists()
+
+    sweep_dir = tmp_path / "elsewhere" / "moved"
+    sweep_dir.parent.mkdir()
+    shutil.move(first_place, sweep_dir)
     finished_before = (sweep_dir / "seed0" / "results.json").read_bytes()
+    rel = os.path.relpath(sweep_dir, home)  # from the folder the runs' paths start in
 
     assert main(["sweep", "--resume", str(sweep_dir), "--print-commands"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 2 and lines[0].startswith(f"cd {home} && python -m app ")  # from where it was made
-    assert lines[0].endswith("--config runs/killed/configs/seed1.json --resume runs/killed/seed1")
-    assert "seed2.json" in lines[1] and "--resume" not in lines[1]
+    assert lines == [f"cd {home} && python -m app --config {rel}/configs/seed1.json --output-dir {rel} "
+                     f"--resume {rel}/seed1",
+                     f"cd {home} && python -m app --config {rel}/configs/seed2.json --output-dir {rel}"]
+    script = (sweep_dir / "slurm.sh").read_text()  # written again, for the new place
+    assert f"sweep_dir={rel}\n" in script and f"--output={sweep_dir}/logs/" in script
+    assert str(first_place) not in script
     # Task 0 of the SLURM job array, run here: its run is finished, so it ends at once.
     task = subprocess.run(["bash", str(sweep_dir / "slurm.sh")], env={**env, "SLURM_ARRAY_TASK_ID": "0",
                                                                         "PYTHON": sys.executable},
                           capture_output=True, text=True, timeout=300)
     assert task.returncode == 0 and "seed0 is finished (2 epochs); nothing to do" in task.stdout, task.stderr
 
-    # Resumed, and stopped with SIGTERM (a scheduler, Ctrl-C) during seed2: passed on, seed2 saves.
+    # Resumed, and SIGHUP during seed2 (a new run, so made in the new place): taken as SIGTERM, which the
+    # runs are sent; seed2 saves, the table is rewritten, and the sweep says how to continue.
     stopped = start_app("sweep", "--resume", str(sweep_dir), "--devices", "cpu", stderr=None)
     seed2_epoch_one = sweep_dir / "seed2" / "checkpoints" / "training_checkpoint_2.pt"
     while not seed2_epoch_one.exists() and stopped.poll() is None and time.monotonic() < deadline + 120:
         time.sleep(0.05)
-    stopped.send_signal(signal.SIGTERM)
+    stopped.send_signal(signal.SIGHUP)
     out_text = stopped.communicate(timeout=120)[0]
-    assert stopped.returncode == 143, out_text
+    assert stopped.returncode == 128 + signal.SIGHUP, out_text
     assert "seed0: finished earlier" in out_text and "seed1: done" in out_text
-    assert "seed2: stopped with a checkpoint" in out_text
-    assert f"stopped by SIGTERM: continue with python -m app sweep --resume {sweep_dir}" in out_text
+    assert "seed2: stopped by SIGTERM, with a checkpoint" in out_text
+    assert f"stopped by SIGHUP: continue with python -m app sweep --resume {sweep_dir}" in out_text
     assert read_results(sweep_dir / "seed2")["status"] == "interrupted"
+    counts = json.loads((sweep_dir / "summary.json").read_text())["counts"]
+    assert (counts["finished"], counts["stopped"]) == (2, 1)
 
     resumed = _sweep("--resume", str(sweep_dir))
     assert resumed.returncode == 0, resumed.stdout
     assert "seed1: finished earlier" in resumed.stdout and "seed2: done" in resumed.stdout
+    assert "3 of 3 runs finished" in resumed.stdout
     assert (sweep_dir / "seed0" / "results.json").read_bytes() == finished_before
     for seed in range(3):
         run_dir = sweep_dir / f"seed{seed}"
         assert json.loads((run_dir / "results.json").read_text())["status"] == "finished"
         steps = [e.step for e in _validation(run_dir).Scalars("metrics/top1")]
         assert steps == [2, 4]  # every epoch evaluated once, on one timeline
+    summary = json.loads((sweep_dir / "summary.json").read_text())
+    assert summary["counts"]["finished"] == 3 and summary["points"][0]["finished"] == 3
+    assert [r["final_top1"] for r in summary["runs"]] == [read_results(sweep_dir / f"seed{s}")["final"]["top1"]
+                                                         for s in range(3)]
+    assert not first_place.exists()  # nothing trained in the old place
     assert _fresh_starts(sweep_dir / "logs" / "seed1.log") == 1
     assert "resuming" in (sweep_dir / "logs" / "seed1.log").read_text()
     assert _fresh_starts(sweep_dir / "logs" / "seed2.log") == 1
@@ -231,6 +258,13 @@ def test_a_killed_sweep_resumes_unfinished_runs_and_trains_nothing_twice(sweep_s
     (["--grid", "train.batch_size=64,12.5"], "train.batch_size must be an integer"),
     (["--grid", "seed=1,2"], "--grid seed: not a grid key (use --seeds)"),
     (["--grid", "optimizer.lr=0.1,0.1"], "the value 0.1 is given twice"),
+    (["--grid", "optimizer.lr=1,1.0"], "--grid optimizer.lr: 1 and 1.0 are one value"),
+    (["--grid", "train.epochs=1,true"], "--grid train.epochs=1,true: train.epochs must be an integer, got true"),
+    (["--grid", "augment.hflip=true,1"], "--grid augment.hflip=true,1: augment.hflip must be true or false, got 1"),
+    (["--lr", "0.2", "--grid", "optimizer.lr=0.05,0.1"], "--lr 0.2: not with --grid optimizer.lr, which sets"),
+    (["--epochs", "3", "--grid", "train.epochs=1,2"], "--epochs 3: not with --grid train.epochs"),
+    (["--batch-size", "16", "--grid", "train.batch_size=32,64"], "--batch-size 16: not with --grid train.batch_size"),
+    (["--data-root", "d", "--grid", "data.root=a,b"], "--data-root d: not with --grid data.root"),
     (["--grid", "optimizer.lr"], "expected KEY=V1,V2"),
     (["--seeds", ""], "--seeds: no seeds given"),
     (["--seeds", "3-1"], "is empty"),
@@ -285,7 +319,7 @@ def test_a_sweep_handed_to_another_scheduler_lists_every_run_and_its_table(plann
     printed = capsys.readouterr()
     lines = printed.out.strip().splitlines()
     rel = os.path.relpath(planned_sweep, ROOT)
-    assert lines == [f"cd {ROOT} && python -m app --config {rel}/configs/lr{lr}-seed{s}.json"
+    assert lines == [f"cd {ROOT} && python -m app --config {rel}/configs/lr{lr}-seed{s}.json --output-dir {rel}"
                      for lr in (0.05, 0.1) for s in (0, 1)]
     assert "4 of 4 runs to run; as a SLURM job array: sbatch " in printed.err
     script = (planned_sweep / "slurm.sh").read_text()
@@ -355,3 +389,181 @@ def test_on_a_terminal_the_board_redraws_one_line_per_run_in_place() -> None:
     board.set("a", "running")
     board.set("a", "done")
     assert plain.getvalue() == "a: running\na: done\n"
+
+
+def _write_results(run_dir: Path, status: str, **more) -> None:
+    """A results.json as the app writes it (handlers/results.py), for a run in that state."""
+    run_dir.mkdir(exist_ok=True)
+    (run_dir / "config.json").write_text("{}")
+    metrics = {"top1": 0.25, "top5": 0.5, "loss": 4.0, "epoch": 1}
+    (run_dir / "results.json").write_text(json.dumps({"status": status, "best": metrics, "final": metrics,
+                                                      "epochs": 1, "max_epochs": 2, "iterations": 2,
+                                                      "wall_time_seconds": 1.5, **more}))
+
+
+def test_a_runs_state_comes_from_its_results_json_then_its_lock_then_the_sweeps_record(planned_sweep) -> None:
+    run_dir = planned_sweep / "lr0.05-seed0"
+    assert run_state(run_dir) == RunState("not started")
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text("{}")
+    assert run_state(run_dir) == RunState("stopped")  # started, and nothing written yet
+    no_results = end_record(run_dir, 2, "error: data/cifar-100-python: not found")  # failed before training
+    assert run_state(run_dir, no_results) == RunState("failed", "error: data/cifar-100-python: not found", 2)
+    _write_results(run_dir, "running")  # SIGKILLed in the middle: "running", and no live holder of its lock
+    assert run_state(run_dir, no_results) == RunState("stopped")  # the record was of before: it has run since
+    held = lock_run_dir(run_dir)
+    try:
+        assert run_state(run_dir) == RunState("running")
+    finally:
+        held.release()
+    killed = end_record(run_dir, -signal.SIGKILL, "epoch 1/2  val top-1 25.00%  top-5 50.00%")
+    assert run_state(run_dir, killed) == RunState("stopped", "killed by SIGKILL")  # not its last line
+    _write_results(run_dir, "interrupted")
+    assert end_record(run_dir, 128 + signal.SIGTERM, "interrupted by SIGTERM after iteration 2") is None
+    assert run_state(run_dir) == RunState("stopped")
+    _write_results(run_dir, "failed", error="training loss became nan at iteration 3")
+    failed = end_record(run_dir, 3, "a line printed after the error")
+    assert run_state(run_dir, failed) == RunState("failed", "training loss became nan at iteration 3", 3)
+    assert run_state(run_dir) == RunState("failed", "training loss became nan at iteration 3")  # run elsewhere
+    _write_results(run_dir, "finished")
+    assert end_record(run_dir, -signal.SIGKILL, "") is None  # killed in its teardown: finished all the same
+    assert run_state(run_dir, failed) == RunState("finished")
+
+
+def _ended(runner: SweepRunner, name: str, results: dict | None, program: str) -> None:
+    """The runner's end of a run whose process was `program` (Python code that ends as a run may), with
+    the results.json it left (`results`: its status and fields; None: none)."""
+    run = next(r for r in runner.plan.runs if r.name == name)
+    if results is not None:
+        _write_results(run.run_dir(runner.plan.sweep_dir), **results)
+    log = runner.plan.sweep_dir / "logs" / f"{name}.log"
+    with open(log, "ab") as f:
+        proc = subprocess.Popen([sys.executable, "-c", program], stdout=f, stderr=subprocess.STDOUT)
+    proc.wait()
+    active = Active(run, Slot("cpu", "cpu", {}), proc, log, 0)
+    runner.active.append(active)
+    runner._ended(active)
+
+
+def test_how_each_run_ended_is_told_from_its_results_json_then_its_exit(planned_sweep) -> None:
+    """Real processes, ended as runs end, beside the results.json such a run leaves."""
+    screen = io.StringIO()
+    runner = SweepRunner(load_plan(planned_sweep)[0], [], stream=screen)
+    epoch_line = "print('epoch 1/2  val top-1 25.00%  top-5 50.00%  loss 4.0000', flush=True)"
+    kill = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
+    _ended(runner, "lr0.05-seed0", {"status": "finished"}, f"{epoch_line}; {kill}")  # in its teardown
+    _ended(runner, "lr0.05-seed1", {"status": "running"}, f"{epoch_line}; {kill}")  # in its second epoch
+    _ended(runner, "lr0.1-seed0", {"status": "failed", "error": "training loss became nan at iteration 3"},
+           "print('error: training loss became nan at iteration 3'); print('teardown noise'); raise SystemExit(3)")
+    _ended(runner, "lr0.1-seed1", None, "print('error: data/cifar-100-python: not found'); raise SystemExit(2)")
+    board = screen.getvalue().splitlines()
+    assert board[0].startswith("lr0.05-seed0: done, epoch 1/2, best top-1 25.00%, ") and \
+        board[0].endswith(" (killed by SIGKILL after it finished)")
+    assert board[1] == "lr0.05-seed1: killed by SIGKILL, epoch 1/2, best top-1 25.00%; it resumes from its last " \
+                       "checkpoint"
+    assert board[2].startswith("lr0.1-seed0: failed (exit 3): training loss became nan at iteration 3 [log: ")
+    assert board[3].startswith("lr0.1-seed1: failed (exit 2): error: data/cifar-100-python: not found [log: ")
+    assert runner.failed == ["lr0.1-seed0", "lr0.1-seed1"] and runner.stopped == ["lr0.05-seed1 (killed by SIGKILL)"]
+    summary = json.loads((planned_sweep / "summary.json").read_text())
+    assert summary["counts"] == {"finished": 1, "running": 0, "failed": 2, "stopped": 1, "not started": 0}
+    md = (planned_sweep / "summary.md").read_text()
+    assert "| lr0.05-seed1 | stopped (killed by SIGKILL) | 1/" in md
+    assert "| lr0.1-seed0 | failed (exit 3: training loss became nan at iteration 3) |" in md
+
+
+def test_a_board_whose_terminal_has_gone_stays_quiet() -> None:
+    """A closed terminal (EIO on every write after the hang-up) ends the board's output, not the sweep."""
+    controller, terminal = os.openpty()
+    with open(terminal, "w") as stream:
+        board = Board(["a"], stream)
+        board.set("a", "running on cpu")
+        os.close(controller)  # the terminal window closed
+        board.set("a", "stopped by SIGTERM, with a checkpoint")
+        board.note("stopped by SIGHUP: continue with python -m app sweep --resume runs/s")
+        assert board.gone
+
+
+@pytest.mark.slow
+def test_a_stop_while_a_large_sweep_is_created_leaves_nothing_behind(sweep_setup, tmp_path: Path) -> None:
+    """10,000 runs' files take seconds to write. A sweep SIGKILLed meanwhile leaves its hidden folder,
+    which the next sweep created there removes (no live process holds it); that one, sent SIGTERM while
+    it writes its own, removes its own and ends with one line and exit 143."""
+    cfg, _ = sweep_setup
+    out = tmp_path / "runs"
+
+    def start_and_signal(name: str, signum: int) -> tuple[int, str]:
+        proc = start_app("sweep", "--config", str(cfg), "--output-dir", str(out), "--name", name,
+                         "--seeds", "0-9999", "--print-commands")
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and not any(out.glob(f".partial-{name}-*/configs/seed1.json")):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        proc.send_signal(signum)
+        return proc.wait(timeout=120), proc.communicate()[1]
+
+    assert start_and_signal("first", signal.SIGKILL)[0] == -signal.SIGKILL
+    [left] = out.iterdir()
+    assert left.name.startswith(".partial-first-")
+    code, err = start_and_signal("second", signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM and "Traceback" not in err
+    assert err.splitlines() == [f"removed {left}: a sweep folder left half-created by a process that was killed",
+                                f"error: {out / 'second'}: not created, stopped by SIGTERM while its files were "
+                                f"being written"]
+    assert list(out.iterdir()) == []
+
+
+def test_a_half_created_sweep_is_removed_only_when_no_live_process_holds_it(sweep_setup, tmp_path: Path,
+                                                                           capsys) -> None:
+    cfg, _ = sweep_setup
+    out = tmp_path / "runs"
+    abandoned, assembling, a_run = out / ".partial-old-x1", out / ".partial-live-x2", out / ".partial-r-x3"
+    for folder in (abandoned / "configs", assembling / "configs", a_run / "checkpoints"):
+        folder.mkdir(parents=True)
+    (abandoned / ".lock").write_text("{}")  # its holder is gone
+    (a_run / "config.json").write_text("{}")  # a run folder being created (app/runs.py), not a sweep's
+    held = lock_run_dir(assembling)
+    try:
+        assert main(["sweep", "--config", str(cfg), "--output-dir", str(out), "--name", "new", "--print-commands"]) == 0
+    finally:
+        held.release()
+    assert f"removed {abandoned}: a sweep folder left half-created by a process that was killed\n" in \
+        capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == sorted([a_run.name, assembling.name, "new"])
+
+
+@pytest.mark.slow
+def test_a_sweep_of_2500_runs_is_three_slurm_arrays_each_within_max_array_size(sweep_setup, tmp_path: Path,
+                                                                               capsys) -> None:
+    """SLURM's default MaxArraySize is 1001 (indices 0-1000): 1000 tasks per array, with an OFFSET each."""
+    cfg, _ = sweep_setup
+    assert main(["sweep", "--config", str(cfg), "--output-dir", str(tmp_path), "--name", "big", "--seeds", "0-2499",
+                 "--print-commands"]) == 0
+    err = capsys.readouterr().err
+    sweep_dir = tmp_path / "big"
+    script_file = sweep_dir / "slurm.sh"
+    submit = [f"sbatch --export=ALL,OFFSET=0 {script_file}", f"sbatch --export=ALL,OFFSET=1000 {script_file}",
+              f"sbatch --array=0-499 --export=ALL,OFFSET=2000 {script_file}"]
+    assert f"2500 of 2500 runs to run; as 3 SLURM job arrays (at most 1000 tasks each: SLURM's default " \
+           f"MaxArraySize is 1001): {'; '.join(submit)}; the table: " in err
+    script = script_file.read_text()
+    assert "#SBATCH --array=0-999\n" in script and "--array=0-2499" not in script
+    assert "MaxArraySize" in script and "".join(f"#   {line}\n" for line in submit) in script
+
+    def task(offset: int, index: int) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(script_file)], env={**app_env(), "OFFSET": str(offset),
+                                                                "SLURM_ARRAY_TASK_ID": str(index),
+                                                                "PYTHON": sys.executable},
+                              capture_output=True, text=True, timeout=300)
+
+    # The last task of the last array, run here by hand: run 2499, which this process holds, so the app
+    # refuses it at once, naming it.
+    (sweep_dir / "seed2499").mkdir()
+    held = lock_run_dir(sweep_dir / "seed2499")
+    try:
+        last = task(2000, 499)
+    finally:
+        held.release()
+    assert last.returncode == 2 and f"seed2499: in use by pid {os.getpid()}" in one_error_line(last.stderr)
+    beyond = task(2000, 500)
+    assert beyond.returncode == 2
+    assert one_error_line(beyond.stderr).endswith("= 2500: the sweep has runs 0-2499")

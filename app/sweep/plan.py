@@ -7,7 +7,15 @@ SWEEP/sweep.json holds the plan: the base config, the seeds, the grid, each run'
 and the folder the commands run from (paths in the configs are relative to it, as the user gave them).
 
 Everything is checked before the folder exists: each grid key and value against the config, each
-run's whole config; then the folder is assembled under a hidden name and renamed into place.
+run's whole config; then the folder is assembled under a hidden name and renamed into place. A stop
+signal during the assembly (thousands of files) removes the hidden folder before the process ends; one
+that a killed process left (SIGKILL, a power cut) is removed by the next sweep created beside it, as
+its lock shows that no live process is assembling it.
+
+A sweep folder can be moved or copied: nothing in it depends on where it is. The runs' commands give
+their folder from where the sweep is now (app/sweep/status.py `next_command`), the SLURM script is
+rewritten whenever the sweep is resumed, and `workdir` (where the user's relative paths, such as
+data.root, start) is the one absolute path, and stays right wherever the sweep folder goes.
 """
 from __future__ import annotations
 
@@ -21,15 +29,17 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
+from app import typed_json
 from app.config import Config, check_setting, config_from_dict, override, setting_keys, to_dict
 from app.errors import ConfigError, UserError
-from app.runs import check_writable
+from app.runs import RunLock, check_writable, lock_run_dir, run_in_use
 from handlers.atomic import umask
 from handlers.results import write_json_atomic
 
 PLAN_FILE = "sweep.json"
+STAGING_PREFIX = ".partial-"  # a sweep folder being assembled: .partial-NAME-XXXXXXXX, beside where it goes
 MAX_RUNS = 10_000  # a bound that no results table reaches, and that keeps a typo from planning billions
 NAME_PATTERN = r"[A-Za-z0-9_+-][A-Za-z0-9._+-]{0,99}"  # safe in paths, shells and SLURM's #SBATCH lines
 # Keys the sweep sets itself, or that belong to how a run is launched rather than what it computes.
@@ -126,13 +136,20 @@ def parse_grid(items: Sequence[str], base: Config) -> dict[str, list[Any]]:
         if key in grid:
             raise ConfigError(f"--grid {key}: given twice; list all its values in one --grid")
         values = _grid_values(text)
+        seen: dict[str, Any] = {}
         for value in values:
-            if values.count(value) > 1:
-                raise ConfigError(f"--grid {key}: the value {json.dumps(value)} is given twice")
             try:  # its type and range; with the other settings, each run's whole config (make_plan)
                 check_setting(key, value)
             except ConfigError as e:
                 raise ConfigError(f"--grid {key}={text}: {e}") from None
+            # The same value as the setting takes it, compared as JSON text: by type and value, not as
+            # Python compares (True == 1, 1 == 1.0), and 1 and 1.0 of a float key are one value.
+            as_set = json.dumps(typed_json.coerce(value, typed_json.field_of(Config, key)[0], key))
+            if as_set in seen:
+                first, again = json.dumps(seen[as_set]), json.dumps(value)
+                twice = f"the value {again} is given twice" if first == again else f"{first} and {again} are one value"
+                raise ConfigError(f"--grid {key}: {twice}")
+            seen[as_set] = value
         grid[key] = values
     return grid
 
@@ -169,6 +186,19 @@ def run_config(base: Config, plan: SweepPlan, run: PlannedRun) -> Config:
                     f"run {run.name}")
 
 
+def run_configs(base: Config, plan: SweepPlan) -> Iterator[tuple[PlannedRun, dict[str, Any]]]:
+    """Each run with its whole config (`run_config`'s, as a dict), the configs of a grid point checked
+    once: its seeds differ only in `seed` (each checked by make_plan) and the run's name (a safe folder
+    name), which take no part in how settings fit together. Thousands of runs in a second, not a minute."""
+    checked: dict[str, dict[str, Any]] = {}
+    for run in plan.runs:
+        point = json.dumps(run.point, sort_keys=True)
+        if point not in checked:
+            checked[point] = to_dict(run_config(base, plan, run))
+        cfg = checked[point]
+        yield run, {**cfg, "seed": run.seed, "logging": {**cfg["logging"], "run_name": run.name}}
+
+
 def make_plan(base: Config, seeds: list[int], grid: dict[str, list[Any]], name: Optional[str]) -> SweepPlan:
     """The plan of a new sweep, checked (each run's config validated); nothing is written."""
     if not seeds:
@@ -179,7 +209,10 @@ def make_plan(base: Config, seeds: list[int], grid: dict[str, list[Any]], name: 
     if runs_count > MAX_RUNS:
         raise ConfigError(f"--seeds and --grid: {runs_count} runs; at most {MAX_RUNS}")
     for seed in seeds:
-        override(base, {"seed": seed}, "--seeds")
+        try:
+            check_setting("seed", seed)
+        except ConfigError as e:
+            raise ConfigError(f"--seeds: {e}") from None
     out = Path(base.logging.output_dir)
     sweep_dir = out / (name or time.strftime("sweep-%Y%m%d-%H%M%S"))
     if sweep_dir.exists():
@@ -187,34 +220,58 @@ def make_plan(base: Config, seeds: list[int], grid: dict[str, list[Any]], name: 
                         f"{sweep_dir}` or choose another --name")
     runs = [PlannedRun(n, s, p) for n, s, p in run_names(grid, seeds)]
     plan = SweepPlan(sweep_dir, Path.cwd(), seeds, grid, runs)
-    for run in runs:
-        run_config(base, plan, run)  # refuses settings valid one by one but not together
+    for _ in run_configs(base, plan):  # refuses settings valid one by one but not together
+        pass
     check_writable(sweep_dir)
     return plan
 
 
-def create_sweep(base: Config, plan: SweepPlan) -> None:
-    """The sweep folder with its plan and every run's config file, renamed into place whole."""
+def create_sweep(base: Config, plan: SweepPlan, check_stop: Callable[[], None] = lambda: None) -> RunLock:
+    """The sweep folder with its plan and every run's config file, renamed into place whole; returns
+    its lock, held (taken on the hidden folder before anything is in it, so that a stale one can be
+    told from one being assembled). `check_stop` raises if a stop was asked for (runner.py
+    StopRequests): it is asked between files, and whatever it raises leaves nothing behind."""
     parent = plan.sweep_dir.parent
     parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=parent, prefix=f".partial-{plan.sweep_dir.name}-"))
+    staging = Path(tempfile.mkdtemp(dir=parent, prefix=f"{STAGING_PREFIX}{plan.sweep_dir.name}-"))
+    lock = None
     try:
         os.chmod(staging, 0o777 & ~umask())
+        lock = lock_run_dir(staging)  # its flocks stay with the folder through the rename: the sweep's lock
         (staging / "configs").mkdir()
         (staging / "logs").mkdir()
-        for run in plan.runs:
-            write_json_atomic(staging / "configs" / f"{run.name}.json", to_dict(run_config(base, plan, run)))
+        for run, cfg in run_configs(base, plan):
+            check_stop()
+            write_json_atomic(staging / "configs" / f"{run.name}.json", cfg)
         write_json_atomic(staging / PLAN_FILE, {
             "name": plan.sweep_dir.name, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
             "workdir": str(plan.workdir), "seeds": plan.seeds, "grid": plan.grid,
             "runs": [{"name": r.name, "seed": r.seed, "point": r.point} for r in plan.runs],
             "base_config": to_dict(base)})
+        check_stop()
         try:
             os.rename(staging, plan.sweep_dir)
         except OSError:
             raise UserError(f"{plan.sweep_dir}: already exists (created meanwhile by another process)") from None
+        return lock
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)  # gone after the rename; cleared after a failure or a stop
+
+
+def remove_abandoned_sweeps(parent: Path) -> list[Path]:
+    """Hidden sweep folders that a killed process left half-assembled in `parent` (SIGKILL, a power cut):
+    those with a configs/ folder (a run's hidden folder, app/runs.py, has none) whose lock no live
+    process holds. Removed; returned, to be named."""
+    removed = []
+    for path in sorted(parent.glob(f"{STAGING_PREFIX}*")) if parent.is_dir() else []:
+        if path.is_dir() and not path.is_symlink() and (path / "configs").is_dir() and not run_in_use(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def load_plan(sweep_dir: Path) -> tuple[SweepPlan, Config]:

@@ -4,8 +4,8 @@ Read from what the runs wrote (each run folder's results.json), so it is right h
 run: by the sweep on this machine, or by a scheduler on several (`sweep --summary` aggregates whatever
 has finished). Statistics are over finished runs only; the standard deviation is the sample one
 (n - 1), as a results table reports the spread of a few seeds, and is absent for a single seed.
-Failures the sweep saw (exit code and the run's last line) are kept in SWEEP/failures.json
-(app/sweep/status.py).
+Each run's state is status.py's: from its results.json first (a failure's reason is the one it gives),
+then from what the sweep saw of its process (SWEEP/failures.json: an exit code, a last line, a signal).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import statistics
 from typing import Any, Optional
 
 from app.sweep.plan import SweepPlan, point_label
-from app.sweep.status import STATUSES, read_failures, read_results, run_status
+from app.sweep.status import STATUSES, read_failures, read_results, run_state
 from handlers.atomic import write_atomic
 from handlers.results import write_json_atomic
 
@@ -32,15 +32,15 @@ def run_row(plan: SweepPlan, name: str, seed: int, point: dict[str, Any],
             failures: dict[str, dict[str, Any]]) -> dict[str, Any]:
     run_dir = plan.sweep_dir / name
     results = read_results(run_dir) or {}
-    status = run_status(run_dir, failures.get(name))
+    state = run_state(run_dir, failures.get(name))
     best, final = results.get("best") or {}, results.get("final") or {}
-    row = {"name": name, "seed": seed, "point": point, "status": status,
+    row = {"name": name, "seed": seed, "point": point, "status": state.status, "detail": state.detail,
            "epochs": final.get("epoch", 0), "max_epochs": _planned_epochs(plan, name),
            "best_top1": best.get("top1"), "best_top5": best.get("top5"), "best_epoch": best.get("epoch"),
            "final_top1": final.get("top1"), "final_top5": final.get("top5"),
            "wall_time_seconds": results.get("wall_time_seconds")}
-    if status == "failed":
-        row["failure"] = failures[name]
+    if state.status == "failed":
+        row["failure"] = {"exit_code": state.exit_code, "error": state.detail}
     return row
 
 
@@ -100,7 +100,10 @@ def to_markdown(summary: dict[str, Any]) -> str:
     for r in summary["runs"]:
         status = r["status"]
         if status == "failed":
-            status += f" (exit {r['failure'].get('exit_code')}: {r['failure'].get('error', '')})"
+            code = r["failure"]["exit_code"]
+            status += f" ({'' if code is None else f'exit {code}: '}{r['failure']['error']})"
+        elif r["detail"]:
+            status += f" ({r['detail']})"
         best = "–" if r["best_top1"] is None else f"{_pct(r['best_top1'])} ({r['best_epoch']})"
         wall = "–" if r["wall_time_seconds"] is None else f"{r['wall_time_seconds']:.0f}"
         lines.append(f"| {r['name']} | {status.replace('|', '/')} | {r['epochs']}/{r['max_epochs'] or '?'} | {best} | "
