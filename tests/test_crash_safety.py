@@ -149,6 +149,8 @@ def test_failed_checkpoint_write_ends_the_run_and_keeps_earlier_checkpoints(run_
     assert "cannot write checkpoint" in line and "training_checkpoint_10.pt" in line
     assert _digest(kept) == before
     assert not list(checkpoints.glob(".partial-*"))
+    results = json.loads((run_copy.run_dir / "results.json").read_text())  # not "running" for ever
+    assert results["status"] == "failed" and "training_checkpoint_10.pt: cannot write checkpoint" in results["error"]
 
 
 @pytest.mark.slow
