@@ -74,8 +74,10 @@ class GracefulStop:
         """In every process of the run, in the same order (with several, it creates a process group)."""
         engine.register_events(*StopEvents)
         self._world = idist.get_world_size()
-        if self._world > 1 and dist.get_backend() != "gloo":
-            self._group = dist.new_group(backend="gloo")  # the flags stay on the host
+        if self._world > 1:
+            # A group of its own, on the host whatever the training backend (NCCL's would put each flag
+            # on the GPU and read it back): the same group on the CPU as beside NCCL.
+            self._group = dist.new_group(backend="gloo")
         engine.add_event_handler(Events.ITERATION_STARTED, self._check)
         return self
 
