@@ -2,8 +2,8 @@
 how it is loaded (once), checked and decoded.
 
 A training checkpoint holds the trainer's position, the model, the optimizer, the schedule, every
-process's augmentation generator (`GeneratorStates`), the best-model tracker and results (rank 0's),
-the GradScaler under fp16, and `meta`: the run's config, class names and a fingerprint of its data, as
+process's augmentation generator (`GeneratorStates`), the best-model tracker, results and the smoothed
+training loss (rank 0's), the GradScaler under fp16, and `meta`: the run's config, class names and a fingerprint of its data, as
 JSON text, so that loading needs nothing but `weights_only=True`. A best-model checkpoint holds the
 model and `meta`. The file names and the crash-safe saving are handlers/checkpoints.py's.
 
@@ -43,8 +43,8 @@ TRAINING_KEYS = ("trainer", "model", "optimizer", "lr_scheduler", "augment", "me
 
 class RunMeta:
     """What every checkpoint carries besides weights: the config it was trained with, the class names
-    and the data's fingerprint. Saved only: on a resume the running config is authoritative (checked
-    against the run's before the checkpoint is loaded), so nothing loads it back."""
+    and the data's fingerprint. Never loaded back into the run: a resume checks the running config
+    against the config stored here (app/runs.py `trained_config`), and then the running config decides."""
 
     def __init__(self, cfg: Config, classes: tuple[str, ...], data_fingerprint: str) -> None:
         self.config, self.classes, self.data_fingerprint = to_dict(cfg), list(classes), data_fingerprint
