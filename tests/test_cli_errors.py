@@ -100,7 +100,8 @@ def test_help_documents_every_flag() -> None:
     (["--lr", "inf"], "--lr: must be a finite number, got Infinity"),
     (["--seed", str(2**32)], "--seed: must be from 0 to 4294967295"),
     # 80 images at batch 128: 1 iteration; OneCycleLR would divide by a warm-up of 0.3 of one
-    (["--epochs", "1"], "schedule.pct_start 0.3 gives a warm-up of 0.3 of the run's 1 iterations"),
+    (["--epochs", "1"], "schedule.pct_start 0.3 gives a warm-up of 0.3 of the run's 1 iterations (train.epochs 1 "
+                        "of 1 iterations at train.batch_size 128)"),
 ])
 def test_dry_run_refuses_flags_no_run_could_use(tmp_path: Path, out: Path, small_data: Path, flags, words) -> None:
     cfg = write_config(tmp_path / "c.json", data={"root": str(small_data), "download": False})
