@@ -134,8 +134,20 @@ class StopForwarder:
             signal.signal(s, handler)
         if early:
             self.signum = early[0]
+        self._previous: dict[int, Any] = {}
         self._thread = threading.Thread(target=self._forward, name="forward stop signals", daemon=True)
-        self._thread.start()
+        if hasattr(signal, "sigtimedwait"):
+            self._thread.start()
+        else:
+            # macOS has no sigtimedwait: handlers in this thread instead; a process still starting when
+            # the signal comes is then not held, and may die of it.
+            self._previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
+            release_stop_signals()
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self.signum = self.signum or signum
+        for child in multiprocessing.active_children():
+            os.kill(child.pid, signum)
 
     def _forward(self) -> None:
         while not self._closed.is_set():
@@ -157,7 +169,10 @@ class StopForwarder:
 
     def close(self) -> None:
         self._closed.set()
-        self._thread.join()
+        if self._thread.is_alive():
+            self._thread.join()
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
         signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)
 
 
