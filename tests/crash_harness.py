@@ -186,12 +186,13 @@ def _signal(proc: subprocess.Popen, case: Case) -> None:
         os.killpg(proc.pid, signum)
 
 
-def stop_and_resume(work: Path, data: Path, case: Case, ref: Reference, rng: random.Random) -> Outcome:
+def stop_and_resume(work: Path, data: Path, case: Case, ref: Reference, rng: random.Random, name: str) -> Outcome:
+    """`name`: the run's folder (a case may come twice in a random sample)."""
     out = Outcome(case)
     cfg = _config(work, case, data)
-    run_dir = work / "runs" / case.name
+    run_dir = work / "runs" / name
     started = time.monotonic()
-    proc = _start(["--config", str(cfg), "--run-name", case.name], case.nproc)
+    proc = _start(["--config", str(cfg), "--run-name", name], case.nproc)
     lines = Lines(proc)
     _aim(proc, lines, case, ref, run_dir, rng, started)
     if proc.poll() is None:
@@ -207,11 +208,11 @@ def stop_and_resume(work: Path, data: Path, case: Case, ref: Reference, rng: ran
     if case.signal != "KILL":
         _check_graceful_stop(out, err, run_dir)
     if case.move and run_dir.exists():
-        moved = work / "runs" / f"{case.name}-moved"
+        moved = work / "runs" / f"{name}-moved"
         shutil.move(str(run_dir), moved)
         run_dir = moved
     args = ["--config", str(cfg), "--resume", str(run_dir)] if (run_dir / "config.json").exists() else \
-        ["--config", str(cfg), "--run-name", case.name]  # stopped before its folder existed: start afresh
+        ["--config", str(cfg), "--run-name", name]  # stopped before its folder existed: start afresh
     resumed = _start(args, case.nproc)
     more, err = resumed.communicate(timeout=900)
     if resumed.returncode != 0:
@@ -332,10 +333,10 @@ def run_cases(work: Path, cases: list[Case], seed: int = 0, report=None) -> list
     rng = random.Random(seed)
     refs: dict[int, Reference] = {}
     outcomes = []
-    for case in cases:
+    for i, case in enumerate(cases):
         if case.nproc not in refs:
             refs[case.nproc] = reference(work, data, case.nproc)
-        outcome = stop_and_resume(work, data, case, refs[case.nproc], rng)
+        outcome = stop_and_resume(work, data, case, refs[case.nproc], rng, f"{i:03d}-{case.name}")
         outcomes.append(outcome)
         if report is not None:
             report(outcome)
