@@ -187,12 +187,12 @@ def wire_run(cfg: Config, plan: RunPlan, parts: RunParts, meta: RunMeta, stop: G
 
 
 def allreduce_each_gradient(group, bucket):  # noqa: ANN001 - DDP refuses a hook whose annotations are strings
-    """(group, dist.GradBucket) -> Future[Tensor]: DDP's gradient average, one all-reduce per parameter instead of one per bucket of parameters.
-    Why: an all-reduce of more than two processes sums each element in an order that depends on where
-    it lies in the buffer reduced, and DDP lays its buckets out anew after a process's first step; so
-    the first step after a resume would sum in another order than the uninterrupted run did, and the
-    runs would part by a rounding (seen with 4 processes). Each parameter's own all-reduce is the same
-    in every step of every process. The cost: a few dozen small collectives a step instead of a few."""
+    """(group, dist.GradBucket) -> Future[Tensor]: DDP's gradient average, one all-reduce per parameter instead
+    of one per bucket of parameters. Why: an all-reduce of more than two processes sums each element in an order
+    that depends on where it lies in the buffer reduced, and DDP lays its buckets out anew after a process's
+    first step; so the first step after a resume would sum in another order than the uninterrupted run did, and
+    the runs would part by a rounding (seen with 4 processes). Each parameter's own all-reduce is the same in
+    every step of every process. The cost: a few dozen small collectives a step instead of a few."""
     world = torch.distributed.get_world_size(group)
     works = [torch.distributed.all_reduce(g, group=group, async_op=True) for g in bucket.gradients()]
     return torch.futures.collect_all([w.get_future() for w in works]).then(lambda _: bucket.buffer().div_(world))
