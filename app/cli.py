@@ -7,10 +7,11 @@ end, in one line and an exit code, is app/launch.py.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-from typing import Callable, NoReturn, Optional, Sequence
+from typing import Any, Callable, NoReturn, Optional, Sequence
 
-from app.config import Config, check_setting, load_config, override
+from app.config import Config, check_setting, load_config, override, setting_keys
 from app.errors import ConfigError, SettingError
 from app.launch import EXIT_BROKEN_PIPE, discard_output, failure
 from app.runs import LATEST
@@ -43,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                               "default nccl on GPUs, gloo on CPUs)")
     p.add_argument("--seed", type=int, help="random seed (seed)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to train (train.device)")
+    p.add_argument("--set", action="append", dest="settings", metavar="KEY=VALUE",
+                   help="any setting by its dotted key, e.g. --set train.amp=bf16 --set augment.rotation=0 "
+                        "(repeatable; VALUE is read as JSON, else taken as text)")
     p.add_argument("--dry-run", action="store_true", help="check the config, the data and the model, print the "
                                                           "resolved config and the model size, and exit")
     return p
@@ -59,10 +63,10 @@ def _flag(dest: str) -> str:
 
 
 def config_from_flags(args: argparse.Namespace) -> Config:
-    """The config file with the flags given over it: each flag checked as the setting it sets (an error
-    names the flag), then the whole config as the file's would be."""
+    """The config file with the flags and `--set`s given over it: each checked as the setting it sets (an
+    error names the flag, or `--set KEY`), then the whole config as the file's would be."""
     cfg = load_config(args.config)
-    updates = {}
+    updates: dict[str, Any] = {}
     for dest, key in FLAG_KEYS.items():
         value = getattr(args, dest, None)
         if value is None:
@@ -72,7 +76,35 @@ def config_from_flags(args: argparse.Namespace) -> Config:
         except SettingError as e:
             raise ConfigError(f"{_flag(dest)}: {e.problem}") from None
         updates[key] = value
+    for text in getattr(args, "settings", None) or []:
+        key, value = parse_set(text)
+        if key in updates:
+            flag = next((_flag(d) for d, k in FLAG_KEYS.items() if k == key), f"--set {key}")
+            raise ConfigError(f"--set {key}: {key} is set twice on the command line (also by {flag})")
+        updates[key] = value
     return override(cfg, updates, "command line") if updates else cfg
+
+
+def parse_set(text: str) -> tuple[str, Any]:
+    """`--set KEY=VALUE`: a setting's dotted key and its value, read as JSON (`0.05`, `true`, `[0.5, 0.5,
+    0.5]`, `null`) or else taken as text (`bf16`), checked as the setting takes it."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {text}: expected KEY=VALUE (e.g. train.amp=bf16)")
+    keys = setting_keys()
+    if key not in keys:
+        inside = [k for k in keys if k.startswith(key + ".")]
+        raise ConfigError(f"--set {key}: unknown config key" + (f" (a section; e.g. {inside[0]})" if inside else ""))
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = raw
+    try:
+        check_setting(key, value)
+    except SettingError as e:
+        raise ConfigError(f"--set {key}: {e.problem}") from None
+    return key, value
 
 
 def build_evaluate_parser() -> argparse.ArgumentParser:
@@ -114,6 +146,8 @@ def build_sweep_parser() -> argparse.ArgumentParser:
     for flag in RUN_FLAGS:
         action = train_flags[flag]
         p.add_argument(*action.option_strings, type=action.type, help=f"for every run: {action.help}")
+    p.add_argument("--set", action="append", dest="settings", metavar="KEY=VALUE",
+                   help="for every run: any setting by its dotted key (repeatable; not one the grid or the sweep sets)")
     p.add_argument("--resume", metavar="SWEEP", help="continue a sweep: unfinished runs resume, finished ones "
                                                      "are skipped (with --devices, --per-device, --print-commands)")
     p.add_argument("--summary", metavar="SWEEP", help="rewrite and print the sweep's table, from what has finished")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from app.cli import build_parser, config_from_flags
 from tests.support import ROOT, Ran, app_env, one_error_line, run_main, write_cifar100, write_config
 
 
@@ -166,3 +167,36 @@ def test_output_into_a_closed_pipe_ends_quietly(tmp_path: Path, out: Path, small
     cfg = write_config(tmp_path / "c.json", data={"root": str(small_data), "download": False})
     result = run_into_closed_pipe("--config", str(cfg), "--output-dir", str(out), *args, buffered=buffered)
     assert result.returncode == 141 and result.stderr == ""
+
+
+@pytest.mark.parametrize("settings,words", [
+    (["--set", "train.amp=fp32"], "--set train.amp: must be one of"),
+    (["--set", "augment.rotation=-1"], "--set augment.rotation: must be >= 0"),
+    (["--set", "train.ampp=bf16"], "--set train.ampp: unknown config key"),
+    (["--set", "train=1"], "--set train: unknown config key (a section; e.g. train.epochs)"),
+    (["--set", "train.amp"], "--set train.amp: expected KEY=VALUE"),
+    (["--lr", "0.2", "--set", "optimizer.lr=0.3"], "--set optimizer.lr: optimizer.lr is set twice on the command "
+                                                   "line (also by --lr)"),
+])
+def test_a_bad_set_is_one_line_naming_it(tmp_path: Path, out: Path, small_data: Path, settings, words) -> None:
+    cfg = write_config(tmp_path / "c.json", data={"root": str(small_data), "download": False})
+    assert_clean_failure(run_main("--config", str(cfg), "--output-dir", str(out), "--dry-run", *settings), 2, words,
+                         out=out)
+
+
+def test_set_takes_any_setting_as_json_or_text_and_the_run_saves_it(tmp_path: Path) -> None:
+    """--set train.amp=off (text), augment.rotation=0 (a number), augment.mean=[...] (a list), run_name null."""
+    args = build_parser().parse_args(["--config", str(write_config(tmp_path / "c.json")), "--set", "train.amp=off",
+                                      "--set", "augment.rotation=0", "--set", "augment.mean=[0.5, 0.5, 0.5]",
+                                      "--set", "logging.run_name=null", "--epochs", "3"])
+    cfg = config_from_flags(args)
+    assert (cfg.train.amp, cfg.augment.rotation, cfg.augment.mean, cfg.logging.run_name, cfg.train.epochs) == \
+        ("off", 0.0, (0.5, 0.5, 0.5), None, 3)
+
+
+def test_a_dry_run_shows_what_set_resolved_to(tmp_path: Path, out: Path, small_data: Path) -> None:
+    """The resolved config a run saves in its config.json, as the dry run prints it."""
+    cfg = write_config(tmp_path / "c.json", data={"root": str(small_data), "download": False})
+    ran = run_main("--config", str(cfg), "--output-dir", str(out), "--dry-run", "--set", "checkpoint.every_iters=7")
+    assert ran.returncode == 0, ran.stderr
+    assert '"every_iters": 7' in ran.stdout

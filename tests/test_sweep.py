@@ -262,6 +262,10 @@ def test_a_killed_sweep_moved_elsewhere_resumes_there_and_trains_nothing_twice(s
     (["--grid", "train.epochs=1,true"], "--grid train.epochs=1,true: train.epochs must be an integer, got true"),
     (["--grid", "augment.hflip=true,1"], "--grid augment.hflip=true,1: augment.hflip must be true or false, got 1"),
     (["--lr", "0.2", "--grid", "optimizer.lr=0.05,0.1"], "--lr 0.2: not with --grid optimizer.lr, which sets"),
+    (["--set", "optimizer.lr=0.2", "--grid", "optimizer.lr=0.05,0.1"], "--set optimizer.lr: not with --grid "
+                                                                       "optimizer.lr, which sets"),
+    (["--set", "seed=3"], "--set seed: not for a sweep's runs (use --seeds)"),
+    (["--set", "train.amp=fp64"], "--set train.amp: must be one of"),
     (["--epochs", "3", "--grid", "train.epochs=1,2"], "--epochs 3: not with --grid train.epochs"),
     (["--batch-size", "16", "--grid", "train.batch_size=32,64"], "--batch-size 16: not with --grid train.batch_size"),
     (["--data-root", "d", "--grid", "data.root=a,b"], "--data-root d: not with --grid data.root"),
@@ -306,10 +310,12 @@ def test_a_path_that_is_not_a_sweep_folder_is_one_line(tmp_path: Path, capsys) -
 
 @pytest.fixture
 def planned_sweep(sweep_setup, tmp_path: Path, capsys) -> Path:
-    """A sweep of 2 seeds x 2 learning rates, created and handed to another scheduler: nothing trained."""
+    """A sweep of 2 seeds x 2 learning rates (and no rotation, by --set), created and handed to another
+    scheduler: nothing trained."""
     cfg, _ = sweep_setup
     assert main(["sweep", "--config", str(cfg), "--output-dir", str(tmp_path / "runs"), "--name", "planned",
-                 "--seeds", "0,1", "--grid", "optimizer.lr=0.05,0.1", "--print-commands"]) == 0
+                 "--seeds", "0,1", "--grid", "optimizer.lr=0.05,0.1", "--set", "augment.rotation=0",
+                 "--print-commands"]) == 0
     return tmp_path / "runs" / "planned"
 
 
@@ -325,6 +331,8 @@ def test_a_sweep_handed_to_another_scheduler_lists_every_run_and_its_table(plann
     script = (planned_sweep / "slurm.sh").read_text()
     assert "#SBATCH --array=0-3" in script and "runs=(lr0.05-seed0 lr0.05-seed1 lr0.1-seed0 lr0.1-seed1)" in script
     assert os.access(planned_sweep / "slurm.sh", os.X_OK)
+    configs = [json.loads(p.read_text()) for p in sorted((planned_sweep / "configs").glob("*.json"))]
+    assert len(configs) == 4 and all(c["augment"]["rotation"] == 0 for c in configs)  # --set, for every run
     assert main(["sweep", "--summary", str(planned_sweep)]) == 0
     table = capsys.readouterr().out
     assert "4 runs: 4 not started" in table and "| optimizer.lr=0.05 | 0/2 | – |" in table

@@ -16,12 +16,12 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from app.cli import FLAG_KEYS
+from app.cli import FLAG_KEYS, parse_set
 from app.config import Config
 from app.data import ensure_dataset
 from app.errors import ConfigError
 from app.sweep.cluster import ARRAY_TASKS, commands, sbatch_commands, write_slurm_script
-from app.sweep.plan import (SweepPlan, create_sweep, load_plan, make_plan, parse_grid, parse_seeds,
+from app.sweep.plan import (NOT_A_GRID_KEY, SweepPlan, create_sweep, load_plan, make_plan, parse_grid, parse_seeds,
                             remove_abandoned_sweeps, run_configs)
 from app.sweep.runner import StopRequests, SweepRunner, check_not_running, device_slots
 from app.sweep.summary import to_markdown, write_summary
@@ -46,13 +46,20 @@ def _refuse_flags_the_grid_sets(args: argparse.Namespace, grid: dict) -> None:
             flag = "--" + name.replace("_", "-")
             raise ConfigError(f"{flag} {getattr(args, name)}: not with --grid {key}, which sets {key} for each run; "
                               f"give its values in the grid only")
+    for text in getattr(args, "settings", None) or []:
+        key, _ = parse_set(text)
+        if key in grid:
+            raise ConfigError(f"--set {key}: not with --grid {key}, which sets {key} for each run; give its values "
+                              f"in the grid only")
+        if key in NOT_A_GRID_KEY and key != "logging.output_dir":  # that one is --output-dir's
+            raise ConfigError(f"--set {key}: not for a sweep's runs ({NOT_A_GRID_KEY[key]})")
 
 
 def sweep(args: argparse.Namespace, config_from_flags: Callable[[argparse.Namespace], Config]) -> int:
     """`config_from_flags`: the base config from --config and the training flags, as `train` reads them.
     A folder that cannot be created or read ends, as every command's OSError does, in one line naming it
     (app/launch.py `failure`)."""
-    plan_flags = ("config", "seeds", "grid", "name", *RUN_FLAGS)
+    plan_flags = ("config", "seeds", "grid", "name", *RUN_FLAGS, "settings")
     if args.summary is not None:
         extra = _given(args, (*plan_flags, "devices", "per_device", "resume", "print_commands"))
         if extra:
