@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any, Callable, NoReturn, Optional, Sequence
 
-from app.config import Config, check_setting, load_config, override, setting_keys
+from app.config import Config, LoggingConfig, check_setting, flat_settings, load_config, override, setting_keys
 from app.errors import ConfigError, SettingError
 from app.launch import EXIT_BROKEN_PIPE, discard_output, failure
-from app.runs import LATEST
+from app.runs import LATEST, SAFE_TO_CHANGE, run_dir_of, saved_config, why_fixed
 from handlers.stop_signals import release_stop_signals
 
 
@@ -27,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m app", description="Train a CIFAR ResNet18 on CIFAR-100 (PyTorch-Ignite). "
                 "Other commands: `python -m app evaluate --help`, `python -m app predict --help`, "
                 "`python -m app sweep --help`.")
-    p.add_argument("--config", default="config.json", help="JSON config with every setting (default: config.json)")
+    p.add_argument("--config", help="JSON config with every setting (default: config.json; with --resume, the "
+                                    "run's own config.json, over which only what a resume may change can be set)")
     p.add_argument("--lr", type=float, help="peak learning rate of the one-cycle schedule (optimizer.lr)")
     p.add_argument("--batch-size", type=int, help="global batch of one optimizer step, split over processes "
                                                    "(train.batch_size)")
@@ -65,8 +67,36 @@ def _flag(dest: str) -> str:
 def config_from_flags(args: argparse.Namespace) -> Config:
     """The config file with the flags and `--set`s given over it: each checked as the setting it sets (an
     error names the flag, or `--set KEY`), then the whole config as the file's would be."""
-    cfg = load_config(args.config)
+    cfg = load_config(args.config or "config.json")
+    updates, _ = command_line_settings(args)
+    return override(cfg, updates, "command line") if updates else cfg
+
+
+def resumed_run_config(args: argparse.Namespace) -> tuple[Config, str]:
+    """`--resume` without `--config`: the run's own config.json, with the flags and `--set`s given over it,
+    each only for a setting that a resume may change (app/runs.py SAFE_TO_CHANGE; anything else is refused,
+    naming the flag and why). Returns the config and what to resume (the latest run, named)."""
+    output_dir = Path(args.output_dir or LoggingConfig().output_dir)
+    run_dir = run_dir_of(args.resume, output_dir)
+    base = saved_config(run_dir)
+    updates, flags = command_line_settings(args)
+    saved = flat_settings(base)
+    for key, value in updates.items():
+        if key.startswith(SAFE_TO_CHANGE):
+            continue
+        taken = flat_settings(override(base, {key: value}, "command line"))[key]
+        if taken != saved[key]:
+            raise ConfigError(f"{flags[key]}: {key} cannot change when a run is resumed ({why_fixed(key)}); "
+                              f"{run_dir} has {json.dumps(saved[key])}")
+    cfg = override(base, updates, "command line") if updates else base
+    return cfg, str(run_dir) if args.resume == LATEST else args.resume
+
+
+def command_line_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, str]]:
+    """The settings the flags and `--set`s give, each checked as its setting takes it, and the flag that
+    gave each (for errors)."""
     updates: dict[str, Any] = {}
+    flags: dict[str, str] = {}
     for dest, key in FLAG_KEYS.items():
         value = getattr(args, dest, None)
         if value is None:
@@ -75,14 +105,13 @@ def config_from_flags(args: argparse.Namespace) -> Config:
             check_setting(key, value)
         except SettingError as e:
             raise ConfigError(f"{_flag(dest)}: {e.problem}") from None
-        updates[key] = value
+        updates[key], flags[key] = value, _flag(dest)
     for text in getattr(args, "settings", None) or []:
         key, value = parse_set(text)
         if key in updates:
-            flag = next((_flag(d) for d, k in FLAG_KEYS.items() if k == key), f"--set {key}")
-            raise ConfigError(f"--set {key}: {key} is set twice on the command line (also by {flag})")
-        updates[key] = value
-    return override(cfg, updates, "command line") if updates else cfg
+            raise ConfigError(f"--set {key}: {key} is set twice on the command line (also by {flags[key]})")
+        updates[key], flags[key] = value, f"--set {key}"
+    return updates, flags
 
 
 def parse_set(text: str) -> tuple[str, Any]:
@@ -161,6 +190,9 @@ def _train(argv: Sequence[str]) -> int:
     from app.commands import train
 
     args = build_parser().parse_args(argv)
+    if args.resume is not None and args.config is None:
+        cfg, resume = resumed_run_config(args)
+        return train(cfg, resume, args.dry_run)
     return train(config_from_flags(args), args.resume, args.dry_run)
 
 

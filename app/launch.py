@@ -193,8 +193,9 @@ def failure(error: BaseException) -> Optional[tuple[Optional[str], int]]:
             where = f" {run_dir}" if run_dir else ""
             return (f"{error}: the run{where} had finished and every file of it is written; nothing is left "
                     f"to resume", error.exit_code)
-        return (f"{error}: its checkpoint is saved; continue with --resume {run_dir or 'RUN_DIR'} (and the same "
-                f"--config and flags)", error.exit_code)
+        launcher = "torchrun ... -m app" if torchrun_world_size() is not None else "python -m app"
+        return (f"{error}: its checkpoint is saved; continue with {launcher} --resume {run_dir or 'RUN_DIR'}",
+                error.exit_code)
     if isinstance(error, OutputWriteError):  # a full disk: the message names the file
         return f"error: {error}", 1
     if isinstance(error, OSError):  # a folder that went away

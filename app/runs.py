@@ -311,18 +311,36 @@ def latest_run(output_dir: Path) -> Path:
     return max(runs)[1]
 
 
-def resume_run(cfg: Config, resume: str, warn: Callable[[str], None] = print) -> RunPlan:
-    """--resume (latest run under the output folder), --resume RUN_DIR or --resume CHECKPOINT_FILE."""
+def run_dir_of(resume: str, output_dir: Path) -> Path:
+    """The run folder that --resume names: the latest under `output_dir` (--resume alone), a run folder, or
+    the folder of a training checkpoint file."""
     if resume == LATEST:
-        return _newest_intact(latest_run(Path(cfg.logging.output_dir)), cfg, warn)
+        return latest_run(output_dir)
     path = Path(resume)
     if path.is_dir():
-        return _newest_intact(path, cfg, warn)
+        return path
     if not path.exists():
         raise UserError(f"{path}: no such run folder or checkpoint")
-    checkpoint = check_training_checkpoint(path, expected_model_shapes(cfg))
-    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    return RunPlan(run_dir, checkpoint, resume=True)
+    return path.parent.parent if path.parent.name == "checkpoints" else path.parent
+
+
+def resume_run(cfg: Config, resume: str, warn: Callable[[str], None] = print) -> RunPlan:
+    """--resume (latest run under the output folder), --resume RUN_DIR or --resume CHECKPOINT_FILE."""
+    run_dir = run_dir_of(resume, Path(cfg.logging.output_dir))
+    if resume == LATEST or Path(resume).is_dir():
+        return _newest_intact(run_dir, cfg, warn)
+    return RunPlan(run_dir, check_training_checkpoint(Path(resume), expected_model_shapes(cfg)), resume=True)
+
+
+def why_fixed(key: str) -> str:
+    """Why a setting cannot change when a run is resumed (one that is not SAFE_TO_CHANGE)."""
+    if key == "train.epochs" or key.startswith("schedule."):
+        return "the one-cycle schedule is fixed by the run's epochs and schedule settings"
+    if key == "train.batch_size":
+        return "the batches and the schedule's length are fixed by the run's batch size"
+    if key.startswith("model."):
+        return "the run's checkpoints hold that model"
+    return "it changes what the run computes; start a new run for it"
 
 
 def unsafe_changes(saved: Config, new: Config) -> list[str]:

@@ -6,7 +6,8 @@ The dimensions a user varies are a `Case`: processes (1, 2, 4), background check
 off, the log interval (1, or longer than the run), the moment of the signal (start-up, a training
 step, an evaluation, a checkpoint write, teardown), the signal (TERM to the launcher as a scheduler
 sends it, INT to the process group as Ctrl-C does, HUP as a closed terminal, KILL to the group), and
-whether the run folder is moved before it is resumed. A graceful stop must end with 128+N and one
+whether the run folder is moved before it is resumed; it is resumed with `python -m app --resume
+RUN` alone (the run's own config), from another folder. A graceful stop must end with 128+N and one
 line that says how to resume, with the checkpoint it names complete and results.json saying
 interrupted at it (or, in teardown, that the run had finished); SIGKILL only has to resume.
 
@@ -94,10 +95,11 @@ def _config(work: Path, case: Case, data: Path) -> Path:
                         logging={"output_dir": str(work / "runs"), "log_every_iters": case.log_every})
 
 
-def _start(args: list[str], nproc: int) -> subprocess.Popen:
+def _start(args: list[str], nproc: int, cwd: Optional[Path] = None) -> subprocess.Popen:
     extra = ["--nproc-per-node", str(nproc), "--backend", "gloo"] if nproc > 1 else []
     # A session of its own: a signal to the group reaches the launcher and every process it spawned.
-    return start_app(*args, *extra, env=app_env(OMP_NUM_THREADS="1"), start_new_session=True)
+    return start_app(*args, *extra, env=app_env(OMP_NUM_THREADS="1"), start_new_session=True,
+                     **({"cwd": cwd} if cwd else {}))
 
 
 class Lines:
@@ -211,9 +213,10 @@ def stop_and_resume(work: Path, data: Path, case: Case, ref: Reference, rng: ran
         moved = work / "runs" / f"{name}-moved"
         shutil.move(str(run_dir), moved)
         run_dir = moved
-    args = ["--config", str(cfg), "--resume", str(run_dir)] if (run_dir / "config.json").exists() else \
+    # Resumed as the stop's line says, from the run alone (its own config), and from another folder.
+    args = ["--resume", str(run_dir)] if (run_dir / "config.json").exists() else \
         ["--config", str(cfg), "--run-name", name]  # stopped before its folder existed: start afresh
-    resumed = _start(args, case.nproc)
+    resumed = _start(args, case.nproc, cwd=work)
     more, err = resumed.communicate(timeout=900)
     if resumed.returncode != 0:
         out.problems.append(f"resume exit {resumed.returncode}: {err.strip()[-300:]}")
@@ -237,7 +240,7 @@ def _check_graceful_stop(out: Outcome, err: str, run_dir: Path) -> None:
         if results.get("status") != "finished":
             out.problems.append(f"stopped as it ended, but results.json says {results.get('status')}")
         return
-    m = re.search(r"after iteration (\d+) .*continue with --resume (\S+)", line)
+    m = re.search(r"after iteration (\d+) .*continue with python -m app --resume (\S+)$", line)
     if not m:
         out.problems.append(f"the line does not say how to resume: {line}")
         return

@@ -93,6 +93,39 @@ def test_resume_checks_against_the_checkpoints_config_not_the_editable_copy(run_
         saved.write_text(json.dumps(edited))
 
 
+def test_a_run_resumes_from_its_folder_alone_from_another_folder_bit_identical(run_copy, finished_run,
+                                                                              tmp_path: Path) -> None:
+    """`python -m app --resume RUN`, the command the stop's line gives: no --config (the run's own config),
+    run from somewhere else; it ends with the uninterrupted run's weights."""
+    (run_copy.run_dir / "checkpoints" / "training_checkpoint_10.pt").unlink()  # unfinished again: from 5
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = run_app("--resume", str(run_copy.run_dir), cwd=elsewhere)
+    assert result.returncode == 0, result.stderr
+    assert "resuming" in result.stdout and epochs_printed(result.stdout) == ["2/2"]
+    final = [torch.load(d / "checkpoints" / "training_checkpoint_10.pt", weights_only=True)["model"]
+             for d in (finished_run.run_dir, run_copy.run_dir)]
+    assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--epochs", "3"], "--epochs: train.epochs cannot change when a run is resumed (the one-cycle schedule is "
+                        "fixed by the run's epochs"),
+    (["--set", "augment.rotation=0"], "--set augment.rotation: augment.rotation cannot change when a run is "
+                                      "resumed (it changes what the run computes"),
+])
+def test_a_resume_from_the_run_alone_refuses_what_would_change_it(run_copy, flags, words) -> None:
+    ran = run_main("--resume", str(run_copy.run_dir), *flags)
+    assert ran.returncode == 2 and words in one_error_line(ran.stderr), ran.stderr
+
+
+def test_a_resume_from_the_run_alone_takes_what_a_resume_may_change(run_copy) -> None:
+    """The latest run under --output-dir, with a safe --set and an unchanged --epochs: accepted (finished)."""
+    ran = run_main("--resume", "--output-dir", str(run_copy.run_dir.parent), "--set", "eval.batch_size=7",
+                   "--epochs", "2")
+    assert ran.returncode == 0 and "finished" in ran.stdout, ran.stderr
+
+
 def test_resume_on_other_data_is_refused(run_copy, tmp_path: Path) -> None:
     (run_copy.run_dir / "checkpoints" / "training_checkpoint_10.pt").unlink()  # unfinished again: from 5
     other = write_cifar100(tmp_path / "other", 80, 20, seed=99)

@@ -96,7 +96,7 @@ def test_interrupted_run_saves_marks_and_says_how_to_resume(tmp_path: Path, sign
     line = one_error_line(result.stderr)
     iteration = int(line.split("after iteration ")[1].split()[0])
     assert line.startswith(f"interrupted by {signal.Signals(signum).name} after iteration {iteration}")
-    assert f"continue with --resume {run_dir}" in line
+    assert line.endswith(f"continue with python -m app --resume {run_dir}")
     assert (run_dir / "checkpoints" / f"training_checkpoint_{iteration}.pt").exists()
     results = json.loads((run_dir / "results.json").read_text())
     assert results["status"] == "interrupted" and results["iterations"] == iteration
