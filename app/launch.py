@@ -193,7 +193,8 @@ def failure(error: BaseException) -> Optional[tuple[Optional[str], int]]:
             where = f" {run_dir}" if run_dir else ""
             return (f"{error}: the run{where} had finished and every file of it is written; nothing is left "
                     f"to resume", error.exit_code)
-        launcher = "torchrun ... -m app" if torchrun_world_size() is not None else "python -m app"
+        # torchrun's agent sets TORCHELASTIC_RUN_ID for its workers; our spawn sets RANK and WORLD_SIZE too.
+        launcher = "torchrun ... -m app" if "TORCHELASTIC_RUN_ID" in os.environ else "python -m app"
         return (f"{error}: its checkpoint is saved; continue with {launcher} --resume {run_dir or 'RUN_DIR'}",
                 error.exit_code)
     if isinstance(error, OutputWriteError):  # a full disk: the message names the file

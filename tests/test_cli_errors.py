@@ -92,7 +92,7 @@ def test_help_documents_every_flag() -> None:
     ran = run_main("--help")
     assert ran.returncode == 0
     for flag in ("--config", "--lr", "--batch-size", "--epochs", "--resume", "--data-root", "--output-dir",
-                 "--run-name", "--nproc-per-node", "--backend", "--seed", "--device"):
+                 "--run-name", "--nproc-per-node", "--backend", "--seed", "--device", "--set"):
         assert flag in ran.stdout
 
 

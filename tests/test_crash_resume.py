@@ -1,7 +1,7 @@
 """Stops at chosen moments, resumed: the run ends with the weights, results.json, TensorBoard tags and
 epoch lines of an uninterrupted one (CPU, same seed), and every graceful stop lands (its checkpoint on
 disk, one line, 128+N). A seeded sample of tests/crash_harness.py's cases; the whole grid and the
-stress mode run by hand (README, "Stops and crashes")."""
+stress mode run by hand (README, "Crash safety")."""
 from __future__ import annotations
 
 from pathlib import Path
