@@ -5,22 +5,29 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import torch
+
 from app.config import Config, flat_settings, momentum_range
+from app.engines import Precision
 
 # The tab's names for the settings it always shows.
 HPARAM_NAMES = {"optimizer.lr": "lr", "train.batch_size": "batch_size", "train.epochs": "epochs",
                 "optimizer.weight_decay": "weight_decay", "schedule.cycle_momentum": "cycle_momentum",
-                "schedule.pct_start": "pct_start", "optimizer.nesterov": "nesterov", "train.amp": "amp",
+                "schedule.pct_start": "pct_start", "optimizer.nesterov": "nesterov", "train.amp": "precision",
                 "seed": "seed"}
+PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-def hparams(cfg: Config, world_size: int) -> dict[str, Any]:
-    """The usual settings by their short names, then those `logging.hparams` names by their dotted keys."""
+def hparams(cfg: Config, world_size: int, device: torch.device) -> dict[str, Any]:
+    """The usual settings by their short names, then those `logging.hparams` names by their dotted keys.
+    `device` is where the run trains: `train.amp` "auto" means bf16 on CUDA and fp32 elsewhere, and runs
+    are compared by the precision they ran in, not by what was asked for."""
     low, high = momentum_range(cfg)  # what the optimizer used: the cycle's range, or the constant
+    precision = PRECISION_NAMES[Precision.resolve(cfg.train.amp, device).dtype]
     shown = {"lr": float(cfg.optimizer.lr), "batch_size": cfg.train.batch_size, "epochs": cfg.train.epochs,
              "weight_decay": float(cfg.optimizer.weight_decay), "cycle_momentum": cfg.schedule.cycle_momentum,
              "momentum_min": float(low), "momentum_max": float(high), "pct_start": float(cfg.schedule.pct_start),
-             "nesterov": cfg.optimizer.nesterov, "amp": cfg.train.amp, "seed": cfg.seed, "world_size": world_size}
+             "nesterov": cfg.optimizer.nesterov, "precision": precision, "seed": cfg.seed, "world_size": world_size}
     settings = flat_settings(cfg)
     for key in cfg.logging.hparams:
         if key not in HPARAM_NAMES:

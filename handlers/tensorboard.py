@@ -4,9 +4,25 @@ RUN_DIR/tb holds two TensorBoard runs, `train` and `validation`, with the same t
 the same thing and the trainer's iteration as every step: TensorBoard overlays a tag across runs,
 never two tags of one run, and two curves share an axis only if they count the same thing (Ignite's
 `setup_tb_logging` logs validation at the epoch, which cannot share an axis with per-iteration
-curves). Time Series opens the first two groups by name: `metrics`, then `schedule`. The
-hyperparameters are a session of the validation run, written when the run starts, so that a running
-or crashed run is in the HParams tab with the metrics it reached.
+curves). Time Series opens the first two groups by name: `metrics`, then `schedule`.
+
+Accuracies are in per cent wherever a person reads them, as on the console: every top-1 and top-5
+scalar (training, validation, best so far, and so the HParams tab's metrics), the per-class accuracy
+histogram and the confusion matrix's texts. Files for programs (results.json, metrics.csv, evaluate
+--json) keep fractions.
+
+The hyperparameters are a session of the validation run, written when the run starts, so that a
+running or crashed run is in the HParams tab with the metrics it reached. The tab shows five
+hyperparameter columns until more are ticked, those marked as differing first, in the order of their
+names. A run writes its session only, not the plugin's experiment summary too, as tensorboardX's
+`hparams` does: the plugin would take the first such summary it finds for the whole logdir (one run's
+hyperparameters, none marked as differing: seed came after the first five), whereas without one it
+builds the experiment from every session, marking those whose values differ (seed, a sweep's grid
+keys) and listing a key that only some runs have (backend_context.py, `_compute_experiment_from_runs`).
+Its metric columns are then the validation run's scalar tags. The session's group name, the tab's
+"Trial ID" (a column 10em wide: some 12 characters, then cut off), starts with what tells runs apart:
+the run folder's name, then its parent's ("lr0.1-seed0 in lr-seeds"); the plugin's default is the
+run's path from the logdir (`lr-seeds/lr0.1-seed0/tb/validation`), which starts with what they share.
 
 Events are written through to the file (EventLog), not queued: tensorboardX's SummaryWriter hands them
 to a writer thread whose flush() does not drain its queue, so events logged just before a checkpoint
@@ -30,7 +46,7 @@ import torch
 from ignite.engine import Engine, Events
 from tensorboardX.event_file_writer import EventsWriter
 from tensorboardX.proto.event_pb2 import Event, SessionLog
-from tensorboardX.proto.api_pb2 import DataType, Experiment, HParamInfo, MetricInfo, MetricName, Status
+from tensorboardX.proto.api_pb2 import Status
 from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData, SessionEndInfo, SessionStartInfo
 from tensorboardX.proto.summary_pb2 import Summary, SummaryMetadata
 from tensorboardX.summary import histogram, image, scalar, text
@@ -118,15 +134,19 @@ def drop_events_from(path: Path, step: int) -> None:
         write_atomic(path, lambda f: f.write(b"".join(kept)))
 
 
-HPARAMS_METRICS = (("summary/best_top1", "best top-1"), ("summary/best_top5", "top-5 at best top-1"),
-                   ("summary/best_loss", "loss at best top-1"), ("metrics/top1", "last top-1"),
-                   ("metrics/top5", "last top-5"), ("metrics/loss", "last loss"))
+PERCENT = ("top1", "top5")  # the metrics shown in per cent
+
+
+def shown(name: str, value: float) -> float:
+    """A metric as TensorBoard shows it: an accuracy in per cent, as the console prints it."""
+    return 100.0 * value if name in PERCENT else value
 
 
 class TensorBoardLogging:
     def __init__(self, log_dir: str | Path, *, purge_from: Optional[int] = None) -> None:
         """`purge_from`: the iteration from which earlier event files of this run are hidden."""
         log_dir = Path(log_dir)
+        self.run_dir = log_dir.parent
         self.train = EventLog(log_dir / "train", purge_from)
         self.validation = EventLog(log_dir / "validation", purge_from)
 
@@ -152,7 +172,7 @@ class TensorBoardLogging:
     def _log_losses(self, trainer: Engine) -> None:
         for iteration, measured, scheduled in trainer.state.flushed_losses:
             for name, value in measured.items():  # metrics/loss, metrics/top1
-                self.train.scalar(f"metrics/{name}", value, iteration)
+                self.train.scalar(f"metrics/{name}", shown(name, value), iteration)
             for name, value in scheduled.items():  # schedule/lr, schedule/momentum
                 self.train.scalar(f"schedule/{name}", value, iteration)
         self.train.push()
@@ -161,10 +181,10 @@ class TensorBoardLogging:
         step = trainer.state.iteration
         for name, value in evaluator.state.metrics.items():
             if isinstance(value, (int, float)):
-                self.validation.scalar(f"metrics/{name}", value, step)
+                self.validation.scalar(f"metrics/{name}", shown(name, value), step)
         for name, value in self._best().items():
             if name in ("top1", "top5", "loss"):
-                self.validation.scalar(f"summary/best_{name}", value, step)
+                self.validation.scalar(f"summary/best_{name}", shown(name, value), step)
         confusion = evaluator.state.metrics.get("confusion")
         if isinstance(confusion, torch.Tensor):
             confusion = confusion.detach().cpu()
@@ -172,8 +192,8 @@ class TensorBoardLogging:
             pairs = most_confused(confusion)
             self.validation.image("validation/confusion_matrix", confusion_image(confusion, names, pairs), step)
             self.validation.text("validation/most_confused", most_confused_table(pairs, names), step)
-            self.validation.histogram("validation/per_class_accuracy", per_class_accuracy(confusion), step,
-                                      bins=np.linspace(0.0, 1.0, 21))
+            self.validation.histogram("validation/per_class_accuracy", 100 * per_class_accuracy(confusion), step,
+                                      bins=np.linspace(0.0, 100.0, 21))
         self.validation.push()
 
     def _log_epoch(self, trainer: Engine) -> None:
@@ -191,9 +211,11 @@ class TensorBoardLogging:
         self.train.text("config", "```\n" + json.dumps(config, indent=2) + "\n```", 0)
 
     def log_hparams(self, hparams_: Mapping[str, Any]) -> None:
-        """At the start of a run: the HParams tab lists it from now on, with the metrics it reaches."""
-        for summary in hparams_summaries(hparams_, HPARAMS_METRICS):
-            self.validation.summary(summary, 0)
+        """At the start of a run: the HParams tab lists it from now on, with the metrics it reaches. Its
+        trial is named once, here: a copy of the run folder keeps the name (and, beside the original in
+        one logdir, shares its row, whose metrics are then their mean)."""
+        run = self.run_dir.resolve()
+        self.validation.summary(session_start_summary(hparams_, f"{run.name} in {run.parent.name}"), 0)
         self.validation.flush()
 
     def _log_success(self, _: Engine) -> None:
@@ -209,28 +231,20 @@ class TensorBoardLogging:
         self.validation.close()
 
 
-def hparams_summaries(values: Mapping[str, Any], metrics: Sequence[tuple[str, str]]) -> list[Summary]:
-    """The HParams plugin's experiment and session-start summaries, built like tensorboardX's `hparams`
-    but with each value in its own type: a bool as a bool, a float as a number, an int as text, which
-    the HParams tab shows as "128" (it prints every number with 5 digits, "128.00"), and metrics with
-    display names."""
-    start = SessionStartInfo()
-    infos = []
+def session_start_summary(values: Mapping[str, Any], group_name: str) -> Summary:
+    """The HParams plugin's session-start summary, as tensorboardX's `hparams` writes it but with each
+    value in its own type: a bool as a bool, a float as a number, an int as text, which the HParams tab
+    shows as "128" (it prints every number with 5 digits, "128.00"); and the session's group (the tab's
+    trial) named: sessions of one group name are one row, so the name must be the run's own."""
+    start = SessionStartInfo(group_name=group_name)
     for name, value in values.items():
         if isinstance(value, bool):
             start.hparams[name].bool_value = value
-            kind = "DATA_TYPE_BOOL"
         elif isinstance(value, float):
             start.hparams[name].number_value = value
-            kind = "DATA_TYPE_FLOAT64"
         else:
             start.hparams[name].string_value = str(value)
-            kind = "DATA_TYPE_STRING"
-        infos.append(HParamInfo(name=name, type=DataType.Value(kind)))
-    experiment = Experiment(hparam_infos=infos, metric_infos=[
-        MetricInfo(name=MetricName(tag=tag), display_name=label) for tag, label in metrics])
-    return [_hparams_summary("_hparams_/experiment", HParamsPluginData(experiment=experiment, version=0)),
-            _hparams_summary("_hparams_/session_start_info", HParamsPluginData(session_start_info=start, version=0))]
+    return _hparams_summary("_hparams_/session_start_info", HParamsPluginData(session_start_info=start, version=0))
 
 
 def session_end_summary() -> Summary:
