@@ -60,10 +60,11 @@ def evaluate(checkpoint: str, data_root: Optional[str], device: str, nproc: int,
     return 0
 
 
-def predict(checkpoint: str, images: Sequence[str], device: str, as_json: bool) -> int:
-    from app.predict import format_predictions, predict as predict_images
+def predict(checkpoint: str, images: Sequence[str], device: str, as_json: bool, topk: int = 5,
+            csv_path: Optional[str] = None) -> int:
+    """In this process: a forward over a few hundred 32x32 images at a time needs no other."""
+    from app.predict import run_predict
 
     launch_settings(device, 1, None)  # checks that --device cuda has a GPU
-    results = predict_images(Path(checkpoint), [Path(p) for p in images], device=device)
-    print(format_predictions(results, as_json))
+    run_predict(Path(checkpoint), images, device, topk, as_json, csv_path)
     return 0
