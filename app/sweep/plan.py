@@ -24,6 +24,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import tempfile
 import time
@@ -283,7 +284,9 @@ def load_plan(sweep_dir: Path) -> tuple[SweepPlan, Config]:
         runs = [PlannedRun(r["name"], int(r["seed"]), dict(r["point"])) for r in raw["runs"]]
         plan = SweepPlan(sweep_dir, Path(raw["workdir"]), list(raw["seeds"]), dict(raw["grid"]), runs)
     except (FileNotFoundError, NotADirectoryError):
-        raise UserError(f"{sweep_dir}: not a sweep folder (no {PLAN_FILE})") from None
+        hint = f"; to list the ordinary runs in it: python -m app runs {shlex.quote(str(sweep_dir))}" \
+            if sweep_dir.is_dir() else ""
+        raise UserError(f"{sweep_dir}: not a sweep folder (no {PLAN_FILE}){hint}") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
     except (ValueError, KeyError, TypeError) as e:

@@ -11,8 +11,10 @@ the runner): the exit code and last line of a run that failed before it wrote an
 error, a missing data set), or the signal that killed a run (stopped, resumable: "killed by SIGKILL").
 A record counts only for the results.json it was made against, so a run that someone has since
 resumed and that wrote results again is judged by them. Anything else with a folder is stopped
-(interrupted or killed; it resumes), the rest not started. The runner, the table, `--print-commands`
-and the SLURM script all ask here, so they agree on which runs are left.
+(interrupted, or killed: results.json says `interrupted`, `running`, or nothing yet; it resumes), the rest
+not started. Without a sweep's record this is the state of any run folder: `python -m app runs` asks here
+too (app/run_table.py), as do the sweep's runner, its table, `--print-commands` and the SLURM script, so
+they all agree on which runs are left.
 """
 from __future__ import annotations
 
@@ -82,8 +84,14 @@ def run_state(run_dir: Path, record: Optional[dict[str, Any]] = None) -> RunStat
         return RunState("stopped", f"killed by {record['signal']}")
     if record is not None:
         return RunState("failed", record.get("error") or "(no output)", record.get("exit_code"))
-    if results or (run_dir / "config.json").is_file():
+    if results.get("status") == "interrupted":  # a graceful stop, with its checkpoint
+        return RunState("stopped", "interrupted")
+    if results.get("status") == "running":  # and no live holder: SIGKILL, a crash, a lost node
+        return RunState("stopped", "killed")
+    if results:
         return RunState("stopped")
+    if (run_dir / "config.json").is_file():  # killed before its first evaluation, or failed in its set-up
+        return RunState("stopped", "no results yet")
     return RunState("not started")
 
 
