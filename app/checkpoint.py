@@ -5,8 +5,9 @@ A training checkpoint holds the trainer's position, the model, the optimizer, th
 process's augmentation generator (`GeneratorStates`), the best-model tracker, results and the smoothed
 training loss (rank 0's), the GradScaler under fp16, and `meta`: the run's config, class names and a
 fingerprint of its data, as JSON text, so that loading needs nothing but `weights_only=True`. A
-best-model checkpoint holds the model and `meta`. The file names and the crash-safe saving are
-handlers/checkpoints.py's.
+best-model checkpoint holds the model and `meta` with, besides, where in the run it was found (its epoch
+and iteration) and the validation metrics that made it the best (`BestModelMeta`). The file names and
+the crash-safe saving are handlers/checkpoints.py's.
 
 A checkpoint is loaded on the CPU and each object then moves its own state to where it lives: the
 model and optimizer to the training device; a generator takes only a CPU byte tensor, whatever device
@@ -53,6 +54,19 @@ class RunMeta:
     def state_dict(self) -> dict[str, Any]:
         return {"config": json.dumps(self.config), "classes": json.dumps(self.classes),
                 "data": self.data_fingerprint}
+
+
+class BestModelMeta:
+    """The run's meta and where the best model stands in the run, read as it is saved: a script (and
+    `evaluate`) can tell which epoch the best model is and what it scored, without the run's logs."""
+
+    def __init__(self, meta: RunMeta, trainer: Engine, evaluator: Engine) -> None:
+        self.meta, self.trainer, self.evaluator = meta, trainer, evaluator
+
+    def state_dict(self) -> dict[str, Any]:
+        metrics = {k: float(v) for k, v in self.evaluator.state.metrics.items() if isinstance(v, (int, float))}
+        return {**self.meta.state_dict(), "epoch": self.trainer.state.epoch, "iteration": self.trainer.state.iteration,
+                "metrics": json.dumps(metrics)}
 
 
 class GeneratorStates:
@@ -106,11 +120,11 @@ def data_fingerprint(data: Cifar100) -> str:
 
 # ---------------------------------------------------------------------------------------------- saving
 
-def best_model_checkpoint(saver: SaveThenRemove, model: torch.nn.Module, meta: RunMeta, trainer: Engine
-                          ) -> Checkpoint:
+def best_model_checkpoint(saver: SaveThenRemove, model: torch.nn.Module, meta: RunMeta, trainer: Engine,
+                          evaluator: Engine) -> Checkpoint:
     """The best model by validation top-1, for the evaluator's COMPLETED event (one file kept), written
     by the training checkpoints' saver (handlers/checkpoints.py says why)."""
-    return _best_model_checkpoint(saver, {"model": model, "meta": meta}, trainer)
+    return _best_model_checkpoint(saver, {"model": model, "meta": BestModelMeta(meta, trainer, evaluator)}, trainer)
 
 
 def attach_checkpoints(trainer: Engine, saver: SaveThenRemove, to_save: Mapping[str, Any], *, keep_last: int,
@@ -181,11 +195,15 @@ def _expanded_size(path: Path) -> int:
 @dataclass(frozen=True)
 class CheckpointMeta:
     """A checkpoint's `meta`, decoded and checked: the config it was trained with, its class names and
-    the fingerprint of its data."""
+    the fingerprint of its data; for a best model, its epoch, iteration and validation metrics (None for a
+    training checkpoint, whose trainer state says where it is, and for an older version's best model)."""
 
     config: Config
     classes: list[str]
     data: str
+    epoch: Optional[int] = None
+    iteration: Optional[int] = None
+    metrics: Optional[dict[str, float]] = None
 
 
 def _raw_meta(path: Path, ckpt: Mapping[str, Any]) -> dict[str, str]:
@@ -208,7 +226,17 @@ def read_meta(path: Path, ckpt: Mapping[str, Any]) -> CheckpointMeta:
     if not (isinstance(classes, list) and len(classes) == cfg.model.num_classes
             and all(isinstance(c, str) for c in classes)):
         raise UserError(f"{path}: damaged meta (classes: {cfg.model.num_classes} names expected)")
-    return CheckpointMeta(cfg, classes, meta["data"])
+    if "metrics" not in meta:
+        return CheckpointMeta(cfg, classes, meta["data"])
+    try:
+        metrics = json.loads(meta["metrics"]) if isinstance(meta["metrics"], str) else None
+    except json.JSONDecodeError:
+        metrics = None
+    epoch, iteration = meta.get("epoch"), meta.get("iteration")
+    if not (isinstance(metrics, dict) and all(isinstance(v, (int, float)) for v in metrics.values())
+            and isinstance(epoch, int) and isinstance(iteration, int)):
+        raise UserError(f"{path}: damaged meta (epoch, iteration and metrics of the best model expected)")
+    return CheckpointMeta(cfg, classes, meta["data"], epoch, iteration, metrics)
 
 
 def model_from_checkpoint(path: Path, ckpt: Mapping[str, Any], device: torch.device
@@ -225,13 +253,16 @@ def model_from_checkpoint(path: Path, ckpt: Mapping[str, Any], device: torch.dev
     return model.to(device).eval(), meta
 
 
-def epochs_done(ckpt: Mapping[str, Any]) -> Optional[int]:
-    """The epochs a training checkpoint's trainer had completed; None for a best-model checkpoint."""
+def position(ckpt: Mapping[str, Any], meta: CheckpointMeta) -> tuple[Optional[int], Optional[int]]:
+    """(epochs completed, iteration) where a checkpoint stands in its run: a training checkpoint's
+    trainer state, or a best model's meta; None where neither says (an older version's best model)."""
+    if meta.epoch is not None:
+        return meta.epoch, meta.iteration
     trainer = ckpt.get("trainer")
     if not (isinstance(trainer, dict) and isinstance(trainer.get("iteration"), int)
             and isinstance(trainer.get("epoch_length"), int) and trainer["epoch_length"] > 0):
-        return None
-    return trainer["iteration"] // trainer["epoch_length"]
+        return None, None
+    return trainer["iteration"] // trainer["epoch_length"], trainer["iteration"]
 
 
 def expected_model_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:

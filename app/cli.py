@@ -1,7 +1,7 @@
-"""The command line: `train` (the default), `evaluate`, `predict` and `sweep`, as parsers and dispatch.
+"""The command line: `train` (the default), `evaluate`, `predict`, `sweep` and `runs`, as parsers and dispatch.
 
 Flags override config.json; each flag's value is checked as the setting it sets, so an error names the
-flag. What each command then does is app/commands.py (and app/sweep/command.py); how its failures
+flag. What each command then does is app/commands.py (and app/sweep/command.py, app/run_table.py); how its failures
 end, in one line and an exit code, is app/launch.py.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m app", description="Train a CIFAR ResNet18 on CIFAR-100 (PyTorch-Ignite). "
                 "Other commands: `python -m app evaluate --help`, `python -m app predict --help`, "
-                "`python -m app sweep --help`.")
+                "`python -m app sweep --help`, `python -m app runs --help`.")
     p.add_argument("--config", help="JSON config with every setting (default: config.json; with --resume, the "
                                     "run's own config.json, over which only what a resume may change can be set)")
     p.add_argument("--lr", type=float, help="peak learning rate of the one-cycle schedule (optimizer.lr)")
@@ -149,11 +149,21 @@ def build_evaluate_parser() -> argparse.ArgumentParser:
 
 
 def build_predict_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m app predict", description="The five most likely CIFAR-100 classes for images "
-                "(PNG, JPEG; any size: the shorter side is resized to 32 and the centre cropped).")
+    p = _Parser(prog="python -m app predict", description="The most likely CIFAR-100 classes for images (PNG, "
+                "JPEG or any other PIL reads; any size: the shorter side is resized to 32 and the centre cropped).",
+                epilog="A file named as IMAGE that cannot be read ends the command, naming it. A file found in a "
+                "folder or by a pattern that cannot be read is skipped, with a warning on stderr, and the count of "
+                "files skipped. Nothing is printed or written until every image is read.")
     p.add_argument("--checkpoint", required=True, help="a best-model or training checkpoint")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="an image file (whatever its extension); a folder: the files directly in it whose "
+                        "extension is an image type PIL reads, sorted by name, hidden files left out; or a quoted "
+                        "pattern such as 'photos/**/*.jpg' (** for any depth): the image files it matches")
+    p.add_argument("--topk", type=int, default=5, metavar="K",
+                   help="classes per image, most likely first (default 5; at most the checkpoint's classes)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a list")
+    p.add_argument("--csv", metavar="PATH", help="write a CSV table to PATH (-: print it instead), one row per "
+                                                 "image: image, class_1, probability_1, ..., class_K, probability_K")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     return p
 
@@ -209,7 +219,9 @@ def _predict(argv: Sequence[str]) -> int:
     from app.commands import predict
 
     args = build_predict_parser().parse_args(argv)
-    return predict(args.checkpoint, args.images, args.device, args.json)
+    if args.topk < 1:
+        raise ConfigError(f"--topk {args.topk}: must be at least 1")
+    return predict(args.checkpoint, args.images, args.device, args.json, args.topk, args.csv)
 
 
 def _sweep(argv: Sequence[str]) -> int:
@@ -218,7 +230,26 @@ def _sweep(argv: Sequence[str]) -> int:
     return sweep(build_sweep_parser().parse_args(argv), config_from_flags)
 
 
-COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"evaluate": _evaluate, "predict": _predict, "sweep": _sweep}
+def build_runs_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m app runs", description="A table of every run under a folder (sweeps' runs too, one "
+                "level down): status, epochs done of planned, best top-1 (and its epoch), final top-1, wall time; "
+                "how to resume each stopped run.")
+    p.add_argument("folder", nargs="?", default=LoggingConfig().output_dir, metavar="FOLDER",
+                   help="the folder that holds run folders (default: logging.output_dir's default, %(default)s)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (fractions, results.json's field "
+                                                       "names) instead of the table")
+    return p
+
+
+def _runs(argv: Sequence[str]) -> int:
+    from app.run_table import show_runs
+
+    args = build_runs_parser().parse_args(argv)
+    return show_runs(Path(args.folder), args.json)
+
+
+COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"evaluate": _evaluate, "predict": _predict, "sweep": _sweep,
+                                                       "runs": _runs}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

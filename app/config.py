@@ -149,6 +149,9 @@ class LoggingConfig:
     run_name: Optional[str] = field(default=None, metadata=_check(_folder_name))
     log_every_iters: int = field(default=20, metadata=_check(_positive))
     progress_bar: Literal["auto", "on", "off"] = "auto"
+    # Without the bar (no terminal, or progress_bar off): a line every this many iterations; None: about one
+    # a minute, so a CPU epoch is never long silent and a GPU epoch is one line (handlers/progress.py).
+    progress_every_iters: Optional[int] = field(default=None, metadata=_check(_positive))
     # Config keys shown in TensorBoard's HParams tab besides the usual ones (a sweep sets its grid keys).
     hparams: tuple[str, ...] = ()
 

@@ -4,7 +4,10 @@ the worst classes and the most confused pairs.
 It uses the evaluator that training uses (app/engines.py), so the figures are the ones training logged
 for that checkpoint; per-class accuracy and the most confused pairs are computed as TensorBoard's
 (handlers/confusion.py). Under several processes each takes a disjoint, unpadded shard of the test set
-and the metrics (the confusion matrix included) are summed over processes.
+and the metrics (the confusion matrix included) are summed over processes. A checkpoint says where it
+stands in its run (epoch and iteration); a best model also holds the validation metrics training measured
+when it saved it (`saved_metrics`), which the report gives beside its own: the same top-1 and top-5 on the
+same test set.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from typing import Any, Callable, Optional
 import ignite.distributed as idist
 import torch
 
-from app.checkpoint import epochs_done, load_checkpoint, model_from_checkpoint
+from app.checkpoint import load_checkpoint, model_from_checkpoint, position
 from app.data import ensure_dataset, load_cifar100
 from app.device import resolve_device
 from app.engines import create_evaluator, evaluation_batches
@@ -34,9 +37,10 @@ def evaluate_checkpoint(path: Path, data_root: Optional[str] = None, device: str
     evaluator = create_evaluator(meta.config, model, dev)
     evaluator.run(evaluation_batches(data.test.images, data.test.labels, batch_size, dev))
     m = evaluator.state.metrics
-    return {"checkpoint": str(path), "epoch": epochs_done(ckpt), "images": len(data.test), "top1": float(m["top1"]),
-            "top5": float(m["top5"]), "loss": float(m["loss"]), "classes": meta.classes,
-            "confusion": m["confusion"].cpu().long()}
+    epoch, iteration = position(ckpt, meta)
+    return {"checkpoint": str(path), "epoch": epoch, "iteration": iteration, "saved_metrics": meta.metrics,
+            "images": len(data.test), "top1": float(m["top1"]), "top5": float(m["top5"]), "loss": float(m["loss"]),
+            "classes": meta.classes, "confusion": m["confusion"].cpu().long()}
 
 
 def summarize(result: dict[str, Any], worst: int = 10, pairs: int = 10) -> dict[str, Any]:
@@ -46,7 +50,8 @@ def summarize(result: dict[str, Any], worst: int = 10, pairs: int = 10) -> dict[
     present = [i for i in range(len(classes)) if cm[i].sum() > 0]
     worst_ids = sorted(present, key=lambda i: (per_class[i], i))[:worst]
     return {
-        "checkpoint": result["checkpoint"], "epoch": result["epoch"], "images": result["images"],
+        "checkpoint": result["checkpoint"], "epoch": result["epoch"], "iteration": result["iteration"],
+        "saved_metrics": result["saved_metrics"], "images": result["images"],
         "top1": result["top1"], "top5": result["top5"], "loss": result["loss"],
         "per_class_accuracy": {classes[i]: per_class[i] for i in present},
         "worst_classes": [{"class": classes[i], "accuracy": per_class[i], "images": int(cm[i].sum())}
@@ -57,7 +62,7 @@ def summarize(result: dict[str, Any], worst: int = 10, pairs: int = 10) -> dict[
 
 
 def format_report(s: dict[str, Any]) -> str:
-    epoch = f" (epoch {s['epoch']})" if s["epoch"] is not None else ""
+    epoch = f" (epoch {s['epoch']}, iteration {s['iteration']})" if s["epoch"] is not None else ""
     lines = [f"{s['checkpoint']}{epoch}, {s['images']} test images",
              f"top-1 {100 * s['top1']:.2f}%  top-5 {100 * s['top5']:.2f}%  loss {s['loss']:.4f}", "",
              "ten worst classes:"]

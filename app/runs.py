@@ -247,7 +247,7 @@ def _clear_outputs(run_dir: Path) -> None:
     showing the killed process's start twice."""
     shutil.rmtree(run_dir / "tb", ignore_errors=True)
     (run_dir / "results.json").unlink(missing_ok=True)
-    for best in checkpoints_dir(run_dir).glob("best_*.pt"):
+    for best in checkpoints_dir(run_dir).glob("best*.pt"):  # BEST_FILE, or an older version's best_*.pt
         best.unlink()
 
 
@@ -329,7 +329,10 @@ def resume_run(cfg: Config, resume: str, warn: Callable[[str], None] = print) ->
     run_dir = run_dir_of(resume, Path(cfg.logging.output_dir))
     if resume == LATEST or Path(resume).is_dir():
         return _newest_intact(run_dir, cfg, warn)
-    return RunPlan(run_dir, check_training_checkpoint(Path(resume), expected_model_shapes(cfg)), resume=True)
+    path = Path(resume)
+    if path.is_symlink():  # last.pt: the numbered file it names now, which the run's messages then name
+        path = path.parent / os.readlink(path)
+    return RunPlan(run_dir, check_training_checkpoint(path, expected_model_shapes(cfg)), resume=True)
 
 
 def why_fixed(key: str) -> str:

@@ -11,6 +11,7 @@ process, spawned ones, or torchrun's):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,8 +43,9 @@ from handlers.checkpoints import SaveThenRemove, checkpoint_event
 from handlers.epoch_summary import EpochSummary
 from handlers.loss_buffer import LossBuffer
 from handlers.preemption import GracefulStop, StopEvents, TrainingInterrupted
-from handlers.progress import attach_progress_bar
-from handlers.results import RunResults
+from handlers.progress import ProgressLines, attach_progress_bar, timestamped
+from handlers.metrics_csv import MetricsCsv
+from handlers.results import RunResults, run_summary
 from handlers.tensorboard import TensorBoardLogging
 
 
@@ -156,14 +158,22 @@ def wire_run(cfg: Config, plan: RunPlan, parts: RunParts, meta: RunMeta, stop: G
 
     background = cfg.checkpoint.background_write
     saver = SaveThenRemove(plan.checkpoints_dir, background)  # one writer: files land in the order asked
-    best = best_model_checkpoint(saver, parts.model, meta, trainer)
+    best = best_model_checkpoint(saver, parts.model, meta, trainer, evaluator)
     evaluator.add_event_handler(Events.COMPLETED, best)
-    results = RunResults(plan.run_dir / "results.json").attach(trainer, evaluator)
-    to_save.update(best_checkpoint=best, results=results)
+    results = RunResults(plan.run_dir / "results.json")
+    metrics = MetricsCsv(plan.run_dir / "metrics.csv", results.wall_time)
+    to_save.update(best_checkpoint=best, results=results, metrics=metrics)
     if cfg.logging.progress_bar == "on" or (cfg.logging.progress_bar == "auto" and sys.stderr.isatty()):
         attach_progress_bar(trainer, cfg.logging.log_every_iters)
-    # 4. The epoch's line, after its evaluation; TensorBoard's epoch figures, with the line's times.
+    else:
+        ProgressLines(write, losses, evaluator, cfg.logging.progress_every_iters, world).attach(trainer)
+    # 4. The epoch's line, after its evaluation; then, with the line's times, results.json, metrics.csv
+    #    and TensorBoard's epoch figures; at the end, the run's summary after results.json says finished.
     EpochSummary(evaluator, write, world).attach(trainer)
+    results.attach(trainer, evaluator)
+    metrics.attach(trainer, evaluator)
+    trainer.add_event_handler(Events.COMPLETED, lambda e: write(run_summary(results.as_dict(e, "finished"),
+                                                                            plan.run_dir)))
     # A resumed run hides what earlier processes logged after its checkpoint (one resumed without a
     # checkpoint starts afresh, app/runs.py); what a run logs at its start, only its first process logs.
     purge = plan.checkpoint.iteration + 1 if plan.checkpoint else None
@@ -180,7 +190,7 @@ def wire_run(cfg: Config, plan: RunPlan, parts: RunParts, meta: RunMeta, stop: G
     trainer.add_event_handler(StopEvents.STOP_REQUESTED, results.write, "interrupted")
     if plan.checkpoint is None:
         tb.log_config(to_dict(cfg))
-        tb.log_hparams(hparams(cfg, world))
+        tb.log_hparams(hparams(cfg, world, parts.device))
     remove_partial_files(plan.checkpoints_dir)
     remove_partial_files(plan.run_dir)
     return WiredRun(trainer, evaluator, to_save, [saver], tb, results)
@@ -241,7 +251,7 @@ def _train(cfg: Config, plan: RunPlan, local_rank: int, rank0: bool, stop: Grace
         plan, lock = claim_run_dir(cfg, plan)  # held until this process ends
     # Rank 0's folder is the one (under torchrun each process named a new one itself).
     plan = dataclasses.replace(plan, run_dir=Path(idist.broadcast(str(plan.run_dir), src=0, safe_mode=True)))
-    write = print if rank0 else (lambda _: None)
+    write = timestamped(functools.partial(print, flush=True)) if rank0 else (lambda _: None)  # a log file: now
     run = wire_run(cfg, plan, parts, RunMeta(cfg, parts.data.classes, fingerprint), stop, rank0, write)
     if checkpoint is not None:
         # What an older version did not save yet (the smoothed loss) starts afresh.

@@ -1,5 +1,11 @@
 """Checkpoints: the best model by validation top-1, and the training state that resume needs.
 
+Names a script can use: the best model is always `best.pt` (replaced, never two), and `last.pt` is a
+link to the newest training checkpoint, repointed once a new one is complete and before an older one
+goes, so it never names a missing or partial file. Training checkpoints keep their numbers
+(`training_checkpoint_<iteration>.pt`): `checkpoint.keep_last` of them, sorted by iteration, which is
+what a resume looks through for the newest intact one.
+
 Both use Ignite's Checkpoint with SaveThenRemove, a DiskSaver whose files appear under their final name
 only once complete and flushed to disk. Ignite's Checkpoint asks its saver to delete the file it
 replaces *before* writing the new one; SaveThenRemove reverses that, so a kill or a full disk mid-write
@@ -15,6 +21,7 @@ failed background write raises its CheckpointWriteError there, or in `wait`, in 
 from __future__ import annotations
 
 import copy
+import os
 import re
 import threading
 from pathlib import Path
@@ -25,9 +32,11 @@ from ignite.engine.events import EventsList
 import torch
 from ignite.handlers import Checkpoint, DiskSaver, global_step_from_engine
 
-from handlers.atomic import OutputWriteError, write_atomic
+from handlers.atomic import TEMP_PREFIX, OutputWriteError, fsync_folder, write_atomic
 
 TRAINING_PREFIX = "training"
+BEST_FILE = "best.pt"
+LAST_LINK = "last.pt"
 _TRAINING_FILE = re.compile(rf"^{TRAINING_PREFIX}_checkpoint_(\d+)\.pt$")
 
 
@@ -82,6 +91,9 @@ class SaveThenRemove(DiskSaver):
         except Exception as e:  # torch.save wraps the OSError of a full disk in a RuntimeError
             raise CheckpointWriteError(f"{Path(self.dirname) / filename}: cannot write checkpoint "
                                        f"({_root_cause(e)}); earlier checkpoints are intact") from None
+        if training_checkpoint_iteration(filename) is not None:
+            with OutputWriteError.naming(Path(self.dirname) / LAST_LINK, "cannot point at the newest checkpoint"):
+                point_link(Path(self.dirname), LAST_LINK, filename)
         for old in pending:
             if old != filename:
                 # missing_ok: a run resumed from an older checkpoint remembers files that a later
@@ -90,6 +102,20 @@ class SaveThenRemove(DiskSaver):
 
     def _save_func(self, checkpoint: Mapping, path: Path, func: Callable) -> None:
         write_atomic(path, lambda f: func(checkpoint, f, **self.kwargs))
+
+
+def point_link(folder: Path, link: str, target: str) -> None:
+    """FOLDER/LINK names FOLDER/TARGET from now on, switched in one rename (a reader sees the old file
+    or the new, never none). A relative symbolic link, so `ls -l` shows which file it is and it holds
+    when the folder moves; a hard link where the file system has no symbolic links."""
+    tmp = folder / f"{TEMP_PREFIX}{link}"
+    tmp.unlink(missing_ok=True)
+    try:
+        os.symlink(target, tmp)
+    except OSError:
+        os.link(folder / target, tmp)
+    os.replace(tmp, folder / link)
+    fsync_folder(folder)
 
 
 def host_copy(obj: Any) -> Any:
@@ -133,13 +159,13 @@ def _iteration(engine: Engine) -> int:
 
 def best_model_checkpoint(saver: SaveThenRemove, to_save: Mapping[str, Any], trainer: Engine,
                           metric: str = "top1") -> Checkpoint:
-    """A Checkpoint for the evaluator's COMPLETED event; keeps the single best file. Give it the saver
+    """A Checkpoint for the evaluator's COMPLETED event; keeps the single best file, BEST_FILE. Give it the saver
     of the run's training checkpoints: one writer, so that a training checkpoint is on disk only after
     every best model asked for before it (a run that a training checkpoint says is finished has its
     best model on disk), and waiting for that saver waits for both."""
     return Checkpoint(
         dict(to_save), saver,
-        filename_prefix="best", score_function=Checkpoint.get_default_score_fn(metric), score_name=metric,
+        filename_pattern=BEST_FILE, score_function=Checkpoint.get_default_score_fn(metric), score_name=metric,
         n_saved=1, global_step_transform=global_step_from_engine(trainer),
     )
 

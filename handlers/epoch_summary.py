@@ -38,6 +38,7 @@ class EpochSummary:
         self.epoch_seconds = max(time.perf_counter() - self._start - eval_seconds, 1e-9)
         self.images_per_second = self._images / self.epoch_seconds
         trainer.state.epoch_seconds = self.epoch_seconds
+        trainer.state.epoch_images = self._images
         trainer.state.images_per_second = self.images_per_second
         m = self.evaluator.state.metrics
         self.write(

@@ -1,12 +1,23 @@
-"""What a person watching the terminal sees: a tqdm bar per epoch, or nothing when output is a file.
+"""What a person watching the run sees: a tqdm bar per epoch in a terminal; in a log file (no terminal),
+a line every so often inside each epoch, with the iteration, the loss, the lr, the throughput and the
+time left. Every line the run prints starts with the time (`timestamped`), so a log file says when.
 
-The bar advances when LossBuffer flushes, so drawing it never forces a device synchronisation. Attach
-LossBuffer first: the bar reads `state.running_loss` and `state.lr`, which the flush sets.
+Neither forces a device synchronisation of its own: the bar advances when LossBuffer flushes and
+reads `state.running_loss` and `state.lr`, which the flush sets (attach LossBuffer first); the lines
+are written at flushes too, `ProgressLines` says when.
 """
 from __future__ import annotations
 
+import time
+from typing import Callable, Optional
+
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
+
+from handlers.loss_buffer import LossBuffer, LossEvents
+
+TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+EVERY_SECONDS = 60.0  # progress_every_iters unset: about one line a minute
 
 
 def attach_progress_bar(trainer: Engine, every: int) -> ProgressBar:
@@ -14,3 +25,85 @@ def attach_progress_bar(trainer: Engine, every: int) -> ProgressBar:
     bar.attach(trainer, event_name=Events.ITERATION_COMPLETED(every=every),
                state_attributes=["running_loss", "lr"])
     return bar
+
+
+def timestamped(write: Callable[[str], None]) -> Callable[[str], None]:
+    """`write` with every line of a text prefixed by the local time, as 2026-12-02 05:10:11."""
+    def write_timestamped(text: str) -> None:
+        now = time.strftime(TIME_FORMAT)
+        write("\n".join(f"{now}  {line}" for line in text.split("\n")))
+
+    return write_timestamped
+
+
+class ProgressLines:
+    """One line inside an epoch: every `every_iters` iterations of it (the losses read then), or, with None,
+    at the first loss flush a minute or more after the last line, so that a slow device (a CPU epoch
+    takes many minutes) is never long silent while a fast one (a GPU epoch of seconds) prints only its
+    epoch line. No line at an epoch's last iteration: the epoch's own line follows.
+
+    The throughput is this epoch's, in this process's time; the time left is the epoch's and the
+    run's, at that throughput, with each evaluation still to come taking what the last one took."""
+
+    def __init__(self, write: Callable[[str], None], losses: LossBuffer, evaluator: Engine,
+                 every_iters: Optional[int] = None, world_size: int = 1) -> None:
+        self.write, self.losses, self.evaluator = write, losses, evaluator
+        self.every_iters, self.world_size = every_iters, world_size
+        self._epoch_start = self._last_line = 0.0
+        self._first_iteration = 0
+        self._images = 0
+
+    def attach(self, trainer: Engine) -> "ProgressLines":
+        trainer.add_event_handler(Events.EPOCH_STARTED, self._started)
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, self._count)
+        if self.every_iters:
+            trainer.add_event_handler(Events.ITERATION_COMPLETED, self._at_interval)
+        else:
+            trainer.add_event_handler(LossEvents.LOSS_FLUSHED, self._if_due)
+        return self
+
+    def _started(self, trainer: Engine) -> None:
+        self._epoch_start = self._last_line = time.perf_counter()
+        self._first_iteration, self._images = trainer.state.iteration, 0
+
+    def _count(self, trainer: Engine) -> None:
+        self._images += len(trainer.state.batch[1]) * self.world_size
+
+    def _at_interval(self, trainer: Engine) -> None:
+        in_epoch = (trainer.state.iteration - 1) % trainer.state.epoch_length + 1
+        if in_epoch % self.every_iters == 0 and not self._epoch_end(trainer):
+            self.losses.flush(trainer)  # the values up to this iteration (nothing, if a flush just ran)
+            self._line(trainer, time.perf_counter())
+
+    def _if_due(self, trainer: Engine) -> None:
+        if self._epoch_end(trainer):
+            return
+        now = time.perf_counter()
+        if now - self._last_line >= EVERY_SECONDS:
+            self._line(trainer, now)
+
+    @staticmethod
+    def _epoch_end(trainer: Engine) -> bool:
+        return trainer.state.iteration % trainer.state.epoch_length == 0
+
+    def _line(self, trainer: Engine, now: float) -> None:
+        s = trainer.state
+        self._last_line = now
+        steps = s.iteration - self._first_iteration
+        seconds_per_step = (now - self._epoch_start) / max(steps, 1)
+        in_epoch = s.iteration - (s.epoch - 1) * s.epoch_length
+        left_in_epoch = s.epoch_length - in_epoch
+        left_in_run = s.epoch_length * s.max_epochs - s.iteration
+        evaluation = self.evaluator.state.times.get("COMPLETED") or 0.0
+        run_left = left_in_run * seconds_per_step + (s.max_epochs - s.epoch + 1) * evaluation
+        loss = "–" if s.running_loss is None else f"{s.running_loss:.4f}"
+        lr = "–" if s.lr is None else f"{s.lr:.5f}"
+        self.write(f"iteration {in_epoch}/{s.epoch_length} of epoch {s.epoch}/{s.max_epochs}  loss {loss}  lr {lr}  "
+                   f"{self._images / max(now - self._epoch_start, 1e-9):.0f} img/s  "
+                   f"ETA epoch {clock(left_in_epoch * seconds_per_step)}, run {clock(run_left)}")
+
+
+def clock(seconds: float) -> str:
+    """H:MM:SS."""
+    minutes, s = divmod(round(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{s:02d}"

@@ -59,7 +59,7 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory, small_data: Path) -> 
     umask 027, so that its files show what a umask makes of them. Do not change it: copy it
     (`run_copy`)."""
     tmp = tmp_path_factory.mktemp("finished")
-    cfg = run_config(tmp / "c.json", small_data, tmp / "runs")
+    cfg = run_config(tmp / "c.json", small_data, tmp / "runs", logging={"progress_every_iters": 2})
     previous = os.umask(0o027)
     try:
         ran = run_main("--config", str(cfg), "--run-name", "r")

@@ -1,6 +1,7 @@
 """Stop a short training run at a chosen moment, resume it, and compare everything it left with an
 uninterrupted run of the same config: the final weights, results.json, every TensorBoard tag step for
-step (values too, but for the wall-clock figures), and the epoch lines the user saw.
+step (values too, but for the wall-clock figures), metrics.csv row for row (but for its timing
+columns), and the epoch lines and the summary's best line that the user saw.
 
 The dimensions a user varies are a `Case`: processes (1, 2, 4), background checkpoint writes on or
 off, the log interval (1, or longer than the run), the moment of the signal (start-up, a training
@@ -42,7 +43,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from handlers.atomic import TEMP_PREFIX
 from handlers.checkpoints import training_checkpoints
-from tests.support import app_env, start_app, write_cifar100, write_config
+from tests.support import app_env, metrics_rows, run_lines, start_app, untimed, write_cifar100, write_config
 
 MOMENTS = ("startup", "step", "evaluation", "checkpoint", "teardown")
 SIGNALS = ("TERM", "INT", "HUP", "KILL")
@@ -121,7 +122,7 @@ class Lines:
             self.lines.append((time.monotonic(), line))
 
     def first(self, prefix: str) -> Optional[float]:
-        return next((t for t, line in list(self.lines) if line.startswith(prefix)), None)
+        return next((t for t, line in list(self.lines) if untimed(line).startswith(prefix)), None)
 
     def wait(self, timeout: float) -> tuple[str, str]:
         """Stdout and stderr, once the process has ended."""
@@ -292,11 +293,16 @@ def tensorboard_log(run_dir: Path) -> dict[str, list]:
 def epoch_lines(stdout: str) -> dict[str, list[str]]:
     """The epoch lines printed, without their times: epoch -> every time it was printed."""
     printed: dict[str, list[str]] = {}
-    for line in stdout.splitlines():
+    for line in run_lines(stdout):
         if line.startswith("epoch "):
             epoch, rest = line.split()[1], line.split("train loss")[1].split()[0]
             printed.setdefault(epoch, []).append(line.split("  train loss")[0] + f" train loss {rest}")
     return printed
+
+
+def best_lines(stdout: str) -> list[str]:
+    """The summary's line of the best and final top-1, each time a run printed it."""
+    return [line for line in run_lines(stdout) if line.startswith("best top-1 ")]
 
 
 def _compare(out: Outcome, reference_run: Reference, run_dir: Path, stdout: str, graceful: bool) -> None:
@@ -312,6 +318,12 @@ def _compare(out: Outcome, reference_run: Reference, run_dir: Path, stdout: str,
     for tag in sorted(set(ref_log) | set(log)):
         if ref_log.get(tag) != log.get(tag):
             out.problems.append(f"TensorBoard {tag}: {str(log.get(tag))[:200]} != {str(ref_log.get(tag))[:200]}")
+    ref_rows, rows = metrics_rows(ref_dir), metrics_rows(run_dir)
+    if rows != ref_rows:
+        out.problems.append(f"metrics.csv {str(rows)[:300]} != {str(ref_rows)[:300]}")
+    ref_best, best = best_lines(reference_run.stdout), best_lines(stdout)
+    if best != ref_best:
+        out.problems.append(f"the summary's best line {best} != {ref_best}")
     ref_lines, printed = epoch_lines(reference_run.stdout), epoch_lines(stdout)
     if graceful and any(len(v) > 1 for v in printed.values()):
         out.problems.append(f"an epoch printed twice: {printed}")

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.support import app_env, run_config, start_app, write_cifar100
+from tests.support import app_env, run_config, start_app, untimed, write_cifar100
 
 
 def _children(pid: int) -> list[int]:
@@ -83,7 +83,7 @@ def one_try(work: Path, data: Path, kind: str, rng: random.Random, bound: float)
                                 env=app_env(OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, start_new_session=True)
     for line in proc.stdout:
-        if line.startswith("run "):
+        if untimed(line).startswith("run "):
             break
     workers: dict[int, int] = {}
     deadline = time.monotonic() + 60

@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ from typing import Any
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from app.cli import main
+from handlers.metrics_csv import TIMING_COLUMNS, read_metrics_csv
 from bench.synthetic import write_cifar100  # noqa: F401 - the tests' data, from here with the rest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,12 +99,26 @@ def run_until(path: Path, *args: str, timeout: float = 300) -> None:
     assert path.exists(), f"{path} never appeared"
 
 
+TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d  ")  # what every line of a run starts with
+
+
+def untimed(line: str) -> str:
+    """A run's line without the time it starts with."""
+    m = TIMESTAMP.match(line)
+    return line[m.end():] if m else line
+
+
+def run_lines(stdout: str) -> list[str]:
+    """The lines a run printed, without their times."""
+    return [untimed(line) for line in stdout.splitlines()]
+
+
 def wait_for_line(proc: subprocess.Popen, prefix: str) -> list[str]:
-    """Read the process's stdout up to a line that starts with `prefix`; the lines read."""
+    """Read the process's stdout up to a line that starts with `prefix` (after its time); the lines read."""
     lines = []
     for line in proc.stdout:
         lines.append(line)
-        if line.startswith(prefix):
+        if untimed(line).startswith(prefix):
             return lines
     raise AssertionError(f"never printed {prefix!r}: {''.join(lines)} {proc.stderr.read() if proc.stderr else ''}")
 
@@ -116,7 +132,16 @@ def one_error_line(stderr: str) -> str:
 
 def epochs_printed(stdout: str) -> list[str]:
     """The epochs whose line a run printed, as "2/3"."""
-    return [line.split()[1] for line in stdout.splitlines() if line.startswith("epoch ")]
+    return [line.split()[1] for line in run_lines(stdout) if line.startswith("epoch ")]
+
+
+def metrics_rows(run_dir: Path) -> list[dict[str, str]]:
+    """metrics.csv without its timing columns: what must be the same as an uninterrupted run's."""
+    try:
+        rows = read_metrics_csv(run_dir / "metrics.csv")
+    except FileNotFoundError:
+        return []
+    return [{k: v for k, v in row.items() if k not in TIMING_COLUMNS} for row in rows]
 
 
 def scalars(folder: Path, tag: str) -> list[tuple[int, float]]:

@@ -214,4 +214,4 @@ def test_a_training_checkpoint_lands_only_after_the_best_model_asked_for_before_
     best(evaluator)  # in the background
     saver.background = False
     training(trainer)  # waits for the best model first
-    assert [p.name for p in tmp_path.glob("best_*.pt")] and (tmp_path / "training_model_4.pt").is_file()
+    assert (tmp_path / "best.pt").is_file() and (tmp_path / "training_model_4.pt").is_file()

@@ -78,7 +78,7 @@ def test_a_gpu_checkpoint_resumes_on_the_cpu_exactly(run_copy, monkeypatch) -> N
 
 def test_evaluate_and_predict_take_a_gpu_checkpoint(finished_run, tmp_path: Path, monkeypatch) -> None:
     run_dir = finished_run.run_dir
-    best = next((run_dir / "checkpoints").glob("best_checkpoint_*.pt"))
+    best = next((run_dir / "checkpoints").glob("best.pt"))
     gpu = tmp_path / best.name
     write_as_if_from_a_gpu(best, gpu, monkeypatch)
     result = run_main("evaluate", "--checkpoint", str(gpu), "--json", "--device", "cpu")

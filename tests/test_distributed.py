@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from app.evaluate import evaluate_checkpoint
-from tests.support import ROOT, app_env, run_app, write_cifar100, write_config
+from tests.support import ROOT, app_env, run_app, run_lines, write_cifar100, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +34,7 @@ def test_two_spawned_processes_give_the_one_process_metrics_of_the_same_checkpoi
     assert result.returncode == 0, result.stderr
     run_dir = tmp_path / "runs" / "ddp"
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["ddp"]
-    epoch_lines = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]
+    epoch_lines = [line for line in run_lines(result.stdout) if line.startswith("epoch ")]
     assert len(epoch_lines) == 1  # printed by rank 0 only
     logged = json.loads((run_dir / "results.json").read_text())["final"]
     # 128 images, global batch 32 = 16 per process: 4 iterations per epoch

@@ -11,9 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
+from app.augment import Normalize
+from app.checkpoint import load_checkpoint, model_from_checkpoint
 from app.errors import UserError
 from app.predict import load_image
-from tests.support import TEST_IMAGES, one_error_line, run_app, run_main
+from tests.support import ROOT, TEST_IMAGES, one_error_line, run_app, run_main
 from tests.test_cli_errors import run_into_closed_pipe
 
 
@@ -30,19 +32,57 @@ def _evaluate(*args: str, process: bool = False) -> dict:
 
 def test_evaluate_gives_the_numbers_training_logged(run_dir: Path) -> None:
     results = json.loads((run_dir / "results.json").read_text())
-    best = next((run_dir / "checkpoints").glob("best_checkpoint_*.pt"))
+    best = run_dir / "checkpoints" / "best.pt"
     for checkpoint, logged in ((best, results["best"]),
                                (run_dir / "checkpoints" / "training_checkpoint_10.pt", results["final"])):
         report = _evaluate("--checkpoint", str(checkpoint))
         assert report["top1"] == logged["top1"] and report["top5"] == logged["top5"]
         assert report["loss"] == pytest.approx(logged["loss"], rel=1e-6)
-    assert report["epoch"] == 2 and report["images"] == TEST_IMAGES
+        assert (report["epoch"], report["iteration"]) == (logged["epoch"], 5 * logged["epoch"])
+        if checkpoint == best:  # what training measured when it saved the best model, kept in its meta
+            assert report["saved_metrics"] == {k: v for k, v in logged.items() if k != "epoch"}
+    assert report["saved_metrics"] is None and report["images"] == TEST_IMAGES
+    text = run_main("evaluate", "--checkpoint", str(best), "--device", "cpu").stdout
+    assert text.splitlines()[0] == f"{best} (epoch {results['best']['epoch']}, iteration " \
+                                   f"{5 * results['best']['epoch']}), {TEST_IMAGES} test images"
     per_class = report["per_class_accuracy"]
     assert all(name.startswith("class_") for name in per_class)
     worst = [w["accuracy"] for w in report["worst_classes"]]
     assert len(worst) == 10 and worst == sorted(worst)
     counts = [c["count"] for c in report["most_confused"]]
     assert counts == sorted(counts, reverse=True) and all(c["true"] != c["predicted"] for c in report["most_confused"])
+
+
+def readme_block(after: str) -> str:
+    """The first python block of README.md after the line `after`."""
+    text = (ROOT / "README.md").read_text()
+    return text[text.index(after):].split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readmes_plain_torchvision_recipe_loads_the_best_model_as_trained(run_dir: Path) -> None:
+    """README, Using the trained model elsewhere: its code, run as written on a run's best.pt, gives the
+    logits of the project's own model; without its max-pool line the weights still load, and the
+    logits differ (what the README warns of)."""
+    code = readme_block("### Using the trained model elsewhere")
+    best = run_dir / "checkpoints" / "best.pt"
+    assert code.count("runs/NAME/checkpoints/best.pt") == 1
+    code = code.replace("runs/NAME/checkpoints/best.pt", str(best))
+    pixels = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    images = pixels.float() / 255  # what the README's predict() takes
+    ours, meta = model_from_checkpoint(best, load_checkpoint(best), torch.device("cpu"))
+    x = Normalize(meta.config.augment.mean, meta.config.augment.std)(pixels)  # what evaluate and predict feed it
+    readme: dict = {}
+    exec(code, readme)  # noqa: S102 - the README's own block, as a user would paste it
+    with torch.no_grad():
+        expected = ours(x)
+        assert torch.allclose(readme["model"](x), expected, atol=1e-5)
+        assert not torch.equal(expected[0], expected[1])  # a trained model tells the images apart
+    assert readme["predict"](images) == [meta.classes[i] for i in expected.argmax(1).tolist()]
+    with_pool: dict = {}
+    exec(code.replace("model.maxpool = nn.Identity()", "pass"), with_pool)  # noqa: S102
+    with torch.no_grad():
+        assert with_pool["model"](x).shape == expected.shape
+        assert not torch.allclose(with_pool["model"](x), expected, atol=1e-3)
 
 
 @pytest.mark.slow
@@ -79,7 +119,7 @@ def test_predict_top5_for_images_of_any_size(run_dir: Path, tmp_path: Path) -> N
     wide, tall = tmp_path / "wide.png", tmp_path / "tall.jpg"
     Image.new("RGB", (100, 60), (200, 30, 30)).save(wide)
     Image.new("L", (20, 50), 128).save(tall)
-    checkpoint = str(next((run_dir / "checkpoints").glob("best_checkpoint_*.pt")))
+    checkpoint = str(next((run_dir / "checkpoints").glob("best.pt")))
     result = run_main("predict", "--checkpoint", checkpoint, str(wide), str(tall), "--json")
     assert result.returncode == 0, result.stderr
     predictions = json.loads(result.stdout)

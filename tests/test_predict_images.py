@@ -178,7 +178,7 @@ def test_predict_of_a_16_bit_png_gives_the_top5_of_the_same_8_bit_png(run_dir: P
     Image.fromarray(eight).save(tmp_path / "eight.png")
     sixteen = eight.astype(np.uint16) * 256 + _u8(40, 48)  # any low byte: the high byte is the picture
     _png16(tmp_path / "sixteen.png", sixteen, colour_type=0)
-    checkpoint = str(next((run_dir / "checkpoints").glob("best_checkpoint_*.pt")))
+    checkpoint = str(next((run_dir / "checkpoints").glob("best.pt")))
     result = run_main("predict", "--checkpoint", checkpoint, str(tmp_path / "eight.png"),
                       str(tmp_path / "sixteen.png"), "--json")
     assert result.returncode == 0, result.stderr

@@ -16,8 +16,8 @@ from ignite.engine import Engine, Events
 from app.config import Config, override
 from app.errors import UserError
 from app.runs import LOCK_FILE, RunInUse, RunPlan, check_not_in_use, claim_run_dir, lock_run_dir
-from handlers.checkpoints import checkpoint_event, training_checkpoints
-from tests.support import one_error_line, run_app, run_config, run_main, start_app, wait_for_line
+from handlers.checkpoints import checkpoint_event, point_link, training_checkpoints
+from tests.support import metrics_rows, one_error_line, run_app, run_config, run_main, start_app, wait_for_line
 
 
 @pytest.mark.slow
@@ -69,18 +69,24 @@ def test_files_and_folders_follow_the_umask(finished_run) -> None:
         assert stat.S_IMODE(p.stat().st_mode) == (0o750 if p.is_dir() else 0o640), p
 
 
-def test_keep_last_holds_across_resumes(run_copy) -> None:
+def test_keep_last_last_pt_and_metrics_csv_hold_across_resumes(run_copy, finished_run) -> None:
     """keep_last 2, counted from the files on disk: a resume from the epoch-1 checkpoint, with files an
     older version left beyond keep_last, ends with the newest two; the stale ones go once a newer
-    checkpoint is on disk."""
+    checkpoint is on disk. The resume is from `last.pt` (the run as a kill in epoch 2 left it, its
+    metrics.csv with a row the checkpoint does not have): it names the file it resumes from, last.pt then
+    names the new newest, and metrics.csv has each epoch once, as the uninterrupted run's."""
     ckpts = run_copy.run_dir / "checkpoints"
     (ckpts / "training_checkpoint_10.pt").unlink()  # the run as if killed during epoch 2
+    point_link(ckpts, "last.pt", "training_checkpoint_5.pt")
     for stale in (1, 3):
         shutil.copy(ckpts / "training_checkpoint_5.pt", ckpts / f"training_checkpoint_{stale}.pt")
-    ran = run_main("--config", str(run_copy.config), "--resume")
+    ran = run_main("--config", str(run_copy.config), "--resume", str(ckpts / "last.pt"))
     assert ran.returncode == 0, ran.stderr
     assert "from training_checkpoint_5.pt" in ran.stdout
     assert [p.name for p in training_checkpoints(ckpts)] == ["training_checkpoint_10.pt", "training_checkpoint_5.pt"]
+    assert os.readlink(ckpts / "last.pt") == "training_checkpoint_10.pt"
+    rows = metrics_rows(run_copy.run_dir)
+    assert rows == metrics_rows(finished_run.run_dir) and len(rows) == 2
 
 
 def test_an_epoch_end_on_the_every_iters_grid_is_saved_once_after_its_evaluation() -> None:

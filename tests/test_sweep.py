@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
@@ -72,7 +73,7 @@ def test_a_grid_of_seeds_gives_one_ordinary_run_folder_per_combination(grid_swee
             saved = json.loads((run_dir / "config.json").read_text())
             assert (saved["optimizer"]["lr"], saved["seed"]) == (lr, seed)
             assert json.loads((run_dir / "results.json").read_text())["status"] == "finished"
-            assert len(list((run_dir / "checkpoints").glob("best_checkpoint_*.pt"))) == 1
+            assert (run_dir / "checkpoints" / "best.pt").is_file()
             start = HParamsPluginData.FromString(_validation(run_dir).PluginTagToContent("hparams")[
                 "_hparams_/session_start_info"]).session_start_info.hparams
             assert (start["lr"].number_value, start["seed"].string_value) == (lr, str(seed))
@@ -303,9 +304,12 @@ def test_grid_keys_that_only_fit_together_are_accepted(sweep_setup, tmp_path: Pa
 
 def test_a_path_that_is_not_a_sweep_folder_is_one_line(tmp_path: Path, capsys) -> None:
     (tmp_path / "summary.md").write_text("# not a sweep")
-    for path in (tmp_path / "summary.md", tmp_path / "absent", tmp_path):
+    for path in (tmp_path / "summary.md", tmp_path / "absent"):
         assert main(["sweep", "--summary", str(path)]) == 1
         assert capsys.readouterr().err == f"error: {path}: not a sweep folder (no sweep.json)\n"
+    assert main(["sweep", "--summary", str(tmp_path)]) == 1  # a folder, perhaps of ordinary runs
+    assert capsys.readouterr().err == f"error: {tmp_path}: not a sweep folder (no sweep.json); to list the " \
+                                      f"ordinary runs in it: python -m app runs {tmp_path}\n"
 
 
 @pytest.fixture
@@ -355,7 +359,7 @@ def test_a_sweep_another_sweep_is_running_is_refused_with_exit_2(planned_sweep, 
 def test_a_sweep_shows_its_grid_keys_as_hyperparameters() -> None:
     cfg = override(load_config(ROOT / "config.json"), {"logging.hparams": ["augment.rotation", "optimizer.lr",
                                                                             "augment.mean"]})
-    shown = hparams(cfg, 1)
+    shown = hparams(cfg, 1, torch.device("cpu"))
     assert shown["augment.rotation"] == 15.0 and shown["augment.mean"] == "[0.5071, 0.4865, 0.4409]"
     assert "optimizer.lr" not in shown and shown["lr"] == 0.1  # shown already, by its usual name
 
@@ -414,11 +418,11 @@ def test_a_runs_state_comes_from_its_results_json_then_its_lock_then_the_sweeps_
     assert run_state(run_dir) == RunState("not started")
     run_dir.mkdir()
     (run_dir / "config.json").write_text("{}")
-    assert run_state(run_dir) == RunState("stopped")  # started, and nothing written yet
+    assert run_state(run_dir) == RunState("stopped", "no results yet")  # nothing written yet
     no_results = end_record(run_dir, 2, "error: data/cifar-100-python: not found")  # failed before training
     assert run_state(run_dir, no_results) == RunState("failed", "error: data/cifar-100-python: not found", 2)
     _write_results(run_dir, "running")  # SIGKILLed in the middle: "running", and no live holder of its lock
-    assert run_state(run_dir, no_results) == RunState("stopped")  # the record was of before: it has run since
+    assert run_state(run_dir, no_results) == RunState("stopped", "killed")  # the record was of before: run since
     held = lock_run_dir(run_dir)
     try:
         assert run_state(run_dir) == RunState("running")
@@ -428,7 +432,7 @@ def test_a_runs_state_comes_from_its_results_json_then_its_lock_then_the_sweeps_
     assert run_state(run_dir, killed) == RunState("stopped", "killed by SIGKILL")  # not its last line
     _write_results(run_dir, "interrupted")
     assert end_record(run_dir, 128 + signal.SIGTERM, "interrupted by SIGTERM after iteration 2") is None
-    assert run_state(run_dir) == RunState("stopped")
+    assert run_state(run_dir) == RunState("stopped", "interrupted")
     _write_results(run_dir, "failed", error="training loss became nan at iteration 3")
     failed = end_record(run_dir, 3, "a line printed after the error")
     assert run_state(run_dir, failed) == RunState("failed", "training loss became nan at iteration 3", 3)

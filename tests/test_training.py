@@ -3,25 +3,27 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from app.checkpoint import load_checkpoint
 from handlers.loss_buffer import LossBuffer
-from handlers.progress import attach_progress_bar
+from handlers.metrics_csv import read_metrics_csv
+from handlers.progress import ProgressLines, attach_progress_bar
 from handlers.tensorboard import EventLog
-from tests.support import (BATCH, EPOCHS, TEST_IMAGES, TRAIN_IMAGES, epochs_printed, run_app, run_config, run_main,
-                           run_until, scalars)
+from tests.support import (BATCH, EPOCHS, TEST_IMAGES, TRAIN_IMAGES, TIMESTAMP, epochs_printed, run_app, run_config,
+                           run_lines, run_main, run_until, scalars)
 
 
 def test_prints_one_summary_line_per_epoch(finished_run) -> None:
-    lines = [line for line in finished_run.stdout.splitlines() if line.startswith("epoch ")]
+    lines = [line for line in run_lines(finished_run.stdout) if line.startswith("epoch ")]
     assert [line.split()[1] for line in lines] == ["1/2", "2/2"]
     assert all("val top-1" in line and "top-5" in line and "img/s" in line for line in lines)
 
@@ -35,8 +37,14 @@ def test_writes_config_results_and_checkpoints(finished_run) -> None:
     assert set(results["best"]) >= {"top1", "top5", "loss", "epoch"}
     assert results["best"]["top1"] >= results["final"]["top1"] and results["wall_time_seconds"] > 0
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    assert ckpts == [f"best_checkpoint_{results['best']['epoch']}_top1={results['best']['top1']:.4f}.pt",
-                     "training_checkpoint_10.pt", "training_checkpoint_5.pt"]
+    assert ckpts == ["best.pt", "last.pt", "training_checkpoint_10.pt", "training_checkpoint_5.pt"]
+    # last.pt names the newest training checkpoint, by a relative link (it holds when the folder moves)
+    assert os.readlink(run_dir / "checkpoints" / "last.pt") == "training_checkpoint_10.pt"
+    # the best model says which epoch it is and what it scored: the best that results.json reports
+    best = load_checkpoint(run_dir / "checkpoints" / "best.pt")
+    epoch = results["best"]["epoch"]
+    assert (best["meta"]["epoch"], best["meta"]["iteration"]) == (epoch, 5 * epoch)
+    assert json.loads(best["meta"]["metrics"]) == {k: v for k, v in results["best"].items() if k != "epoch"}
     ckpt = load_checkpoint(run_dir / "checkpoints" / "training_checkpoint_10.pt")
     assert {"trainer", "model", "optimizer", "lr_scheduler", "augment", "best_checkpoint", "results"} <= set(ckpt)
     assert ckpt["trainer"]["iteration"] == 10 and ckpt["trainer"]["epoch_length"] == 5
@@ -44,26 +52,27 @@ def test_writes_config_results_and_checkpoints(finished_run) -> None:
 
 def test_tensorboard_overlays_training_and_validation_on_the_trainers_iterations(finished_run) -> None:
     """Training: loss, top-1, lr and momentum at every iteration; validation: loss, top-1, top-5 at the
-    iteration each epoch ended; the same tags in both runs, so TensorBoard draws them in one chart."""
+    iteration each epoch ended; the same tags in both runs, so TensorBoard draws them in one chart.
+    Accuracies in per cent, as on the console (results.json keeps fractions)."""
     run_dir = finished_run.run_dir
     train, validation = run_dir / "tb" / "train", run_dir / "tb" / "validation"
     loss, top1 = scalars(train, "metrics/loss"), scalars(train, "metrics/top1")
     lr, momentum = scalars(train, "schedule/lr"), scalars(train, "schedule/momentum")
     assert [s for s, _ in loss] == [s for s, _ in top1] == [s for s, _ in lr] == [s for s, _ in momentum] \
         == list(range(1, 11))
-    assert all(abs(v * BATCH - round(v * BATCH)) < 1e-4 and 0 <= v <= 1 for _, v in top1)  # a share of a batch
+    assert all(abs(v * BATCH / 100 - round(v * BATCH / 100)) < 1e-4 and 0 <= v <= 100 for _, v in top1)  # of a batch
     assert max(v for _, v in lr) == pytest.approx(0.1, rel=1e-3) and lr[-1][1] < 1e-4  # one cycle
     # ... and momentum the other way: lowest where the learning rate peaks
     assert momentum[0][1] == pytest.approx(0.95) and momentum[-1][1] == pytest.approx(0.95)
     peak = max(range(10), key=lambda i: lr[i][1])
     assert min(v for _, v in momentum) == pytest.approx(0.85) == momentum[peak][1]
     results = json.loads((run_dir / "results.json").read_text())
-    for tag in ("top1", "top5", "loss"):
+    for tag, unit in (("top1", 100), ("top5", 100), ("loss", 1)):
         values = scalars(validation, f"metrics/{tag}")
         assert [s for s, _ in values] == [5, 10]
-        assert values[-1][1] == pytest.approx(results["final"][tag], rel=1e-5)
+        assert values[-1][1] == pytest.approx(unit * results["final"][tag], rel=1e-5)
         best = scalars(validation, f"summary/best_{tag}")
-        assert [s for s, _ in best] == [5, 10] and best[-1][1] == pytest.approx(results["best"][tag], rel=1e-5)
+        assert [s for s, _ in best] == [5, 10] and best[-1][1] == pytest.approx(unit * results["best"][tag], rel=1e-5)
     groups = {tag.split("/")[0] for folder in (train, validation) for tag in _tags(folder)}
     assert sorted(groups)[:2] == ["metrics", "schedule"]  # the two groups Time Series opens
     assert "hparam" not in groups and "epoch" not in groups
@@ -93,14 +102,51 @@ def test_tensorboard_has_images_histograms_epoch_figures_and_hparams(finished_ru
     assert [e.step for e in table] == [5, 10]
     assert b"| true class | predicted as |" in table[-1].tensor_proto.string_val[0]
     hparams = val.PluginTagToContent("hparams")
-    assert {"_hparams_/experiment", "_hparams_/session_start_info", "_hparams_/session_end_info"} <= set(hparams)
+    # the run's session only, no experiment summary (handlers/tensorboard.py says why)
+    assert set(hparams) == {"_hparams_/session_start_info", "_hparams_/session_end_info"}
     start = hparams["_hparams_/session_start_info"]
     assert b"batch_size" in start and b"momentum_min" in start and b"momentum_max" in start
 
 
-def test_without_a_terminal_logs_one_line_per_epoch_and_no_bar(finished_run) -> None:
+def test_without_a_terminal_every_line_has_its_time_and_progress_lines_come_every_n_iterations(finished_run) -> None:
+    """No bar in a log file: the run's line; in each epoch of 5 iterations a line at iterations 2 and 4
+    (`logging.progress_every_iters` 2; none at the epoch's last, whose own line follows); the epoch's line;
+    the summary. Each line starts with the time it was written."""
     assert "it/s" not in finished_run.stderr and "\r" not in finished_run.stdout + finished_run.stderr
-    assert len(finished_run.stdout.strip().splitlines()) == 3  # the run line and one line per epoch
+    printed = finished_run.stdout.strip().splitlines()
+    assert all(TIMESTAMP.match(line) for line in printed), printed
+    kinds = [line.split()[0] for line in run_lines(finished_run.stdout)]
+    assert kinds == ["run", "iteration", "iteration", "epoch", "iteration", "iteration", "epoch",
+                     "finished", "best", "best", "run"], printed
+    progress = [line for line in run_lines(finished_run.stdout) if line.startswith("iteration")]
+    assert progress[2].startswith(f"iteration 2/5 of epoch 2/{EPOCHS}  loss ")
+    assert re.search(r"  lr \d\.\d{5}  \d+ img/s  ETA epoch 0:\d\d:\d\d, run 0:\d\d:\d\d$", progress[2]), progress[2]
+
+
+def test_a_finished_run_ends_with_its_summary_the_numbers_of_results_json(finished_run) -> None:
+    results = json.loads((finished_run.run_dir / "results.json").read_text())
+    best, final = results["best"], results["final"]
+    assert results["best_checkpoint"] == "checkpoints/best.pt" and results["train_seconds"] > 0
+    assert results["images_per_second"] == pytest.approx(EPOCHS * TRAIN_IMAGES / results["train_seconds"], abs=0.06)
+    summary = run_lines(finished_run.stdout)[-4:]
+    assert summary[0].startswith(f"finished {EPOCHS} epochs in ") and summary[0].endswith(
+        f", training at {results['images_per_second']:.0f} img/s")
+    assert summary[1] == (f"best top-1 {100 * best['top1']:.2f}% at epoch {best['epoch']} (top-5 {100 * best['top5']:.2f}%, "
+                          f"loss {best['loss']:.4f}); final top-1 {100 * final['top1']:.2f}%")
+    assert summary[2:] == [f"best model: {finished_run.run_dir / 'checkpoints' / 'best.pt'}",
+                           f"run folder: {finished_run.run_dir}"]
+
+
+def test_metrics_csv_has_one_row_per_epoch_with_the_epochs_figures(finished_run) -> None:
+    rows = read_metrics_csv(finished_run.run_dir / "metrics.csv")
+    results = json.loads((finished_run.run_dir / "results.json").read_text())
+    assert [(r["epoch"], r["iteration"]) for r in rows] == [("1", "5"), ("2", "10")]
+    last = rows[-1]
+    assert float(last["val_top1"]) == results["final"]["top1"] and float(last["val_loss"]) == results["final"]["loss"]
+    lr = scalars(finished_run.run_dir / "tb" / "train", "schedule/lr")
+    assert float(last["lr"]) == pytest.approx(lr[-1][1], rel=1e-6) and float(last["train_loss"]) > 0
+    assert all(float(r["epoch_seconds"]) > 0 and float(r["images_per_second"]) > 0 for r in rows)
+    assert float(rows[0]["wall_time_seconds"]) < float(rows[1]["wall_time_seconds"])
 
 
 def test_the_progress_bar_shows_the_epoch_the_loss_and_the_learning_rate() -> None:
@@ -113,6 +159,25 @@ def test_the_progress_bar_shows_the_epoch_the_loss_and_the_learning_rate() -> No
     trainer.run(range(4), max_epochs=2)
     shown = stream.getvalue()
     assert "Epoch [2/2]" in shown and "lr=0.05" in shown and "running_loss=2.5" in shown
+
+
+def test_without_an_interval_progress_lines_come_about_once_a_minute(monkeypatch) -> None:
+    """`logging.progress_every_iters` unset: a line at the first loss flush a minute or more after the last
+    (a slow device is never long silent), none in an epoch that takes less (a fast one prints its epoch
+    line only); the time left at the epoch's measured pace."""
+    clock = iter(range(0, 10_000, 25))  # each reading of the clock 25 s after the one before
+    monkeypatch.setattr("handlers.progress.time.perf_counter", lambda: next(clock))
+    trainer, evaluator = Engine(lambda e, b: torch.tensor([1.0, 0.5])), Engine(lambda e, b: None)
+    losses = LossBuffer(every=1, scheduled=lambda: {"lr": 0.1}).attach(trainer)
+    lines: list[str] = []
+    ProgressLines(lines.append, losses, evaluator).attach(trainer)
+    trainer.state.batch = None
+    trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: setattr(e.state, "batch", (None, [0] * 8)))
+    trainer.run(range(8), max_epochs=1)
+    # the epoch starts at 0; iterations 1-7 read the clock at 25, 50, 75 (a line: 75 s since the start),
+    # 100, 125, 150 (a line: 75 s since the last), 175; the last iteration, none: the epoch's line follows
+    assert [line.split()[1] for line in lines] == ["3/8", "6/8"]
+    assert lines[0] == "iteration 3/8 of epoch 1/1  loss 1.0000  lr 0.10000  0 img/s  ETA epoch 0:02:05, run 0:02:05"
 
 
 def test_dry_run_checks_and_describes_without_writing(tmp_path: Path, small_data: Path) -> None:

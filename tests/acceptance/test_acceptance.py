@@ -23,6 +23,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.acceptance.support import Acceptance, needs_gpu, tail
+from tests.support import run_lines
 
 pytestmark = pytest.mark.gpu
 
@@ -35,14 +36,14 @@ LOSS_RELATIVE = 0.075
 
 def epoch_metrics(run_dir: Path, per_epoch: int) -> dict[int, dict[str, float]]:
     """Per-epoch validation metrics as TensorBoard shows them (its own reader), logged at the trainer's
-    iteration at each epoch's end."""
+    iteration at each epoch's end; accuracies, which it shows in per cent, as fractions, as results.json has them."""
     acc = EventAccumulator(str(run_dir / "tb" / "validation"))
     acc.Reload()
     out: dict[int, dict[str, float]] = {}
     for tag in ("top1", "top5", "loss"):
         for e in acc.Scalars(f"metrics/{tag}"):
             assert e.step % per_epoch == 0, f"validation {tag} at iteration {e.step}, not at an epoch's end"
-            out.setdefault(e.step // per_epoch, {})[tag] = e.value
+            out.setdefault(e.step // per_epoch, {})[tag] = e.value if tag == "loss" else e.value / 100
     return out
 
 
@@ -69,11 +70,11 @@ def _train_scalars(run_dir: Path) -> EventAccumulator:
 
 
 def _epochs_printed(stdout: str) -> list[str]:
-    return [line.split()[1] for line in stdout.splitlines() if line.startswith("epoch ")]
+    return [line.split()[1] for line in run_lines(stdout) if line.startswith("epoch ")]
 
 
 def _best(run_dir: Path) -> Path:
-    return next((run_dir / "checkpoints").glob("best_checkpoint_*.pt"))
+    return next((run_dir / "checkpoints").glob("best.pt"))
 
 
 def _evaluate(acceptance: Acceptance, checkpoint: Path, device: str, data: Path | None = None) -> dict:
@@ -154,7 +155,7 @@ def test_kill_resume(acceptance: Acceptance, data: Path, graphed: Path, record_p
     assert wanted.exists(), f"{wanted.name} never appeared: {tail(first)}"
     assert f"epoch 2/{epochs}" not in first, "the kill came after epoch 2 ended, not in its middle"
     result = acceptance.app("--config", str(cfg), "--resume", str(run_dir))
-    resumed_line = next((line for line in result.stdout.splitlines() if line.startswith("resuming")), "")
+    resumed_line = next((line for line in run_lines(result.stdout) if line.startswith("resuming")), "")
     printed = _epochs_printed(result.stdout)
     record_property("killed_after_checkpoint", target)
     record_property("resumed", resumed_line)
