@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import sys
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -113,8 +112,6 @@ def to_text(table: dict[str, Any]) -> str:
     """Aligned columns, top-1 in % with 2 decimals; then how to resume each stopped run, why each failed
     one failed, and the counts."""
     rows = table["runs"]
-    if not rows:
-        return f"no runs under {table['folder']}\n"
     cells = [("run", "status", "epochs", "best top-1 % (epoch)", "final top-1 %", "wall time")]
     for r in rows:
         best = r["best"]
@@ -140,13 +137,11 @@ def to_text(table: dict[str, Any]) -> str:
 
 
 def show_runs(folder: Path, as_json: bool) -> int:
-    """Print the table (or, `as_json`, one JSON object: {"folder", "runs", "counts"}); an empty folder
-    is said on stderr under --json, so that stdout stays JSON."""
+    """Print the table (or, `as_json`, one JSON object: {"folder", "runs", "counts"}). A folder with no runs
+    is a user error, as a mistyped folder usually is: one line, exit 1, nothing on stdout."""
     table = run_table(folder)
-    if not as_json:
-        print(to_text(table), end="")
-        return 0
-    print(json.dumps(table, indent=2))
     if not table["runs"]:
-        print(f"no runs under {folder}", file=sys.stderr)
+        raise UserError(f"{folder}: no runs in it or one level down (a run folder holds config.json and "
+                        f"checkpoints/)")
+    print(json.dumps(table, indent=2) if as_json else to_text(table), end="\n" if as_json else "")
     return 0
