@@ -12,9 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Optional, Sequence
 
-from app.config import Config, LoggingConfig, check_setting, flat_settings, load_config, override, setting_keys
-from app.errors import ConfigError, SettingError
-from app.launch import EXIT_BROKEN_PIPE, discard_output, failure
+from app.config import Config, LoggingConfig, check_key, check_setting, flat_settings, load_config, override
+from app.errors import ConfigError, SettingError, UserError, error_line
 from app.runs import LATEST, SAFE_TO_CHANGE, run_dir_of, saved_config, why_fixed
 from handlers.stop_signals import release_stop_signals
 
@@ -121,10 +120,7 @@ def parse_set(text: str) -> tuple[str, Any]:
     key = key.strip()
     if not sep or not key:
         raise ConfigError(f"--set {text}: expected KEY=VALUE (e.g. train.amp=bf16)")
-    keys = setting_keys()
-    if key not in keys:
-        inside = [k for k in keys if k.startswith(key + ".")]
-        raise ConfigError(f"--set {key}: unknown config key" + (f" (a section; e.g. {inside[0]})" if inside else ""))
+    check_key(key, "--set")
     try:
         value = json.loads(raw)
     except ValueError:
@@ -197,28 +193,29 @@ def build_sweep_parser() -> argparse.ArgumentParser:
 
 
 def _train(argv: Sequence[str]) -> int:
-    from app.commands import train
-
     args = build_parser().parse_args(argv)
     if args.resume is not None and args.config is None:
         cfg, resume = resumed_run_config(args)
-        return train(cfg, resume, args.dry_run)
-    return train(config_from_flags(args), args.resume, args.dry_run)
+    else:
+        cfg, resume = config_from_flags(args), args.resume
+    from app.commands import train  # after --help and the config's checks: their answer needs no torch
+
+    return train(cfg, resume, args.dry_run)
 
 
 def _evaluate(argv: Sequence[str]) -> int:
+    args = build_evaluate_parser().parse_args(argv)  # --help and flag errors before torch is imported
     from app.commands import evaluate
 
-    args = build_evaluate_parser().parse_args(argv)
     if args.nproc_per_node < 1:
         raise ConfigError("--nproc-per-node: must be >= 1")
     return evaluate(args.checkpoint, args.data_root, args.device, args.nproc_per_node, args.backend, args.json)
 
 
 def _predict(argv: Sequence[str]) -> int:
+    args = build_predict_parser().parse_args(argv)  # --help and flag errors before torch is imported
     from app.commands import predict
 
-    args = build_predict_parser().parse_args(argv)
     if args.topk < 1:
         raise ConfigError(f"--topk {args.topk}: must be at least 1")
     return predict(args.checkpoint, args.images, args.device, args.json, args.topk, args.csv)
@@ -265,12 +262,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         finally:
             sys.stdout.flush()  # here, where a closed pipe can still be handled (also after --help's exit)
     except BrokenPipeError:
+        from app.launch import EXIT_BROKEN_PIPE, discard_output
+
         discard_output()
         return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except UserError as e:  # a refused command: said without importing the launcher (and torch with it)
+        line, code = error_line(e)
+        print(line, file=sys.stderr)
+        return code
     except Exception as e:  # noqa: BLE001 - what `failure` does not know goes on, with its traceback
+        from app.launch import failure  # here, not at the top: torch, which --help or `runs` does not need
+
         known = failure(e)
         if known is None:
             raise

@@ -243,6 +243,15 @@ def setting_keys() -> list[str]:
     return list(flat_settings(Config()))
 
 
+def check_key(key: str, flag: str) -> None:
+    """A ConfigError naming `flag KEY` unless KEY is a setting's dotted key (a section's name: one of its
+    keys is suggested)."""
+    keys = setting_keys()
+    if key not in keys:
+        inside = [k for k in keys if k.startswith(key + ".")]
+        raise ConfigError(f"{flag} {key}: unknown config key" + (f" (a section; e.g. {inside[0]})" if inside else ""))
+
+
 def momentum_range(cfg: Config) -> tuple[float, float]:
     """(lowest, highest) momentum the optimizer will use: the cycle's, or the constant twice."""
     if cfg.schedule.cycle_momentum:

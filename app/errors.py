@@ -20,3 +20,8 @@ class SettingError(ConfigError):
     def __init__(self, key: str, problem: str) -> None:
         super().__init__(f"{key} {problem}")
         self.key, self.problem = key, problem
+
+
+def error_line(error: UserError) -> tuple[str, int]:
+    """What a refused command prints, and its exit code."""
+    return f"error: {error}", error.exit_code

@@ -24,7 +24,7 @@ import ignite.distributed as idist
 import torch
 
 from app.device import cuda_wanted
-from app.errors import ConfigError, UserError
+from app.errors import ConfigError, UserError, error_line
 from app.peers import EXIT_PEER_DIED, PeerWatch
 from handlers.atomic import OutputWriteError
 from handlers.loss_buffer import LossNotFinite
@@ -184,7 +184,7 @@ def failure(error: BaseException) -> Optional[tuple[Optional[str], int]]:
     if isinstance(error, ProcessDied):
         return error.line, error.exit_code
     if isinstance(error, UserError):
-        return f"error: {error}", error.exit_code
+        return error_line(error)
     if isinstance(error, LossNotFinite):
         return f"error: {error}; training stopped, checkpoints saved before it are untouched", EXIT_DIVERGED
     if isinstance(error, TrainingInterrupted):

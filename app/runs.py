@@ -15,6 +15,10 @@ for the life of its process:
   renamed into place. A rename does not replace a folder with files in it, so a new run never adopts
   another run's folder, and an unnamed run that finds its timestamp taken takes the next free name.
 - Files and folders get the modes the umask gives any other tool's (handlers/atomic.py).
+
+Checkpoints (and with them torch) are imported only where one is read, so that what only looks at run
+folders (`python -m app runs`, --help, a config error) answers in a fraction of a second, not the
+seconds torch takes to import.
 """
 from __future__ import annotations
 
@@ -29,14 +33,14 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, NoReturn, Optional
+from typing import TYPE_CHECKING, Callable, Iterator, NoReturn, Optional
 
-from app.checkpoint import TrainingCheckpoint, check_training_checkpoint, expected_model_shapes
 from app.config import Config, config_from_dict, flat_settings, to_dict
 from app.errors import ConfigError, UserError
-from handlers.atomic import umask
-from handlers.checkpoints import training_checkpoints
-from handlers.results import write_json_atomic
+from handlers.atomic import umask, write_json_atomic
+
+if TYPE_CHECKING:
+    from app.checkpoint import TrainingCheckpoint
 
 LATEST = "latest"  # the value of --resume given without a path
 LOCK_FILE = ".lock"
@@ -283,6 +287,9 @@ def _newest_intact(run_dir: Path, cfg: Config, warn: Callable[[str], None]) -> R
     the start if it has none yet (killed in its first epoch: it starts again in the same folder)."""
     if not (run_dir / "config.json").is_file():
         raise UserError(f"{run_dir}: not a run folder (no config.json)")
+    from app.checkpoint import check_training_checkpoint, expected_model_shapes
+    from handlers.checkpoints import training_checkpoints
+
     problems = []
     shapes = expected_model_shapes(cfg)
     for path in training_checkpoints(checkpoints_dir(run_dir)):
@@ -303,6 +310,8 @@ def _newest_intact(run_dir: Path, cfg: Config, warn: Callable[[str], None]) -> R
 
 def latest_run(output_dir: Path) -> Path:
     """The run folder written to last: by its newest training checkpoint, or its config.json."""
+    from handlers.checkpoints import training_checkpoints
+
     runs = [(max(p.stat().st_mtime for p in [d / "config.json", *training_checkpoints(checkpoints_dir(d))]), d)
             for d in (output_dir.iterdir() if output_dir.is_dir() else [])
             if not d.name.startswith(".") and (d / "config.json").is_file()]
@@ -332,6 +341,8 @@ def resume_run(cfg: Config, resume: str, warn: Callable[[str], None] = print) ->
     path = Path(resume)
     if path.is_symlink():  # last.pt: the numbered file it names now, which the run's messages then name
         path = path.parent / os.readlink(path)
+    from app.checkpoint import check_training_checkpoint, expected_model_shapes
+
     return RunPlan(run_dir, check_training_checkpoint(path, expected_model_shapes(cfg)), resume=True)
 
 

@@ -7,10 +7,11 @@ that a colleague, a backup job or a TensorBoard served by another account can re
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from pathlib import Path
-from typing import IO, Callable, Iterator
+from typing import IO, Any, Callable, Iterator
 
 TEMP_PREFIX = ".partial-"
 
@@ -43,6 +44,10 @@ def write_atomic(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
             Path(tmp).unlink(missing_ok=True)
             raise
         fsync_folder(path.parent)
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    write_atomic(path, lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()))
 
 
 def fsync_folder(folder: Path) -> None:

@@ -15,13 +15,9 @@ from typing import Any, Optional
 
 from ignite.engine import Engine, Events
 
-from handlers.atomic import write_atomic
+from handlers.atomic import write_json_atomic
 
 BEST_CHECKPOINT = "checkpoints/best.pt"  # relative to the run folder: it holds when the folder moves
-
-
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    write_atomic(path, lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()))
 
 
 class RunResults:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -16,7 +18,7 @@ from ignite.engine import Engine
 from app.config import Config, override, to_dict
 from app.runs import lock_run_dir
 from handlers.results import RunResults, write_json_atomic
-from tests.support import EPOCHS, one_error_line, run_app, run_main, write_config
+from tests.support import EPOCHS, app_env, one_error_line, run_main, write_config
 
 ITERS = 5  # per epoch
 KILLED, LIVE, NO_RESULTS, INTERRUPTED, FAILED = (f"20261128-1{h}0000" for h in range(2, 7))
@@ -147,13 +149,19 @@ def test_the_default_folder_is_runs_and_a_run_folder_is_a_table_of_one(run_copy,
     assert [(r["name"], r["path"]) for r in _table("runs/r")["runs"]] == [("r", "runs/r")]
 
 
-@pytest.mark.slow
-def test_a_missing_folder_ends_the_process_with_one_line_and_exit_1(tmp_path: Path) -> None:
-    """As a user runs it, in a process of its own (slow: most of its seconds go to importing torch, which
-    app/cli.py's own imports bring in)."""
-    ran = run_app("runs", str(tmp_path / "absent"))
-    assert (ran.returncode, ran.stdout) == (1, "")
-    assert one_error_line(ran.stderr) == f"error: {tmp_path / 'absent'}: no such folder"
+def test_runs_help_and_refusals_answer_without_importing_torch(runs_folder: Path, tmp_path: Path) -> None:
+    """As a user runs them, each in a process of its own, which never imports torch (README: they answer at
+    once): the table, a missing folder (one line, exit 1), --help, a config file that is not there."""
+    check = ("import sys\nfrom app.cli import main\ntry:\n    code = main(sys.argv[1:])\nexcept SystemExit as e:\n"
+             "    code = e.code\nprint('torch imported' if 'torch' in sys.modules else 'no torch', file=sys.stderr)\n"
+             "sys.exit(code)")
+    for args, code in ((["runs", str(runs_folder)], 0), (["runs", str(tmp_path / "absent")], 1), (["--help"], 0),
+                       (["--config", str(tmp_path / "absent.json")], 2)):
+        ran = subprocess.run([sys.executable, "-c", check, *args], capture_output=True, text=True, timeout=60,
+                             env=app_env())
+        assert (ran.returncode, ran.stderr.splitlines()[-1]) == (code, "no torch"), (args, ran.stderr)
+        if args[:2] == ["runs", str(tmp_path / "absent")]:
+            assert ran.stdout == "" and ran.stderr.splitlines()[0] == f"error: {tmp_path / 'absent'}: no such folder"
 
 
 def test_a_folder_that_is_missing_a_file_or_empty_is_said_in_one_line(tmp_path: Path) -> None:

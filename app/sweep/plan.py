@@ -33,11 +33,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 from app import typed_json
-from app.config import Config, check_setting, config_from_dict, override, setting_keys, to_dict
+from app.config import Config, check_key, check_setting, config_from_dict, override, to_dict
 from app.errors import ConfigError, UserError
 from app.runs import RunLock, check_writable, lock_run_dir, run_in_use
-from handlers.atomic import umask
-from handlers.results import write_json_atomic
+from handlers.atomic import umask, write_json_atomic
 
 PLAN_FILE = "sweep.json"
 STAGING_PREFIX = ".partial-"  # a sweep folder being assembled: .partial-NAME-XXXXXXXX, beside where it goes
@@ -121,17 +120,13 @@ def _grid_values(text: str) -> list[Any]:
 
 def parse_grid(items: Sequence[str], base: Config) -> dict[str, list[Any]]:
     """--grid KEY=V1,V2 (repeated), each key a setting of the config and each value valid for it."""
-    keys = setting_keys()
     grid: dict[str, list[Any]] = {}
     for item in items:
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep or not key or not text.strip():
             raise ConfigError(f"--grid {item}: expected KEY=V1,V2,... (e.g. optimizer.lr=0.05,0.1)")
-        if key not in keys:
-            inside = [k for k in keys if k.startswith(key + ".")]
-            hint = f" (a section; e.g. {inside[0]})" if inside else ""
-            raise ConfigError(f"--grid {key}: unknown config key{hint}")
+        check_key(key, "--grid")
         if key in NOT_A_GRID_KEY:
             raise ConfigError(f"--grid {key}: not a grid key ({NOT_A_GRID_KEY[key]})")
         if key in grid:

@@ -29,7 +29,7 @@ from typing import Any, Optional
 
 from app.runs import run_in_use
 from app.sweep.plan import PlannedRun, SweepPlan
-from handlers.results import write_json_atomic
+from handlers.atomic import write_json_atomic
 
 FAILURES_FILE = "failures.json"
 STATUSES = ("finished", "running", "failed", "stopped", "not started")

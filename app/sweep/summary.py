@@ -15,8 +15,7 @@ from typing import Any, Optional
 
 from app.sweep.plan import SweepPlan, point_label
 from app.sweep.status import STATUSES, read_failures, read_results, run_state
-from handlers.atomic import write_atomic
-from handlers.results import write_json_atomic
+from handlers.atomic import write_atomic, write_json_atomic
 
 STATISTICS = ("final_top1", "best_top1", "final_top5", "best_top5", "wall_time_seconds")
 
