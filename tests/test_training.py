@@ -131,8 +131,9 @@ def test_a_finished_run_ends_with_its_summary_the_numbers_of_results_json(finish
     summary = run_lines(finished_run.stdout)[-4:]
     assert summary[0].startswith(f"finished {EPOCHS} epochs in ") and summary[0].endswith(
         f", training at {results['images_per_second']:.0f} img/s")
-    assert summary[1] == (f"best top-1 {100 * best['top1']:.2f}% at epoch {best['epoch']} (top-5 {100 * best['top5']:.2f}%, "
-                          f"loss {best['loss']:.4f}); final top-1 {100 * final['top1']:.2f}%")
+    assert summary[1] == (f"best top-1 {100 * best['top1']:.2f}% at epoch {best['epoch']} "
+                          f"(top-5 {100 * best['top5']:.2f}%, loss {best['loss']:.4f}); "
+                          f"final top-1 {100 * final['top1']:.2f}%")
     assert summary[2:] == [f"best model: {finished_run.run_dir / 'checkpoints' / 'best.pt'}",
                            f"run folder: {finished_run.run_dir}"]
 
