@@ -29,7 +29,7 @@ from app.peers import EXIT_PEER_DIED, PeerWatch
 from handlers.atomic import OutputWriteError
 from handlers.loss_buffer import LossNotFinite
 from handlers.preemption import TrainingInterrupted
-from handlers.stop_signals import STOP_SIGNALS, hold_stop_signals, release_stop_signals
+from handlers.stop_signals import STOP_SIGNALS, answered_stop_signals, hold_stop_signals, release_stop_signals
 
 EXIT_DIVERGED = 3
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
@@ -120,6 +120,7 @@ class StopForwarder:
     for the same request."""
 
     def __init__(self) -> None:
+        self.signals = answered_stop_signals()  # not one the launcher was started with ignored (nohup's HUP)
         self.signum: Optional[int] = None
         self._told: set[int] = set()
         self._closed = threading.Event()
@@ -127,7 +128,7 @@ class StopForwarder:
         # multiprocessing's resource tracker, started with the first process, unblocks SIGINT and SIGTERM
         # after it starts: start it now, with a handler that keeps a signal of that moment, and block again.
         early: list[int] = []
-        previous = {s: signal.signal(s, lambda signum, _: early.append(signum)) for s in STOP_SIGNALS}
+        previous = {s: signal.signal(s, lambda signum, _: early.append(signum)) for s in self.signals}
         resource_tracker.ensure_running()
         hold_stop_signals()
         for s, handler in previous.items():
@@ -141,7 +142,7 @@ class StopForwarder:
         else:
             # macOS has no sigtimedwait: handlers in this thread instead; a process still starting when
             # the signal comes is then not held, and may die of it.
-            self._previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
+            self._previous = {s: signal.signal(s, self._on_signal) for s in self.signals}
             release_stop_signals()
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
@@ -151,7 +152,7 @@ class StopForwarder:
 
     def _forward(self) -> None:
         while not self._closed.is_set():
-            info = signal.sigtimedwait(STOP_SIGNALS, 0.1)
+            info = signal.sigtimedwait(self.signals, 0.1)
             children = [c.pid for c in multiprocessing.active_children() if c.pid is not None]
             if info is not None:
                 self.signum = self.signum or info.si_signo
@@ -220,7 +221,7 @@ def _in_process(local_rank: int, report_deaths: bool, graceful: bool, fn: Callab
         if held:  # what fn answered is answered: a signal from now on waits for the exit, pending
             hold_stop_signals()
         if held and idist.get_world_size() == 1:  # (with several, the launcher or torchrun answers it)
-            late = sorted(set(signal.sigpending()) & set(STOP_SIGNALS))
+            late = sorted(set(signal.sigpending()) & set(answered_stop_signals()))
             if late:
                 raise TrainingInterrupted(late[0], 0, 0, finished=True)
         if watch is not None:

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from ignite.engine import Engine, EventEnum, Events
 
-from handlers.stop_signals import STOP_SIGNALS
+from handlers.stop_signals import STOP_SIGNALS, answered_stop_signals
 
 SAME_REQUEST_SECONDS = 1.0
 
@@ -56,19 +56,21 @@ class TrainingInterrupted(Exception):
 
 
 class GracefulStop:
-    def __init__(self, signals: Sequence[int] = STOP_SIGNALS) -> None:
-        """Takes over the signals at once, and unblocks them (handlers/stop_signals.py): create it as the
-        process starts its work, so that a request while the run is still being built is kept (the run
-        then stops before its first step, with a checkpoint of the state it starts from); they stay
+    def __init__(self, signals: Optional[Sequence[int]] = None) -> None:
+        """Takes over the signals at once (by default the stop signals that the process was not started
+        with ignored: `answered_stop_signals`), and unblocks them (handlers/stop_signals.py): create it as
+        the process starts its work, so that a request while the run is still being built is kept (the
+        run then stops before its first step, with a checkpoint of the state it starts from); they stay
         taken until `restore`."""
-        self.signals = tuple(signals)
+        self.signals = answered_stop_signals() if signals is None else tuple(signals)
         self.signum: Optional[int] = None
         self._first_at = 0.0
         self._world = 1
         self._group: Any = None
         self._pending: Optional[tuple[Any, torch.Tensor]] = None  # the all-reduce in flight, and its flag
         self._previous = {s: signal.signal(s, self._on_signal) for s in self.signals}
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, self.signals)
+        # The ignored ones too: one held since start-up is then dropped, as it would have been unheld.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {*self.signals, *STOP_SIGNALS})
 
     def attach(self, engine: Engine) -> "GracefulStop":
         """In every process of the run, in the same order (with several, it creates a process group)."""

@@ -11,9 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import TEST_IMAGES, TRAIN_IMAGES, run_config, run_main, write_cifar100
+from tests.support import TEST_IMAGES, TRAIN_IMAGES, answer_stop_signals, run_config, run_main, write_cifar100
 
 pytest_plugins = ["tests.gpu_report"]  # the table of `gpu` tests, and their JSON report
+
+def pytest_configure(config: pytest.Config) -> None:
+    answer_stop_signals()  # the suite's signals reach its runs however the suite was started
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("acceptance", "the GPU acceptance check (tests/acceptance)")

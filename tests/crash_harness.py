@@ -43,7 +43,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from handlers.atomic import TEMP_PREFIX
 from handlers.checkpoints import training_checkpoints
-from tests.support import app_env, metrics_rows, run_lines, start_app, untimed, write_cifar100, write_config
+from tests.support import answer_stop_signals, app_env, metrics_rows, run_lines, start_app, untimed, write_cifar100, write_config
 
 MOMENTS = ("startup", "step", "evaluation", "checkpoint", "teardown")
 SIGNALS = ("TERM", "INT", "HUP", "KILL")
@@ -379,6 +379,8 @@ def summary(outcomes: list[Outcome]) -> dict:
 
 def main() -> None:
     import tempfile
+
+    answer_stop_signals()  # started in the background (SIGINT ignored), its INT cases would test nothing
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--all", action="store_true", help="every combination of the dimensions but the signal")

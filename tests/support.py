@@ -8,6 +8,7 @@ import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -71,6 +72,16 @@ def run_main(*args: str) -> Ran:
 def app_env(**extra: str) -> dict[str, str]:
     """The environment of an application process: two threads (this machine's cores), unbuffered."""
     return {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1", **extra}
+
+
+def answer_stop_signals() -> None:
+    """Undo the ignores this process was started with (a background job's SIGINT, nohup's SIGHUP): the
+    runs the tests start inherit them, and a run keeps an ignored stop signal ignored
+    (handlers/stop_signals.py), so the tests' signals would not reach it. Started from a terminal, or
+    from CI, nothing changes."""
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(s) == signal.SIG_IGN:
+            signal.signal(s, signal.default_int_handler if s == signal.SIGINT else signal.SIG_DFL)
 
 
 def run_app(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None,

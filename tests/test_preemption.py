@@ -19,6 +19,45 @@ from handlers.preemption import GracefulStop, StopEvents, TrainingInterrupted
 from tests.support import ROOT, app_env, one_error_line, start_app, wait_for_line, write_cifar100, write_config
 
 
+def test_a_stop_signal_the_process_was_started_with_ignored_stays_ignored() -> None:
+    """nohup's SIGHUP (and a background job's SIGINT): GracefulStop takes only the others, and leaves the
+    ignored one ignored after it too."""
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        stop = GracefulStop()
+        try:
+            assert signal.SIGHUP not in stop.signals and signal.SIGTERM in stop.signals
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(0.01)
+            assert stop.signum is None
+        finally:
+            stop.restore()
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
+@pytest.mark.slow
+def test_a_run_started_as_nohup_starts_it_outlives_the_hangup(tmp_path: Path) -> None:
+    """SIGHUP to the whole group, in start-up and again once the run trains: ignored (the run was
+    started with it ignored, as `nohup` starts a command), and the run finishes as if nothing came."""
+    data = write_cifar100(tmp_path / "data", 64, 10)
+    cfg = write_config(tmp_path / "c.json", data={"root": str(data), "download": False},
+                       train={"epochs": 2, "batch_size": 32}, eval={"batch_size": 10},
+                       logging={"output_dir": str(tmp_path / "runs")})
+    proc = start_app("--config", str(cfg), "--run-name", "r", env=app_env(OMP_NUM_THREADS="1"),
+                     start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGHUP)  # start-up
+    out = wait_for_line(proc, "run ")
+    os.killpg(proc.pid, signal.SIGHUP)  # training
+    rest, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert json.loads((tmp_path / "runs" / "r" / "results.json").read_text())["status"] == "finished"
+    assert "finished 2 epochs" in "".join(out) + rest
+
+
 def test_a_stop_saves_the_last_completed_step_before_the_schedule_moves() -> None:
     """A real Engine: SIGTERM arrives during step 3; step 3 completes, step 4 does not start, the stop
     event sees iteration 3, and a handler attached after the stop (the lr scheduler's place) never

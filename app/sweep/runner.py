@@ -33,6 +33,7 @@ from app.runs import RunInUse, RunLock, lock_run_dir
 from app.sweep.plan import PlannedRun, SweepPlan
 from app.sweep.status import end_record, next_command, read_results, record_outcome, run_state, run_status, signal_of
 from app.sweep.summary import points_table, write_summary
+from handlers.stop_signals import answered_stop_signals
 
 PR_SET_PDEATHSIG = 1
 # The signals that stop a sweep, and what its runs are sent for each: a closed terminal's SIGHUP asks
@@ -52,14 +53,15 @@ class StopRequests:
     """The sweep's stop signals, from creation to the end of its runs: each is noted (and passed to
     `on_stop`), and acted on where the sweep can stop cleanly, not wherever the signal lands. They are
     unblocked while taken (the app's entry point may hold them blocked, app/__main__.py), and the
-    handlers and mask from before are put back at the end."""
+    handlers and mask from before are put back at the end. One the sweep was started with ignored (nohup's
+    SIGHUP) stays ignored, for the sweep and its runs (handlers/stop_signals.py)."""
 
     def __init__(self) -> None:
         self.signum: Optional[int] = None
         self.on_stop: Callable[[int], None] = lambda _signum: None
 
     def __enter__(self) -> "StopRequests":
-        self._previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
+        self._previous = {s: signal.signal(s, self._on_signal) for s in answered_stop_signals()}
         self._mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, list(STOP_SIGNALS))
         return self
 
