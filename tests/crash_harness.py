@@ -43,7 +43,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from handlers.atomic import TEMP_PREFIX
 from handlers.checkpoints import training_checkpoints
-from tests.support import answer_stop_signals, app_env, metrics_rows, run_lines, start_app, untimed, write_cifar100, write_config
+from tests.support import (answer_stop_signals, app_env, metrics_rows, run_lines, start_app, untimed, write_cifar100,
+                           write_config)
 
 MOMENTS = ("startup", "step", "evaluation", "checkpoint", "teardown")
 SIGNALS = ("TERM", "INT", "HUP", "KILL")
