@@ -13,7 +13,6 @@ import ignite.distributed as idist
 import torch
 import torch.nn.functional as F
 from ignite.engine import Engine
-from ignite.metrics import Accuracy, ConfusionMatrix, Loss, TopKCategoricalAccuracy
 from torch import nn
 
 from app.augment import BatchAugment, Normalize
@@ -22,6 +21,7 @@ from app.cuda_graph import CudaGraphStep
 from app.device import memory_format
 from app.loader import ShardedBatches
 from app.optim import CapturableSGD
+from handlers.eval_counts import EvalCounts
 
 
 @dataclass(frozen=True)
@@ -109,8 +109,9 @@ def create_trainer(step: TrainStep, device: torch.device) -> Engine:
 def create_evaluator(cfg: Config, model: nn.Module, device: torch.device) -> Engine:
     """Top-1, top-5, mean loss and the confusion matrix over everything the evaluator is run on, with
     the model in eval mode, the run's normalisation, precision and memory layout. Under several
-    processes each metric sums its counts over all of them, so uneven shards give exact whole-set
-    figures."""
+    processes the counts are summed over all of them, so uneven shards give exact whole-set figures.
+    The counts stay on the device until the evaluation ends (handlers/eval_counts.py): no batch waits
+    for the one before it."""
     normalize = Normalize(cfg.augment.mean, cfg.augment.std, device)
     precision = Precision.resolve(cfg.train.amp, device)
     layout = memory_format(cfg.train.channels_last)
@@ -125,10 +126,7 @@ def create_evaluator(cfg: Config, model: nn.Module, device: torch.device) -> Eng
         return logits.float(), labels
 
     evaluator = Engine(eval_step)
-    Accuracy(device=device).attach(evaluator, "top1")
-    TopKCategoricalAccuracy(k=TOP_K, device=device).attach(evaluator, "top5")
-    Loss(F.cross_entropy, device=device).attach(evaluator, "loss")
-    ConfusionMatrix(cfg.model.num_classes, device=device).attach(evaluator, "confusion")
+    EvalCounts(cfg.model.num_classes, k=TOP_K, device=device).attach(evaluator, "eval_counts")
     return evaluator
 
 
