@@ -1,16 +1,21 @@
 """Checkpoints written in a background thread (`checkpoint.background_write`, on by default): each holds
 the state of the moment it was asked for, one write at a time, errors reach the training thread, a
 kill during the write leaves the previous checkpoint intact, and a run's checkpoints are the same
-bytes' worth of state whether written in the background or not."""
+bytes' worth of state whether written in the background or not. The host copy goes into buffers the
+saver reuses: what a background save writes is what a foreground save would, each file its own save's
+state, whatever training does meanwhile; on a GPU the copy is queued, not waited for."""
 from __future__ import annotations
 
+import copy
 import json
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -23,7 +28,7 @@ from app.runs import lock_run_dir
 from app.errors import UserError
 from app.training import WiredRun, finish
 from handlers.atomic import TEMP_PREFIX, write_atomic
-from handlers.checkpoints import CheckpointWriteError, SaveThenRemove, best_model_checkpoint
+from handlers.checkpoints import CheckpointWriteError, HostBuffers, SaveThenRemove, best_model_checkpoint
 from handlers.results import RunResults
 from tests.support import ROOT, run_config, run_main
 
@@ -215,3 +220,137 @@ def test_a_training_checkpoint_lands_only_after_the_best_model_asked_for_before_
     saver.background = False
     training(trainer)  # waits for the best model first
     assert (tmp_path / "best.pt").is_file() and (tmp_path / "training_model_4.pt").is_file()
+
+
+def _trained(steps: int = 1) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """A small model with what a recipe's checkpoint has: channels-last convolution weights, BatchNorm
+    (its `_metadata` and integer counter) and SGD momentum buffers."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+    model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(steps):
+        _step(model, optimizer)
+    return model, optimizer
+
+
+def _step(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    optimizer.zero_grad()
+    model(torch.randn(2, 3, 6, 6)).square().mean().backward()
+    optimizer.step()
+
+
+def _assert_same(a: Any, b: Any, where: str = "checkpoint") -> None:
+    """The same checkpoint: the same containers, keys and `_metadata`; tensors equal, with the same
+    dtype and strides; everything else equal."""
+    assert type(a) is type(b), where
+    if isinstance(a, torch.Tensor):
+        assert (a.dtype, a.shape, a.stride()) == (b.dtype, b.shape, b.stride()) and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert list(a) == list(b) and getattr(a, "_metadata", None) == getattr(b, "_metadata", None), where
+        for k in a:
+            _assert_same(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def _load(path: Path) -> Any:
+    return torch.load(path, weights_only=True)
+
+
+def test_a_background_save_writes_the_same_checkpoint_as_a_foreground_one(tmp_path: Path) -> None:
+    model, optimizer = _trained()
+    engine = _engine_at(3)
+    for background in (True, False):
+        saver = SaveThenRemove(tmp_path / str(background), background=background)
+        Checkpoint({"model": model, "optimizer": optimizer, "trainer": engine}, saver, filename_prefix="t",
+                   score_function=lambda e: e.state.iteration)(engine)
+        saver.wait()
+    background, foreground = (_load(tmp_path / str(b) / "t_checkpoint_3.pt") for b in (True, False))
+    assert background["model"]._metadata  # compared, not absent from both
+    _assert_same(background, foreground)
+
+
+class Recording(SaveThenRemove):
+    """Writes in the background, noting where each write's tensors are in memory."""
+
+    def __init__(self, dirname: Path) -> None:
+        super().__init__(dirname, background=True)
+        self.addresses: list[dict[str, int]] = []
+
+    def _save_func(self, checkpoint, path, func) -> None:
+        self.addresses.append({k: v.data_ptr() for k, v in checkpoint.items()})
+        super()._save_func(checkpoint, path, func)
+
+
+def test_the_next_save_reuses_the_buffers_and_each_file_holds_its_own_state(tmp_path: Path) -> None:
+    model = nn.Linear(4, 4)
+    saver = Recording(tmp_path)
+    handler = Checkpoint({"model": model}, saver, filename_prefix="t", n_saved=2,
+                         score_function=lambda e: e.state.iteration)
+    states = []
+    for iteration in (1, 2):
+        states.append(copy.deepcopy(model.state_dict()))
+        handler(_engine_at(iteration))
+        with torch.no_grad():
+            model.weight.add_(1.0)
+            model.bias.mul_(-2.0)
+    saver.wait()
+    first, second = saver.addresses
+    assert first == second  # the same host memory, not a new copy per save
+    assert all(first[k] != v.data_ptr() for k, v in model.state_dict().items())  # and not the live tensors
+    for iteration, state in zip((1, 2), states):
+        _assert_same(_load(tmp_path / f"t_model_{iteration}.pt"), state, f"t_model_{iteration}.pt")
+    assert not torch.equal(states[0]["weight"], states[1]["weight"])
+
+
+class Gated(SaveThenRemove):
+    """Writes in the background, serialising only once `go` is set."""
+
+    def __init__(self, dirname: Path) -> None:
+        super().__init__(dirname, background=True)
+        self.go = threading.Event()
+
+    def _save_func(self, checkpoint, path, func) -> None:
+        assert self.go.wait(10), "never let go"
+        super()._save_func(checkpoint, path, func)
+
+
+def test_training_right_after_a_save_returns_does_not_change_what_it_writes(tmp_path: Path) -> None:
+    model, optimizer = _trained()
+    saver = Gated(tmp_path)
+    handler = Checkpoint({"model": model, "optimizer": optimizer}, saver, filename_prefix="t",
+                         score_function=lambda e: e.state.iteration)
+    expected = copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict()})
+    handler(_engine_at(1))
+    _step(model, optimizer)  # weights and momentum changed in place, before the write has read them
+    assert not (tmp_path / "t_checkpoint_1.pt").exists()
+    saver.go.set()
+    saver.wait()
+    _assert_same(_load(tmp_path / "t_checkpoint_1.pt"), expected)
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_copy_is_queued_into_pinned_buffers_and_not_waited_for(tmp_path: Path) -> None:
+    model = nn.Linear(256, 256).cuda()
+    expected = {k: v.cpu() for k, v in model.state_dict().items()}
+    torch.cuda._sleep(500_000_000)  # a busy GPU (a quarter of a second): the copies queue behind it
+    snapshot = HostBuffers().copy(model.state_dict())
+    assert len(snapshot.events) == 1 and not snapshot.events[0].query()  # returned, the copy still queued
+    assert all(t.device.type == "cpu" and t.is_pinned() for t in snapshot.value.values())
+    snapshot.wait()
+    assert all(torch.equal(snapshot.value[k], v) for k, v in expected.items())
+
+    saver = Gated(tmp_path)  # and through the saver: training's next kernels run after the copies
+    handler = Checkpoint({"model": model}, saver, filename_prefix="t", score_function=lambda e: e.state.iteration)
+    torch.cuda._sleep(500_000_000)
+    handler(_engine_at(1))
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    saver.go.set()
+    saver.wait()
+    saved = _load(tmp_path / "t_model_1.pt")
+    assert all(torch.equal(saved[k], v) for k, v in expected.items())
