@@ -19,10 +19,21 @@ buf = momentum * buf + g; d = g + momentum * buf with Nesterov, else buf; p = p 
 starts at zero, so the first step gives buf = g exactly, as torch's does. Weight decay and Nesterov
 are constants of a run (no schedule here changes them) and are read from `param_groups`.
 The state (`momentum_buffer` per parameter) and the param groups have torch.optim.SGD's layout.
+
+The update is a few multi-tensor (`torch._foreach_*`) operations per group, each a pass over memory
+(five in the recipe). With `fused` (train.fused_update) torch.compile turns the same code, all groups at
+once, into fused kernels (one on the CPU; on a GPU, Triton kernels over many parameters each) that read
+gradients, weights and buffers once and write weights and buffers once, and still read lr and momentum
+from the tensors when they run. It compiles at the first update, which must not be inside a CUDA graph
+capture (pytorch/pytorch#185074): the graph step warms up eagerly before it captures. It is today's
+update within float rounding: it rounds g + weight_decay * p twice where the eager CPU kernel makes it
+one multiply-add (without weight decay the two agree bit for bit on the CPU), and on a GPU Triton and
+CUDA's kernels may contract multiply-adds differently. The option is not part of the state, so a run
+resumes across it.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -35,10 +46,13 @@ SCHEDULED = ("lr", "momentum")
 
 class CapturableSGD(torch.optim.Optimizer):
     def __init__(self, params: Iterable[Any], *, lr: float, momentum: float, weight_decay: float = 0.0,
-                 nesterov: bool = False) -> None:
+                 nesterov: bool = False, fused: bool = False) -> None:
         if nesterov and momentum <= 0:
             raise ValueError("Nesterov momentum needs momentum > 0")
         self._scheduled: list[dict[str, torch.Tensor]] = []  # per group: name -> 0-dim device tensor
+        # An attribute, not a param group key: the state_dict stays torch.optim.SGD's whichever update runs.
+        self._update_groups: Callable[[list[GroupUpdate]], None] = (
+            torch.compile(update_groups, fullgraph=True, dynamic=False) if fused else update_groups)
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov))
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -67,14 +81,14 @@ class CapturableSGD(torch.optim.Optimizer):
     @torch.no_grad()
     def update(self) -> None:
         """One SGD step with every group's lr and momentum taken from its tensors."""
+        work = []
         for group, tensors in zip(self.param_groups, self._scheduled):
             params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            grads = [p.grad for p in params]
-            bufs = [self._momentum_buffer(p) for p in params]
-            sgd_update(params, grads, bufs, tensors["lr"], tensors["momentum"], group["weight_decay"],
-                       group["nesterov"])
+            if params:  # the buffers are born here, outside what torch.compile traces
+                work.append(GroupUpdate(params, [p.grad for p in params], [self._momentum_buffer(p) for p in params],
+                                        tensors["lr"], tensors["momentum"], group["weight_decay"], group["nesterov"]))
+        if work:
+            self._update_groups(work)
 
     def _momentum_buffer(self, p: torch.Tensor) -> torch.Tensor:
         state = self.state[p]
@@ -82,6 +96,24 @@ class CapturableSGD(torch.optim.Optimizer):
             # Born eagerly (the graph step's warm-up runs before capture), never inside a graph.
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state["momentum_buffer"]
+
+
+class GroupUpdate(NamedTuple):
+    """One param group's part of a step: what `sgd_update` takes."""
+
+    params: list[torch.Tensor]
+    grads: list[torch.Tensor]
+    bufs: list[torch.Tensor]
+    lr: torch.Tensor
+    momentum: torch.Tensor
+    weight_decay: float
+    nesterov: bool
+
+
+def update_groups(work: list[GroupUpdate]) -> None:
+    """Every group's update in one call, so that torch.compile makes one graph (and fused kernels) of the step."""
+    for group in work:
+        sgd_update(*group)
 
 
 def sgd_update(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor],
@@ -110,7 +142,8 @@ def build_optimizer(cfg: Config, model: nn.Module) -> CapturableSGD:
     """The recipe's SGD. Its starting momentum is the schedule's first value (or the constant one)."""
     optimizer = cfg.optimizer
     return CapturableSGD(model.parameters(), lr=optimizer.lr, momentum=momentum_range(cfg)[1],
-                         weight_decay=optimizer.weight_decay, nesterov=optimizer.nesterov)
+                         weight_decay=optimizer.weight_decay, nesterov=optimizer.nesterov,
+                         fused=cfg.train.fused_update)
 
 
 def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, iterations_per_epoch: int,

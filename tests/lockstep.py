@@ -37,11 +37,12 @@ class Side:
 
 
 def make_side(device: torch.device, precision: Precision, steps_per_epoch: int, epochs: int,
-              wrap: Optional[Callable[[TrainStep, nn.Module, CapturableSGD, torch.Generator], TrainStep]] = None
-              ) -> Side:
+              wrap: Optional[Callable[[TrainStep, nn.Module, CapturableSGD, torch.Generator], TrainStep]] = None,
+              settings: Optional[dict] = None) -> Side:
     """The application's parts, as a run builds them for the recipe: ResNet18 (channels_last), the
-    optimizer, OneCycleLR over `epochs` x `steps_per_epoch`, the augmentation and the training step."""
-    cfg = override(Config(), {"train.epochs": epochs, "train.device": device.type})
+    optimizer, OneCycleLR over `epochs` x `steps_per_epoch`, the augmentation and the training step.
+    `settings`: config keys of the recipe changed for this side (train.fused_update, say)."""
+    cfg = override(Config(), {"train.epochs": epochs, "train.device": device.type, **(settings or {})})
     torch.manual_seed(0)
     model = cifar_resnet18().to(device, memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg, model)

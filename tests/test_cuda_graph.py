@@ -55,6 +55,27 @@ def test_graphed_steps_equal_eager_steps_over_a_whole_one_cycle(deterministic_cu
     assert not torch.equal(graphed.generator.get_state(), start)  # replays draw new augmentations
 
 
+@pytest.mark.gpu
+def test_graphed_steps_with_the_fused_update_equal_eager_steps_over_a_whole_one_cycle(deterministic_cudnn) -> None:
+    """train.fused_update inside the graph: compiled in the warm-up before capture, it reads the refilled
+    lr and momentum at every replay; the reference is today's eager step with the multi-tensor update
+    (fp32: the update's rounding is all that differs, well inside 1e-3)."""
+    device = torch.device("cuda")
+    g = torch.Generator().manual_seed(0)
+    epoch = [(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g).to(device),
+              torch.randint(0, 100, (n,), generator=g).to(device)) for n in SIZES]
+    fp32 = Precision(None, False)
+    eager = make_side(device, fp32, len(SIZES), EPOCHS)
+    graphed = make_side(device, fp32, len(SIZES), EPOCHS, settings={"train.fused_update": True},
+                        wrap=lambda step, model, optimizer, generator: CudaGraphStep(step, model, optimizer, generator))
+
+    log = compare_steps(eager, graphed, epoch, EPOCHS, 1e-3)
+
+    assert not graphed.step.failed and len(graphed.step._graphs) == 2
+    momenta = [e["momentum"] for e in log]
+    assert momenta[0] == pytest.approx(0.95) and min(momenta) < 0.86 and momenta[-1] == pytest.approx(0.95)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="capture works here")
 def test_where_no_graph_can_be_captured_the_step_trains_eagerly_and_says_so_once(capsys) -> None:
     """Capture can fail (here: no CUDA at all); the run then goes on with the eager step, warned once."""
