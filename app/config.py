@@ -129,6 +129,8 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False
     cuda_graphs: bool = True
+    # The optimizer's update compiled into fused kernels by torch.compile (app/optim.py), same math within rounding.
+    fused_update: bool = False
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,9 @@ class LoggingConfig:
     # Without the bar (no terminal, or progress_bar off): a line every this many iterations; None: about one
     # a minute, so a CPU epoch is never long silent and a GPU epoch is one line (handlers/progress.py).
     progress_every_iters: Optional[int] = field(default=None, metadata=_check(_positive))
+    # TensorBoard's confusion matrix image, most-confused table and per-class histogram every this many
+    # epochs and at the last (rendering them takes time out of every epoch; the numbers are every epoch's).
+    figures_every_epochs: int = field(default=1, metadata=_check(_positive))
     # Config keys shown in TensorBoard's HParams tab besides the usual ones (a sweep sets its grid keys).
     hparams: tuple[str, ...] = ()
 

@@ -47,7 +47,7 @@ LOCK_FILE = ".lock"
 
 # Settings that may change when a run is resumed: they do not change what is computed.
 SAFE_TO_CHANGE = ("data.root", "data.download", "train.device", "train.compile", "train.channels_last",
-                  "eval.batch_size", "checkpoint.", "logging.", "distributed.")
+                  "train.fused_update", "eval.batch_size", "checkpoint.", "logging.", "distributed.")
 
 
 @dataclass(frozen=True)

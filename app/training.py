@@ -177,7 +177,8 @@ def wire_run(cfg: Config, plan: RunPlan, parts: RunParts, meta: RunMeta, stop: G
     # A resumed run hides what earlier processes logged after its checkpoint (one resumed without a
     # checkpoint starts afresh, app/runs.py); what a run logs at its start, only its first process logs.
     purge = plan.checkpoint.iteration + 1 if plan.checkpoint else None
-    tb = TensorBoardLogging(plan.run_dir / "tb", purge_from=purge).attach(
+    tb = TensorBoardLogging(plan.run_dir / "tb", purge_from=purge,
+                            figures_every=cfg.logging.figures_every_epochs).attach(
         trainer, evaluator, best=lambda: results.best, class_names=meta.classes,
         sample_images=None if plan.checkpoint else lambda: augmented_samples(cfg, parts))
     # 5. TensorBoard on disk, then the training checkpoint: what it holds and what TensorBoard shows agree.

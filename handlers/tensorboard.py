@@ -143,8 +143,11 @@ def shown(name: str, value: float) -> float:
 
 
 class TensorBoardLogging:
-    def __init__(self, log_dir: str | Path, *, purge_from: Optional[int] = None) -> None:
-        """`purge_from`: the iteration from which earlier event files of this run are hidden."""
+    def __init__(self, log_dir: str | Path, *, purge_from: Optional[int] = None, figures_every: int = 1) -> None:
+        """`purge_from`: the iteration from which earlier event files of this run are hidden. `figures_every`:
+        the confusion matrix's image, table and per-class histogram only every that many epochs and at the
+        last (each takes a rendering, on the training thread, out of every epoch it is drawn in)."""
+        self.figures_every = figures_every
         log_dir = Path(log_dir)
         self.run_dir = log_dir.parent
         self.train = EventLog(log_dir / "train", purge_from)
@@ -154,8 +157,9 @@ class TensorBoardLogging:
                class_names: Optional[Sequence[str]] = None,
                sample_images: Optional[Callable[[], torch.Tensor]] = None) -> "TensorBoardLogging":
         """`trainer` must have a LossBuffer attached; `evaluator` must compute top1, top5 and loss, and
-        may compute "confusion" (a ConfusionMatrix). `best()` gives the metrics of the best evaluation
-        so far (attach this after whatever updates it). `sample_images` gives (N, 3, H, W) images in
+        may compute "confusion" (int64 counts, rows the true class, columns the predicted). `best()`
+        gives the metrics of the best evaluation so far (attach this after whatever updates it).
+        `sample_images` gives (N, 3, H, W) images in
         [0, 1] to show once at the start (augmented training images, say). Attach after EpochSummary
         to log its epoch time and images per second."""
         self._best, self._class_names = best, class_names
@@ -186,7 +190,8 @@ class TensorBoardLogging:
             if name in ("top1", "top5", "loss"):
                 self.validation.scalar(f"summary/best_{name}", shown(name, value), step)
         confusion = evaluator.state.metrics.get("confusion")
-        if isinstance(confusion, torch.Tensor):
+        epoch, last = trainer.state.epoch, trainer.state.max_epochs
+        if isinstance(confusion, torch.Tensor) and (epoch % self.figures_every == 0 or epoch == last):
             confusion = confusion.detach().cpu()
             names = self._class_names or [str(i) for i in range(len(confusion))]
             pairs = most_confused(confusion)

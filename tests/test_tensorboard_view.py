@@ -47,6 +47,28 @@ def _log_run(run_dir: Path, cfg: Config) -> None:
     tb.close()
 
 
+def test_figures_every_n_epochs_and_at_the_last_the_numbers_every_epoch(tmp_path: Path) -> None:
+    """`logging.figures_every_epochs` 2 over 5 epochs: the confusion matrix's image, table and histogram at
+    epochs 2, 4 and 5 (the last); the validation numbers at every epoch, as with 1."""
+    trainer = Engine(lambda e, _: torch.tensor([2.0, TOP1]))
+    LossBuffer(every=1, scheduled=lambda: {"lr": 0.1}).attach(trainer)
+    evaluator = Engine(lambda e, _: None)
+    evaluator.add_event_handler(Events.COMPLETED, lambda e: e.state.metrics.update(
+        top1=TOP1, top5=TOP5, loss=2.5, confusion=torch.tensor([[3, 1], [0, 4]])))
+    tb = TensorBoardLogging(tmp_path / "tb", figures_every=2).attach(
+        trainer, evaluator, best=lambda: {"top1": TOP1, "top5": TOP5, "loss": 2.5}, class_names=["a", "b"])
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda _: evaluator.run([0]))
+    trainer.run(range(1), max_epochs=5)
+    tb.close()
+    acc = EventAccumulator(str(tmp_path / "tb" / "validation"), size_guidance={"images": 0, "histograms": 0,
+                                                                               "tensors": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Images("validation/confusion_matrix")] == [2, 4, 5]
+    assert [e.step for e in acc.Tensors("validation/most_confused/text_summary")] == [2, 4, 5]
+    assert [e.step for e in acc.Histograms("validation/per_class_accuracy")] == [2, 4, 5]
+    assert [e.step for e in acc.Scalars("metrics/top1")] == [1, 2, 3, 4, 5]
+
+
 @pytest.fixture(scope="module")
 def logdir(tmp_path_factory) -> Path:
     """`runs` with a sweep of two learning rates and two seeds, and one run of its own that shows a key
