@@ -16,6 +16,7 @@ from ignite.engine import Engine, Events
 from app.config import Config, override
 from app.errors import UserError
 from app.runs import LOCK_FILE, RunInUse, RunPlan, check_not_in_use, claim_run_dir, lock_run_dir
+from handlers.atomic import TEMP_PREFIX
 from handlers.checkpoints import checkpoint_event, point_link, training_checkpoints
 from tests.support import metrics_rows, one_error_line, run_app, run_config, run_main, start_app, wait_for_line
 
@@ -27,14 +28,18 @@ def test_a_live_run_owns_its_folder_and_a_killed_one_leaves_no_lock(tmp_path: Pa
     live = start_app("--config", str(cfg), "--run-name", "r")
     try:
         wait_for_line(live, "run ")
-        before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+        # What the refused commands must leave alone: every file but those the live run writes as it trains
+        # (results.json, metrics.csv, and their temporary files on the way).
+        def untouched() -> dict[str, bytes]:
+            return {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()
+                    and p.name not in ("results.json", "metrics.csv") and not p.name.startswith(TEMP_PREFIX)}
+
+        before = untouched()
         for args in (["--run-name", "r"], ["--resume", str(run_dir)], ["--resume"]):
             ran = run_main("--config", str(cfg), *args)
             line = one_error_line(ran.stderr)
             assert ran.returncode == 2 and f"{run_dir}: in use by pid {live.pid} on " in line, line
-        live_writes = ("results.json", "metrics.csv")  # the live run's own, as it trains
-        assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name not in live_writes} \
-            == {k: v for k, v in before.items() if k not in live_writes}
+        assert untouched() == before
     finally:
         live.kill()
         live.wait()
