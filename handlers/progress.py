@@ -51,11 +51,9 @@ class ProgressLines:
         self.every_iters, self.world_size = every_iters, world_size
         self._epoch_start = self._last_line = 0.0
         self._first_iteration = 0
-        self._images = 0
 
     def attach(self, trainer: Engine) -> "ProgressLines":
         trainer.add_event_handler(Events.EPOCH_STARTED, self._started)
-        trainer.add_event_handler(Events.ITERATION_COMPLETED, self._count)
         if self.every_iters:
             trainer.add_event_handler(Events.ITERATION_COMPLETED, self._at_interval)
         else:
@@ -64,10 +62,7 @@ class ProgressLines:
 
     def _started(self, trainer: Engine) -> None:
         self._epoch_start = self._last_line = time.perf_counter()
-        self._first_iteration, self._images = trainer.state.iteration, 0
-
-    def _count(self, trainer: Engine) -> None:
-        self._images += len(trainer.state.batch[1]) * self.world_size
+        self._first_iteration = trainer.state.iteration
 
     def _at_interval(self, trainer: Engine) -> None:
         in_epoch = (trainer.state.iteration - 1) % trainer.state.epoch_length + 1
@@ -90,6 +85,8 @@ class ProgressLines:
         s = trainer.state
         self._last_line = now
         steps = s.iteration - self._first_iteration
+        # Every batch before an epoch's last is full, and no line comes at the last: no count per step needed.
+        images = steps * len(s.batch[1]) * self.world_size
         seconds_per_step = (now - self._epoch_start) / max(steps, 1)
         in_epoch = s.iteration - (s.epoch - 1) * s.epoch_length
         left_in_epoch = s.epoch_length - in_epoch
@@ -99,7 +96,7 @@ class ProgressLines:
         loss = "–" if s.running_loss is None else f"{s.running_loss:.4f}"
         lr = "–" if s.lr is None else f"{s.lr:.5f}"
         self.write(f"iteration {in_epoch}/{s.epoch_length} of epoch {s.epoch}/{s.max_epochs}  loss {loss}  lr {lr}  "
-                   f"{self._images / max(now - self._epoch_start, 1e-9):.0f} img/s  "
+                   f"{images / max(now - self._epoch_start, 1e-9):.0f} img/s  "
                    f"ETA epoch {clock(left_in_epoch * seconds_per_step)}, run {clock(run_left)}")
 
 
