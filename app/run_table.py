@@ -19,6 +19,7 @@ from typing import Any, Iterator, Optional
 from app.errors import UserError
 from app.sweep.plan import PLAN_FILE
 from app.sweep.status import STATUSES, read_results, run_state
+from handlers.clock import clock
 
 
 def is_run_folder(path: Path) -> bool:
@@ -97,10 +98,7 @@ def _pct(value: Optional[float]) -> str:
 
 
 def _clock(seconds: Optional[float]) -> str:
-    if seconds is None:
-        return "–"
-    s = round(seconds)
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+    return "–" if seconds is None else clock(seconds)
 
 
 def _status(row: dict[str, Any]) -> str:

@@ -14,6 +14,7 @@ from typing import Callable, Optional
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
 
+from handlers.clock import clock
 from handlers.loss_buffer import LossBuffer, LossEvents
 
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
@@ -99,8 +100,3 @@ class ProgressLines:
                    f"{images / max(now - self._epoch_start, 1e-9):.0f} img/s  "
                    f"ETA epoch {clock(left_in_epoch * seconds_per_step)}, run {clock(run_left)}")
 
-
-def clock(seconds: float) -> str:
-    """H:MM:SS."""
-    minutes, s = divmod(round(seconds), 60)
-    return f"{minutes // 60}:{minutes % 60:02d}:{s:02d}"
