@@ -147,8 +147,7 @@ class StopForwarder:
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self.signum = self.signum or signum
-        for child in multiprocessing.active_children():
-            os.kill(child.pid, signum)
+        self._tell([c.pid for c in multiprocessing.active_children() if c.pid is not None], signum)
 
     def _forward(self) -> None:
         while not self._closed.is_set():
@@ -161,12 +160,16 @@ class StopForwarder:
                 targets, signum = [pid for pid in children if pid not in self._told], self.signum
             else:
                 continue
-            for pid in targets:
-                try:
-                    os.kill(pid, signum)
-                except ProcessLookupError:
-                    pass
-                self._told.add(pid)
+            self._tell(targets, signum)
+
+    def _tell(self, pids: list[int], signum: int) -> None:
+        """Send `signum` to each of `pids`; a process that has just exited needs no telling."""
+        for pid in pids:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+            self._told.add(pid)
 
     def close(self) -> None:
         self._closed.set()
