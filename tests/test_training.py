@@ -108,6 +108,7 @@ def test_tensorboard_has_images_histograms_epoch_figures_and_hparams(finished_ru
     assert set(hparams) == {"_hparams_/session_start_info", "_hparams_/session_end_info"}
     start = hparams["_hparams_/session_start_info"]
     assert b"batch_size" in start and b"momentum_min" in start and b"momentum_max" in start
+    assert b"dataset" in start and b"cifar100" in start
 
 
 def test_without_a_terminal_every_line_has_its_time_and_progress_lines_come_every_n_iterations(finished_run) -> None:
