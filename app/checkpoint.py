@@ -32,7 +32,7 @@ from ignite.engine.events import EventsList
 from ignite.handlers import Checkpoint
 
 from app.config import Config, config_from_dict, to_dict
-from app.data import Cifar100
+from app.data import CifarData
 from app.errors import ConfigError, UserError
 from app.model import build_model
 from handlers.checkpoints import SaveThenRemove, attach_training_checkpoint
@@ -109,7 +109,7 @@ class GeneratorStates:
         self.reseeded = True
 
 
-def data_fingerprint(data: Cifar100) -> str:
+def data_fingerprint(data: CifarData) -> str:
     """A hash of every image and label, so that a resume on other data is refused."""
     h = hashlib.sha256()
     for split in (data.train, data.test):

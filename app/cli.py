@@ -24,8 +24,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m app", description="Train a CIFAR ResNet18 on CIFAR-100 (PyTorch-Ignite). "
-                "Other commands: `python -m app evaluate --help`, `python -m app predict --help`, "
+    p = _Parser(prog="python -m app", description="Train a CIFAR ResNet18 on CIFAR-100 or CIFAR-10 (data.dataset; "
+                "PyTorch-Ignite). Other commands: `python -m app evaluate --help`, `python -m app predict --help`, "
                 "`python -m app sweep --help`, `python -m app runs --help`.")
     p.add_argument("--config", help="JSON config with every setting (default: config.json; with --resume, the "
                                     "run's own config.json, over which only what a resume may change can be set)")
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const=LATEST, metavar="PATH",
                    help="continue a run: alone, the latest run under the output folder; or a run folder or a "
                         "training checkpoint file")
-    p.add_argument("--data-root", help="folder that holds cifar-100-python/ (data.root)")
+    p.add_argument("--data-root", help="folder that holds cifar-100-python/ or cifar-10-batches-py/ (data.root)")
     p.add_argument("--output-dir", help="folder that holds run folders (logging.output_dir, default runs/)")
     p.add_argument("--run-name", help="name of the new run folder (default: a timestamp)")
     p.add_argument("--nproc-per-node", type=int, help="spawn this many processes on this machine "
@@ -133,10 +133,10 @@ def parse_set(text: str) -> tuple[str, Any]:
 
 
 def build_evaluate_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m app evaluate", description="Evaluate a checkpoint on the CIFAR-100 test set: "
+    p = _Parser(prog="python -m app evaluate", description="Evaluate a checkpoint on the test set of its data set: "
                 "top-1, top-5, loss, per-class accuracy, the worst classes and the most confused pairs.")
     p.add_argument("--checkpoint", required=True, help="a best-model or training checkpoint")
-    p.add_argument("--data-root", help="folder that holds cifar-100-python/ (default: the run's data.root)")
+    p.add_argument("--data-root", help="folder that holds the run's data set (default: the run's data.root)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a report")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--nproc-per-node", type=int, default=1, help="split the test set over this many processes")
@@ -145,7 +145,7 @@ def build_evaluate_parser() -> argparse.ArgumentParser:
 
 
 def build_predict_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m app predict", description="The most likely CIFAR-100 classes for images (PNG, "
+    p = _Parser(prog="python -m app predict", description="The most likely of a checkpoint's classes for images (PNG, "
                 "JPEG or any other PIL reads; any size: the shorter side is resized to 32 and the centre cropped).",
                 epilog="A file named as IMAGE that cannot be read ends the command, naming it. A file found in a "
                 "folder or by a pattern that cannot be read is skipped, with a warning on stderr, and the count of "

@@ -34,7 +34,7 @@ def train(cfg: Config, resume: Optional[str], dry_run: bool) -> int:
     if is_first_on_node():
         # Under torchrun the other processes of this node wait in the process-group rendezvous,
         # which local rank 0 joins only after this: the download happens once per node.
-        ensure_dataset(cfg.data.root, cfg.data.download)
+        ensure_dataset(cfg.data.root, cfg.data.dataset, cfg.data.download)
     if dry_run:
         from app.dry_run import describe_run
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from app import typed_json
+from app.datasets import DATASETS, DataSetName
 from app.errors import ConfigError, SettingError
 
 
@@ -67,12 +68,13 @@ def _check(fn) -> Any:
     return {"check": fn}
 
 
-CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)  # of the training images' pixels in [0, 1], per channel
-CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+CIFAR100_MEAN = DATASETS["cifar100"].mean  # of the training images' pixels in [0, 1], per channel
+CIFAR100_STD = DATASETS["cifar100"].std
 
 
 @dataclass(frozen=True)
 class DataConfig:
+    dataset: DataSetName = "cifar100"  # which data set, and with it the defaults that follow it (app/datasets.py)
     root: str = "data"
     download: bool = True
 
@@ -80,7 +82,8 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     name: Literal["resnet18"] = "resnet18"
-    num_classes: int = field(default=100, metadata=_check(_enough_classes))
+    # None (null in a file): the data set's, set by Config (`_follow_the_data_set`); any other value must be it.
+    num_classes: Optional[int] = field(default=None, metadata=_check(_enough_classes))
 
 
 @dataclass(frozen=True)
@@ -116,8 +119,9 @@ class AugmentConfig:
     brightness: float = field(default=0.2, metadata=_check(_unit_closed))
     contrast: float = field(default=0.2, metadata=_check(_unit_closed))
     saturation: float = field(default=0.2, metadata=_check(_unit_closed))
-    mean: tuple[float, float, float] = field(default=CIFAR100_MEAN, metadata=_check(_pixel_means))
-    std: tuple[float, float, float] = field(default=CIFAR100_STD, metadata=_check(_pixel_stds))
+    # None (null in a file): the data set's training mean and std, set by Config (`_follow_the_data_set`).
+    mean: Optional[tuple[float, float, float]] = field(default=None, metadata=_check(_pixel_means))
+    std: Optional[tuple[float, float, float]] = field(default=None, metadata=_check(_pixel_stds))
 
 
 @dataclass(frozen=True)
@@ -181,6 +185,21 @@ class Config:
     logging: LoggingConfig = LoggingConfig()
     distributed: DistributedConfig = DistributedConfig()
 
+    def __post_init__(self) -> None:
+        """The settings left to the data set take its values here, however the config is made (a file, the
+        defaults, `override`): every Config holds them resolved, as --dry-run shows them and as a run saves
+        them, and a CIFAR-100 run's saved config is what it was before the data set could be chosen."""
+        for key, value in _follow_the_data_set(self.data.dataset).items():
+            section, leaf = key.split(".")
+            if getattr(getattr(self, section), leaf) is None:
+                object.__setattr__(self, section, dataclasses.replace(getattr(self, section), **{leaf: value}))
+
+
+def _follow_the_data_set(dataset: str) -> dict[str, Any]:
+    """The settings whose default is the data set's, by dotted key, with the data set's values."""
+    d = DATASETS[dataset]
+    return {"model.num_classes": d.classes, "augment.mean": d.mean, "augment.std": d.std}
+
 
 def _setting(value: Any, tp: Any, f: dataclasses.Field, key: str) -> Any:
     """`value` as the setting `key` of type `tp` takes it, within the range its field allows."""
@@ -210,6 +229,10 @@ def config_from_dict(raw: Any, source: str = "config") -> Config:
 def _inconsistency(cfg: Config) -> Optional[str]:
     """Settings that are each valid but together would be ignored or refused by torch."""
     optimizer, schedule = cfg.optimizer, cfg.schedule
+    classes = DATASETS[cfg.data.dataset].classes
+    if cfg.model.num_classes != classes:
+        return (f"model.num_classes {cfg.model.num_classes} does not fit data.dataset \"{cfg.data.dataset}\", which "
+                f"has {classes} classes; set it to {classes}, or to null for the data set's")
     if schedule.cycle_momentum and optimizer.momentum is not None:
         return (f"optimizer.momentum {json.dumps(optimizer.momentum)} would have no effect: "
                 f"schedule.cycle_momentum is true, so momentum cycles from schedule.max_momentum "
@@ -292,8 +315,14 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def override(cfg: Config, updates: dict[str, Any], source: str = "command line") -> Config:
-    """Return a copy of `cfg` with dotted keys replaced (e.g. {"train.epochs": 3}), re-validated."""
+    """Return a copy of `cfg` with dotted keys replaced (e.g. {"train.epochs": 3}), re-validated. A setting
+    that holds its data set's value (model.num_classes, augment.mean, augment.std) follows the data set: a
+    new data.dataset (`--set`, a sweep's grid) brings its own, where a value of the user's own stays."""
     raw = to_dict(cfg)
+    for key, value in _follow_the_data_set(cfg.data.dataset).items():
+        section, leaf = key.split(".")
+        if raw[section][leaf] == value:
+            raw[section][leaf] = None
     for dotted, value in updates.items():
         section = raw
         *parents, leaf = dotted.split(".")

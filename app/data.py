@@ -1,8 +1,11 @@
-"""CIFAR-100 from its on-disk python format into uint8 tensors, checked by structure rather than md5.
+"""CIFAR-100 or CIFAR-10 from its on-disk python format into uint8 tensors, checked by structure rather than md5.
 
-Any faithful copy of `cifar-100-python/{train,test,meta}` works; a file with the wrong keys, shapes,
+Any faithful copy of a data set's files works (app/datasets.py: `cifar-100-python/{train,test,meta}`,
+`cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}`); a file with the wrong keys, shapes,
 dtype or label range is rejected with an error that names it. The files are pickles, so they are read
 with an unpickler that only rebuilds numpy arrays and plain containers: a data file cannot run code.
+The original archives hold Python 2 pickles (protocol 2), whose byte strings (the keys, the class names,
+an array's pixels) read as text through latin-1, as torchvision reads them; Python 3 pickles read alike.
 """
 from __future__ import annotations
 
@@ -18,9 +21,9 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from app.datasets import DATASETS, DataSet
 from app.errors import UserError
 
-FOLDER = "cifar-100-python"
 IMAGE_SHAPE = (3, 32, 32)
 _ALLOWED_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"),
@@ -44,7 +47,7 @@ class Split:
 
 
 @dataclass(frozen=True)
-class Cifar100:
+class CifarData:
     train: Split
     test: Split
     classes: tuple[str, ...]
@@ -57,12 +60,12 @@ class _ArrayUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
 
 
-def _unpickle(path: Path) -> dict:
+def _unpickle(path: Path, spec: DataSet) -> dict:
     try:
         with open(path, "rb") as f:
             obj = _ArrayUnpickler(io.BufferedReader(f), encoding="latin1").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
-        raise UserError(f"{path}: not a readable CIFAR-100 pickle ({e})") from None
+        raise UserError(f"{path}: not a readable {spec.title} pickle ({e})") from None
     if not isinstance(obj, dict):
         raise UserError(f"{path}: expected a pickled dict, found {type(obj).__name__}")
     return obj
@@ -85,48 +88,58 @@ def _first_non_integer(labels: Any) -> str:
     return f"{reprlib.repr(value)} at index {index}"
 
 
-def _read_split(path: Path, num_classes: int) -> Split:
-    d = _unpickle(path)
-    for key in ("data", "fine_labels"):
-        if key not in d:
-            raise UserError(f"{path}: missing key '{key}'")
+def _read_batch(path: Path, spec: DataSet) -> tuple[np.ndarray, np.ndarray]:
+    """One data file's images (N, 3072) and labels (N,), checked."""
+    d = _unpickle(path, spec)
+    key = spec.labels_key
+    for k in ("data", key):
+        if k not in d:
+            raise UserError(f"{path}: missing key '{k}'")
     data = d["data"]
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         desc = f"{getattr(data, 'dtype', type(data).__name__)} {getattr(data, 'shape', '')}"
         raise UserError(f"{path}: 'data' must be a uint8 array of shape (N, 3072), found {desc}")
     if data.shape[0] == 0:
-        raise UserError(f"{path}: holds no images ('data' has 0 rows); use a complete copy of CIFAR-100")
-    not_integer = _first_non_integer(d["fine_labels"])
+        raise UserError(f"{path}: holds no images ('data' has 0 rows); use a complete copy of {spec.title}")
+    not_integer = _first_non_integer(d[key])
     if not_integer:
-        raise UserError(f"{path}: 'fine_labels' must be a list of integers, found {not_integer}")
+        raise UserError(f"{path}: '{key}' must be a list of integers, found {not_integer}")
+    last = spec.classes - 1
     try:
-        labels = np.asarray(d["fine_labels"], dtype=np.int64)
+        labels = np.asarray(d[key], dtype=np.int64)
     except OverflowError:
-        raise UserError(f"{path}: fine_labels must lie in 0..{num_classes - 1}, found an integer beyond 64 bits"
-                        ) from None
+        raise UserError(f"{path}: {key} must lie in 0..{last}, found an integer beyond 64 bits") from None
     if labels.shape != (data.shape[0],):
-        raise UserError(f"{path}: {data.shape[0]} images but {labels.size} fine_labels")
-    if labels.min() < 0 or labels.max() >= num_classes:
-        raise UserError(f"{path}: fine_labels must lie in 0..{num_classes - 1}, "
-                        f"found {labels.min()}..{labels.max()}")
-    images = torch.from_numpy(data.reshape(-1, *IMAGE_SHAPE).copy())
-    return Split(images=images, labels=torch.from_numpy(labels))
+        raise UserError(f"{path}: {data.shape[0]} images but {labels.size} {key}")
+    if labels.min() < 0 or labels.max() > last:
+        raise UserError(f"{path}: {key} must lie in 0..{last}, found {labels.min()}..{labels.max()}")
+    return data, labels
 
 
-def _read_classes(path: Path, num_classes: int) -> tuple[str, ...]:
-    names = _unpickle(path).get("fine_label_names")
-    if not isinstance(names, list) or len(names) != num_classes or not all(isinstance(n, str) for n in names):
-        raise UserError(f"{path}: 'fine_label_names' must be a list of {num_classes} strings")
+def _read_split(paths: list[Path], spec: DataSet) -> Split:
+    """The images and labels of `paths` (CIFAR-10's five training batches, say), in that order."""
+    images, labels = zip(*(_read_batch(path, spec) for path in paths))
+    # One array of its own: an unpickled array can be read-only, which torch.from_numpy warns of.
+    data = np.concatenate(images) if len(images) > 1 else images[0].copy()
+    return Split(images=torch.from_numpy(data.reshape(-1, *IMAGE_SHAPE)),
+                 labels=torch.from_numpy(np.concatenate(labels)))
+
+
+def _read_classes(path: Path, spec: DataSet) -> tuple[str, ...]:
+    names = _unpickle(path, spec).get(spec.names_key)
+    if not isinstance(names, list) or len(names) != spec.classes or not all(isinstance(n, str) for n in names):
+        raise UserError(f"{path}: '{spec.names_key}' must be a list of {spec.classes} strings")
     return tuple(names)
 
 
-def dataset_dir(root: str | Path) -> Path:
-    return Path(root) / FOLDER
+def dataset_dir(root: str | Path, dataset: str) -> Path:
+    return Path(root) / DATASETS[dataset].folder
 
 
-def missing_files(root: str | Path) -> list[Path]:
-    folder = dataset_dir(root)
-    return [folder / name for name in ("train", "test", "meta") if not (folder / name).is_file()]
+def missing_files(root: str | Path, dataset: str) -> list[Path]:
+    spec, folder = DATASETS[dataset], dataset_dir(root, dataset)
+    names = (*spec.train_files, spec.test_file, spec.meta_file)
+    return [folder / name for name in names if not (folder / name).is_file()]
 
 
 @contextmanager
@@ -139,38 +152,40 @@ def _socket_timeout(seconds: float) -> Iterator[None]:
         socket.setdefaulttimeout(previous)
 
 
-def ensure_dataset(root: str | Path, download: bool) -> None:
-    """Make sure the three files exist under `root`, downloading them once if allowed.
+def ensure_dataset(root: str | Path, dataset: str, download: bool) -> None:
+    """Make sure the data set's files exist under `root`, downloading them once (through torchvision) if allowed.
 
     Fails fast (a short socket timeout) on a machine without network, with a message saying how to get
     the data by hand.
     """
-    missing = missing_files(root)
+    missing = missing_files(root, dataset)
     if not missing:
         return
-    how = (f"download https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz and extract it into {root}/ "
-           f"(so that {dataset_dir(root)}/train exists)")
+    spec, folder = DATASETS[dataset], dataset_dir(root, dataset)
+    how = (f"download {spec.archive} and extract it into {root}/ "
+           f"(so that {folder}/{spec.train_files[0]} exists)")
     if not download:
-        raise UserError(f"{missing[0]}: CIFAR-100 not found and data.download is false; {how}")
-    from torchvision.datasets import CIFAR100  # imported here: only needed for the one-off download
+        raise UserError(f"{missing[0]}: {spec.title} not found and data.download is false; {how}")
+    import torchvision.datasets  # imported here: only needed for the one-off download
 
     try:
         with _socket_timeout(10.0):
-            CIFAR100(root=str(root), train=True, download=True)
+            getattr(torchvision.datasets, spec.torchvision_class)(root=str(root), train=True, download=True)
     except Exception as e:  # noqa: BLE001 - any failure of the download ends in the same advice
-        raise UserError(f"{dataset_dir(root)}: CIFAR-100 not found and the download failed ({e}); {how}") from None
-    if missing_files(root):
-        raise UserError(f"{missing_files(root)[0]}: still missing after the download; {how}")
+        raise UserError(f"{folder}: {spec.title} not found and the download failed ({e}); {how}") from None
+    if missing_files(root, dataset):
+        raise UserError(f"{missing_files(root, dataset)[0]}: still missing after the download; {how}")
 
 
-def load_cifar100(root: str | Path, num_classes: int = 100) -> Cifar100:
-    """Read and check the three files. Call `ensure_dataset` first."""
-    folder = dataset_dir(root)
-    missing = missing_files(root)
+def load_dataset(root: str | Path, dataset: str) -> CifarData:
+    """Read and check the data set's files (`dataset`: a key of app/datasets.py's DATASETS). Call
+    `ensure_dataset` first."""
+    spec, folder = DATASETS[dataset], dataset_dir(root, dataset)
+    missing = missing_files(root, dataset)
     if missing:
-        raise UserError(f"{missing[0]}: CIFAR-100 file not found")
-    return Cifar100(
-        train=_read_split(folder / "train", num_classes),
-        test=_read_split(folder / "test", num_classes),
-        classes=_read_classes(folder / "meta", num_classes),
+        raise UserError(f"{missing[0]}: {spec.title} file not found")
+    return CifarData(
+        train=_read_split([folder / name for name in spec.train_files], spec),
+        test=_read_split([folder / spec.test_file], spec),
+        classes=_read_classes(folder / spec.meta_file, spec),
     )

@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 
 from app.config import Config, to_dict
-from app.data import load_cifar100
+from app.data import load_dataset
+from app.datasets import DATASETS
 from app.loader import iterations_per_epoch
 from app.model import build_model, count_parameters
 from app.optim import describe_schedule
@@ -12,13 +13,14 @@ from app.optim import describe_schedule
 
 def describe_run(cfg: Config, world: int) -> str:
     """The resolved config, the data and the model, and the schedule the optimizer will follow."""
-    data = load_cifar100(cfg.data.root, cfg.model.num_classes)
+    data = load_dataset(cfg.data.root, cfg.data.dataset)
     model = build_model(cfg.model.name, cfg.model.num_classes)
     iterations = iterations_per_epoch(len(data.train), cfg.train.batch_size, world)
     return "\n".join([
         json.dumps(to_dict(cfg), indent=2),
         f"model: {cfg.model.name}, {count_parameters(model):,} parameters",
-        f"data: {len(data.train):,} training and {len(data.test):,} test images in {cfg.data.root}",
+        f"data: {DATASETS[cfg.data.dataset].title}, {len(data.train):,} training and {len(data.test):,} test images "
+        f"of {len(data.classes)} classes in {cfg.data.root}",
         f"schedule: {cfg.train.epochs} epochs x {iterations} iterations (batch {cfg.train.batch_size} = "
         f"{world} x {cfg.train.batch_size // world})",
         *describe_schedule(cfg, iterations),

@@ -19,7 +19,7 @@ import ignite.distributed as idist
 import torch
 
 from app.checkpoint import load_checkpoint, model_from_checkpoint, position
-from app.data import ensure_dataset, load_cifar100
+from app.data import ensure_dataset, load_dataset
 from app.device import resolve_device
 from app.engines import create_evaluator, evaluation_batches
 from handlers.confusion import most_confused, per_class_accuracy
@@ -33,7 +33,7 @@ def evaluate_checkpoint(path: Path, data_root: Optional[str] = None, device: str
     dev = resolve_device(device, idist.get_local_rank())
     ckpt = contents if contents is not None else load_checkpoint(Path(path))
     model, meta = model_from_checkpoint(Path(path), ckpt, dev)
-    data = load_cifar100(data_root or meta.config.data.root, meta.config.model.num_classes)
+    data = load_dataset(data_root or meta.config.data.root, meta.config.data.dataset)
     evaluator = create_evaluator(meta.config, model, dev)
     evaluator.run(evaluation_batches(data.test.images, data.test.labels, batch_size, dev))
     m = evaluator.state.metrics
@@ -88,5 +88,5 @@ def check_evaluation_inputs(checkpoint: Path, data_root: Optional[str]) -> dict[
     Returns the loaded checkpoint."""
     contents = load_checkpoint(checkpoint)
     _, meta = model_from_checkpoint(checkpoint, contents, torch.device("cpu"))
-    ensure_dataset(data_root or meta.config.data.root, download=False)
+    ensure_dataset(data_root or meta.config.data.root, meta.config.data.dataset, download=False)
     return contents

@@ -28,7 +28,7 @@ from app.augment import BatchAugment, build_augment
 from app.checkpoint import (TRAINING_KEYS, GeneratorStates, RunMeta, attach_checkpoints, best_model_checkpoint,
                             data_fingerprint)
 from app.config import Config, to_dict
-from app.data import Cifar100, load_cifar100
+from app.data import CifarData, load_dataset
 from app.device import memory_format, resolve_device
 from app.engines import Precision, TrainStep, build_train_step, create_evaluator, create_trainer, evaluation_batches
 from app.errors import UserError
@@ -54,7 +54,7 @@ class RunParts:
     """Every part of one process's run, built from the config; nothing is attached to anything yet."""
 
     device: torch.device
-    data: Cifar100
+    data: CifarData
     train_batches: ShardedBatches
     test_batches: ShardedBatches
     model: nn.Module  # the plain module: evaluated, checkpointed
@@ -70,7 +70,7 @@ def build_parts(cfg: Config, local_rank: int) -> RunParts:
     device = resolve_device(cfg.train.device, local_rank)
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
 
-    data = load_cifar100(cfg.data.root, cfg.model.num_classes)
+    data = load_dataset(cfg.data.root, cfg.data.dataset)
     train_batches = ShardedBatches(data.train.images.to(device), data.train.labels.to(device),
                                    batch_size=cfg.train.batch_size, shuffle=True, seed=cfg.seed,
                                    rank=rank, world_size=world)

@@ -62,7 +62,9 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
         for arg in typing.get_args(tp):
             try:
                 return coerce(value, arg, where)
-            except SettingError:
+            except SettingError as e:
+                if e.key != where:  # an item of a list is wrong: that says more than the whole list's type
+                    raise
                 continue
     elif origin is tuple and typing.get_args(tp)[1:] == (Ellipsis,):
         if isinstance(value, (list, tuple)):

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import TEST_IMAGES, TRAIN_IMAGES, answer_stop_signals, run_config, run_main, write_cifar100
+from tests.support import (TEST_IMAGES, TRAIN_IMAGES, answer_stop_signals, run_config, run_main, write_cifar10,
+                           write_cifar100)
 
 pytest_plugins = ["tests.gpu_report"]  # the table of `gpu` tests, and their JSON report
 
@@ -47,6 +48,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """80 training and 20 test images: an end-to-end run of two epochs in seconds."""
     return write_cifar100(tmp_path_factory.mktemp("cifar"), TRAIN_IMAGES, TEST_IMAGES)
+
+
+@pytest.fixture(scope="session")
+def small_cifar10(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """CIFAR-10 of as many images, pickled as the original archive is (Python 2, protocol 2)."""
+    return write_cifar10(tmp_path_factory.mktemp("cifar10"), TRAIN_IMAGES, TEST_IMAGES, python2=True)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """What the tests share: config files over the project's config.json, the application run as a user
 runs it (a fresh process) or in this process through `main()`, and the checks every such run needs.
-(Data sets in the real on-disk format: bench/synthetic.py, `write_cifar100`.)"""
+(Data sets in the real on-disk format: bench/synthetic.py, `write_cifar100` and `write_cifar10`.)"""
 from __future__ import annotations
 
 import contextlib
@@ -20,7 +20,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from app.cli import main
 from handlers.metrics_csv import TIMING_COLUMNS, read_metrics_csv
-from bench.synthetic import write_cifar100  # noqa: F401 - the tests' data, from here with the rest
+from bench.synthetic import write_cifar10, write_cifar100  # noqa: F401 - the tests' data, from here with the rest
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -115,7 +115,7 @@ def test_dry_run_refuses_flags_no_run_could_use(tmp_path: Path, out: Path, small
     (lambda text: text.replace('"epochs": 100', '"epochs": 100, "epochs": 3'), "duplicate key 'train.epochs'"),
     (lambda text: text.replace('"run_name": null', '"run_name": "caf\u00e9"').encode("latin-1"), "not UTF-8 text"),
     (lambda text: "[" * 100_000, "nested too deeply"),
-    (lambda text: text.replace('"num_classes": 100', '"num_classes": 3'), "model.num_classes must be at least 5"),
+    (lambda text: text.replace('"num_classes": null', '"num_classes": 3'), "model.num_classes must be at least 5"),
 ], ids=["nan", "duplicate", "latin-1", "deep", "classes-below-top-5"])
 def test_dry_run_refuses_config_files_no_run_could_use(tmp_path: Path, out: Path, small_data: Path, edit,
                                                        words) -> None:
@@ -175,6 +175,7 @@ def test_output_into_a_closed_pipe_ends_quietly(tmp_path: Path, out: Path, small
     (["--set", "train.ampp=bf16"], "--set train.ampp: unknown config key"),
     (["--set", "train=1"], "--set train: unknown config key (a section; e.g. train.epochs)"),
     (["--set", "train.amp"], "--set train.amp: expected KEY=VALUE"),
+    (["--set", "data.dataset=mnist"], '--set data.dataset: must be one of "cifar100", "cifar10", got "mnist"'),
     (["--lr", "0.2", "--set", "optimizer.lr=0.3"], "--set optimizer.lr: optimizer.lr is set twice on the command "
                                                    "line (also by --lr)"),
 ])

@@ -25,6 +25,33 @@ def test_config_json_is_the_recipe() -> None:
     assert (augment.crop_padding, augment.hflip, augment.rotation) == (4, True, 15)
     assert (augment.brightness, augment.contrast, augment.saturation) == (.2, .2, .2)
     assert augment.mean == (0.5071, 0.4865, 0.4409) and augment.std == (0.2673, 0.2564, 0.2762)
+    assert (cfg.data.dataset, cfg.model.num_classes) == ("cifar100", 100)  # null in the file: the data set's
+
+
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+
+def test_the_class_count_and_the_normalisation_follow_the_data_set() -> None:
+    """Resolved in the config itself: what --dry-run prints and a run saves are the values it trains with."""
+    cifar10 = config_from_dict({"data": {"dataset": "cifar10"}})
+    assert (cifar10.model.num_classes, cifar10.augment.mean, cifar10.augment.std) == (10, CIFAR10_MEAN, CIFAR10_STD)
+    saved = to_dict(cifar10)
+    assert (saved["model"]["num_classes"], saved["augment"]["mean"]) == (10, CIFAR10_MEAN)
+    # --set data.dataset=cifar10 over the recipe (or a sweep's grid): the values that were CIFAR-100's become
+    # CIFAR-10's; a normalisation of the user's own stays
+    recipe = load_config(ROOT / "config.json")
+    assert override(recipe, {"data.dataset": "cifar10"}) == cifar10
+    assert override(cifar10, {"data.dataset": "cifar100"}) == recipe == Config()
+    own = override(recipe, {"augment.mean": [0.5, 0.5, 0.5], "data.dataset": "cifar10"})
+    assert (own.augment.mean, own.augment.std, own.model.num_classes) == ((0.5, 0.5, 0.5), CIFAR10_STD, 10)
+
+
+def test_an_older_versions_saved_config_is_this_versions_cifar100_config() -> None:
+    """Written before the data set could be chosen: no data.dataset, the class count and normalisation given."""
+    old = to_dict(Config())
+    del old["data"]["dataset"]
+    old["model"]["num_classes"], old["augment"]["mean"] = 100, [0.5071, 0.4865, 0.4409]
+    assert config_from_dict(old) == Config()
 
 
 @pytest.mark.parametrize("raw,message", [
@@ -39,6 +66,10 @@ def test_config_json_is_the_recipe() -> None:
     ({"optimiser": {}}, "unknown key 'optimiser'"),
     ({"train": {"epoch": 3}}, "unknown key 'train.epoch'"),
     ({"train": 3}, "train must be an object"),
+    ({"data": {"dataset": "mnist"}}, 'data.dataset must be one of "cifar100", "cifar10", got "mnist"'),
+    ({"data": {"dataset": "cifar10"}, "model": {"num_classes": 100}},
+     'model.num_classes 100 does not fit data.dataset "cifar10", which has 10 classes; set it to 10, or to null'),
+    ({"model": {"num_classes": 10}}, 'model.num_classes 10 does not fit data.dataset "cifar100", which has 100'),
 ])
 def test_rejects_with_file_and_key(raw, message) -> None:
     with pytest.raises(ConfigError) as e:

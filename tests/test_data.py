@@ -1,4 +1,5 @@
-"""The real CIFAR-100 reader on files written in the real format, good and bad."""
+"""The real CIFAR-100 and CIFAR-10 reader on files written in the real format, good and bad, pickled as
+the original archives are (Python 2, protocol 2) and as Python 3 pickles."""
 from __future__ import annotations
 
 import os
@@ -9,9 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from app.data import load_cifar100
+from app.data import ensure_dataset, load_dataset
 from app.errors import UserError
-from tests.support import TEST_IMAGES, TRAIN_IMAGES, write_cifar100
+from tests.support import TEST_IMAGES, TRAIN_IMAGES, write_cifar10, write_cifar100
+
+CIFAR10_FILES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch")
+
+
+def load_cifar100(root: Path):
+    return load_dataset(root, "cifar100")
 
 
 def test_reads_images_labels_and_class_names(small_data: Path) -> None:
@@ -20,6 +27,33 @@ def test_reads_images_labels_and_class_names(small_data: Path) -> None:
     assert data.test.images.shape == (TEST_IMAGES, 3, 32, 32)
     assert data.train.labels.dtype == torch.int64 and len(data.train.labels) == TRAIN_IMAGES
     assert len(data.classes) == 100 and data.classes[7] == "class_07"
+
+
+def _batch(path: Path) -> dict:
+    """A data file as torchvision reads it (latin-1: a Python 2 pickle's byte strings as text)."""
+    return pickle.loads(path.read_bytes(), encoding="latin1")
+
+
+@pytest.mark.parametrize("python2", [True, False], ids=["python2-protocol2", "python3"])
+def test_reads_cifar10s_five_training_batches_in_order_and_its_class_names(tmp_path: Path, python2: bool) -> None:
+    """13 images: batches of 3, 3, 3, 2 and 2; the split is the five one after the other, as torchvision's."""
+    root = write_cifar10(tmp_path, 13, 4, python2=python2)
+    data = load_dataset(root, "cifar10")
+    assert data.train.images.shape == (13, 3, 32, 32) and data.test.images.shape == (4, 3, 32, 32)
+    assert data.train.images.dtype == torch.uint8 and data.train.labels.dtype == torch.int64
+    files = [_batch(root / "cifar-10-batches-py" / name) for name in CIFAR10_FILES]
+    assert [len(f["labels"]) for f in files[:5]] == [3, 3, 3, 2, 2]
+    assert data.train.images.flatten(1).numpy().tolist() == np.concatenate([f["data"] for f in files[:5]]).tolist()
+    assert data.train.labels.tolist() == sum((f["labels"] for f in files[:5]), [])
+    assert data.test.labels.tolist() == files[5]["labels"]
+    assert data.classes[:3] == ("airplane", "automobile", "bird") and len(data.classes) == 10
+
+
+@pytest.mark.parametrize("dataset,write", [("cifar100", write_cifar100), ("cifar10", write_cifar10)])
+def test_python2_and_python3_pickles_of_the_same_data_read_alike(tmp_path: Path, dataset, write) -> None:
+    old, new = (load_dataset(write(tmp_path / str(p), 10, 5, python2=p), dataset) for p in (True, False))
+    assert old.train.images.equal(new.train.images) and old.test.images.equal(new.test.images)
+    assert old.train.labels.equal(new.train.labels) and old.classes == new.classes
 
 
 def test_planes_are_red_then_green_then_blue(tmp_path: Path) -> None:
@@ -33,9 +67,9 @@ def test_planes_are_red_then_green_then_blue(tmp_path: Path) -> None:
     assert first[2].unique().tolist() == [30]
 
 
-def _corrupt(root: Path, name: str, change) -> Path:
-    path = root / "cifar-100-python" / name
-    d = pickle.loads(path.read_bytes())
+def _corrupt(root: Path, name: str, change, folder: str = "cifar-100-python") -> Path:
+    path = root / folder / name
+    d = _batch(path)
     change(d)
     path.write_bytes(pickle.dumps(d))
     return path
@@ -62,6 +96,40 @@ def test_malformed_file_is_named(tmp_path: Path, name, change, words) -> None:
     with pytest.raises(UserError) as e:
         load_cifar100(tmp_path)
     assert str(path) in str(e.value) and words in str(e.value)
+
+
+@pytest.mark.parametrize("name,change,words", [
+    ("data_batch_3", lambda d: d.pop("labels"), "missing key 'labels'"),
+    ("data_batch_5", lambda d: d.update(labels=[10] * len(d["labels"])), "labels must lie in 0..9, found 10..10"),
+    ("test_batch", lambda d: d.update(data=d["data"][:, :100]), "shape (N, 3072)"),
+    ("data_batch_2", lambda d: d.update(data=d["data"][:0], labels=[]), "holds no images ('data' has 0 rows); use a "
+                                                                        "complete copy of CIFAR-10"),
+    ("data_batch_4", lambda d: d["labels"].__setitem__(0, 1.5), "'labels' must be a list of integers, found 1.5"),
+    ("batches.meta", lambda d: d.update(label_names=d["label_names"][:9]), "'label_names' must be a list of 10 "
+                                                                           "strings"),
+])
+def test_a_malformed_cifar10_file_is_named(tmp_path: Path, name, change, words) -> None:
+    path = _corrupt(write_cifar10(tmp_path, 10, 4, python2=True), name, change, "cifar-10-batches-py")
+    with pytest.raises(UserError) as e:
+        load_dataset(tmp_path, "cifar10")
+    assert str(path) in str(e.value) and words in str(e.value)
+
+
+def test_a_missing_or_truncated_cifar10_file_is_named(tmp_path: Path) -> None:
+    root = write_cifar10(tmp_path, 10, 4, python2=True)
+    folder = root / "cifar-10-batches-py"
+    (folder / "data_batch_4").unlink()
+    with pytest.raises(UserError, match=f"^{folder / 'data_batch_4'}: CIFAR-10 file not found$"):
+        load_dataset(root, "cifar10")
+    with pytest.raises(UserError) as e:
+        ensure_dataset(root, "cifar10", download=False)
+    assert str(e.value) == (f"{folder / 'data_batch_4'}: CIFAR-10 not found and data.download is false; download "
+                            f"https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz and extract it into {root}/ "
+                            f"(so that {folder / 'data_batch_1'} exists)")
+    write_cifar10(root, 10, 4, python2=True)
+    (folder / "test_batch").write_bytes((folder / "test_batch").read_bytes()[:300])
+    with pytest.raises(UserError, match=f"^{folder / 'test_batch'}: not a readable CIFAR-10 pickle"):
+        load_dataset(root, "cifar10")
 
 
 def test_data_file_cannot_run_code(tmp_path: Path) -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from tests.support import ROOT
 
-CORE = {"config", "typed_json", "data", "loader", "augment", "model", "optim", "engines", "cuda_graph", "device",
-        "errors"}
+CORE = {"config", "typed_json", "datasets", "data", "loader", "augment", "model", "optim", "engines", "cuda_graph",
+        "device", "errors"}
 
 
 def _imports(path: Path) -> set[str]:

@@ -302,6 +302,18 @@ def test_grid_keys_that_only_fit_together_are_accepted(sweep_setup, tmp_path: Pa
     assert not (tmp_path / "runs").exists()  # planned, not created
 
 
+def test_a_grid_over_the_data_set_gives_each_run_its_classes_and_normalisation(sweep_setup, tmp_path: Path) -> None:
+    base = override(load_config(sweep_setup[0]), {"logging.output_dir": str(tmp_path / "runs")})
+    grid = parse_grid(["data.dataset=cifar10,cifar100"], base)
+    plan = make_plan(base, [0], grid, "datasets")
+    assert [r.name for r in plan.runs] == ["datasetcifar10-seed0", "datasetcifar100-seed0"]
+    configs = [run_config(base, plan, r) for r in plan.runs]
+    assert [(c.model.num_classes, c.augment.mean) for c in configs] == [(10, (0.4914, 0.4822, 0.4465)),
+                                                                       (100, (0.5071, 0.4865, 0.4409))]
+    shown = hparams(configs[0], 1, torch.device("cpu"))
+    assert shown["dataset"] == "cifar10" and "data.dataset" not in shown  # shown already, by its usual name
+
+
 def test_a_path_that_is_not_a_sweep_folder_is_one_line(tmp_path: Path, capsys) -> None:
     (tmp_path / "summary.md").write_text("# not a sweep")
     for path in (tmp_path / "summary.md", tmp_path / "absent"):

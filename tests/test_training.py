@@ -10,16 +10,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from ignite.engine import Engine, Events
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from app.checkpoint import load_checkpoint
+from app.datasets import DATASETS
 from handlers.loss_buffer import LossBuffer
 from handlers.metrics_csv import read_metrics_csv
 from handlers.progress import ProgressLines, attach_progress_bar
 from handlers.tensorboard import EventLog
 from tests.support import (BATCH, EPOCHS, TEST_IMAGES, TRAIN_IMAGES, TIMESTAMP, epochs_printed, run_app, run_config,
-                           run_lines, run_main, run_until, scalars)
+                           run_lines, run_main, run_until, scalars, write_cifar10)
 
 
 def test_prints_one_summary_line_per_epoch(finished_run) -> None:
@@ -106,6 +108,7 @@ def test_tensorboard_has_images_histograms_epoch_figures_and_hparams(finished_ru
     assert set(hparams) == {"_hparams_/session_start_info", "_hparams_/session_end_info"}
     start = hparams["_hparams_/session_start_info"]
     assert b"batch_size" in start and b"momentum_min" in start and b"momentum_max" in start
+    assert b"dataset" in start and b"cifar100" in start
 
 
 def test_without_a_terminal_every_line_has_its_time_and_progress_lines_come_every_n_iterations(finished_run) -> None:
@@ -181,11 +184,19 @@ def test_without_an_interval_progress_lines_come_about_once_a_minute(monkeypatch
     assert lines[0] == "iteration 3/8 of epoch 1/1  loss 1.0000  lr 0.10000  0 img/s  ETA epoch 0:02:05, run 0:02:05"
 
 
-def test_dry_run_checks_and_describes_without_writing(tmp_path: Path, small_data: Path) -> None:
-    ran = run_main("--config", str(run_config(tmp_path / "c.json", small_data, tmp_path / "runs")), "--dry-run")
+@pytest.mark.parametrize("dataset,classes,parameters", [("cifar100", 100, "11,220,132"), ("cifar10", 10, "11,173,962")])
+def test_dry_run_checks_and_describes_without_writing(tmp_path: Path, request, dataset, classes, parameters) -> None:
+    """The config as resolved: the data set's class count and normalisation where the file leaves them null."""
+    data = request.getfixturevalue("small_data" if dataset == "cifar100" else "small_cifar10")
+    cfg = run_config(tmp_path / "c.json", data, tmp_path / "runs")
+    ran = run_main("--config", str(cfg), "--set", f"data.dataset={dataset}", "--dry-run")
     assert ran.returncode == 0, ran.stderr
-    assert f'"batch_size": {BATCH}' in ran.stdout and "11,220,132 parameters" in ran.stdout
-    assert f"{TRAIN_IMAGES} training and {TEST_IMAGES} test images" in ran.stdout
+    assert f'"batch_size": {BATCH}' in ran.stdout and f"{parameters} parameters" in ran.stdout
+    resolved = json.loads(ran.stdout[:ran.stdout.index("\n}\n") + 2])
+    spec = DATASETS[dataset]
+    assert resolved["data"]["dataset"] == dataset and resolved["model"]["num_classes"] == classes
+    assert (resolved["augment"]["mean"], resolved["augment"]["std"]) == (list(spec.mean), list(spec.std))
+    assert f"{spec.title}, {TRAIN_IMAGES} training and {TEST_IMAGES} test images of {classes} classes" in ran.stdout
     # 80 images, batch 16: 5 iterations per epoch, 10 in all, the peak at 30%
     assert "learning rate: 0.004 at iteration 1, 0.1 at iteration 3, 4e-07 at iteration 10" in ran.stdout
     assert ("momentum: 0.95 at iteration 1, 0.85 at iteration 3, 0.95 at iteration 10, cycled by the schedule"
@@ -253,3 +264,32 @@ def test_a_resumed_runs_event_files_lose_what_was_logged_after_its_checkpoint(tm
     assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(0, 1.0), (5, 3.0)]
     assert [e.step for e in acc.Tensors("config/text_summary")] == [0]
     assert [e.step for e in acc.Tensors("most_confused/text_summary")] == [5]
+
+
+@pytest.mark.slow
+def test_a_cifar10_run_keeps_its_data_set_through_evaluate_predict_and_resume(tmp_path: Path) -> None:
+    """One epoch of 5 steps on 40 CIFAR-10 images (pickled as the original archive is): its config,
+    checkpoints, evaluation and predictions have the data set's 10 classes and names, and a resume cannot
+    switch the data set."""
+    data = write_cifar10(tmp_path / "data", 40, 10, python2=True)
+    cfg = run_config(tmp_path / "c.json", data, tmp_path / "runs", train={"batch_size": 8, "epochs": 1})
+    ran = run_main("--config", str(cfg), "--set", "data.dataset=cifar10", "--run-name", "r", "--device", "cpu")
+    assert ran.returncode == 0, ran.stderr
+    run_dir = tmp_path / "runs" / "r"
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert (saved["data"]["dataset"], saved["model"]["num_classes"]) == ("cifar10", 10)
+    assert saved["augment"]["mean"] == list(DATASETS["cifar10"].mean)
+    best = run_dir / "checkpoints" / "best.pt"
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    assert json.loads(load_checkpoint(best)["meta"]["classes"]) == names
+    evaluated = run_main("evaluate", "--checkpoint", str(best), "--json", "--device", "cpu")
+    assert evaluated.returncode == 0, evaluated.stderr
+    report = json.loads(evaluated.stdout)
+    assert report["images"] == 10 and set(report["per_class_accuracy"]) <= set(names)
+    image = tmp_path / "x.png"
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(image)
+    predicted = run_main("predict", "--checkpoint", str(best), str(image), "--topk", "10", "--json")
+    assert predicted.returncode == 0, predicted.stderr
+    assert sorted(t["class"] for t in json.loads(predicted.stdout)[0]["top"]) == sorted(names)
+    refused = run_main("--resume", str(run_dir), "--set", "data.dataset=cifar100")
+    assert refused.returncode == 2 and "data.dataset cannot change when a run is resumed" in refused.stderr

@@ -90,9 +90,10 @@ def sweep(args: argparse.Namespace, config_from_flags: Callable[[argparse.Namesp
         _refuse_flags_the_grid_sets(args, grid)
         plan = make_plan(base, seeds, grid, args.name)
     # The data, once here rather than by many runs at once; paths as the runs see them, from the workdir.
-    for root, download in sorted({(c["data"]["root"], c["data"]["download"]) for _, c in run_configs(base, plan)}):
+    data = {(c["data"]["root"], c["data"]["dataset"], c["data"]["download"]) for _, c in run_configs(base, plan)}
+    for root, dataset, download in sorted(data):
         if download or not args.print_commands:  # where the data is only on the nodes, it is theirs to check
-            ensure_dataset(plan.workdir / root, download)
+            ensure_dataset(plan.workdir / root, dataset, download)
     with StopRequests() as stops:
         lock = None
         if args.resume is None:

@@ -234,9 +234,9 @@ def test_evaluate_cpu(acceptance: Acceptance, graphed: Path, evaluated: dict, re
 def test_predict_gpu(acceptance: Acceptance, data: Path, graphed: Path, record_property: Record) -> None:
     from PIL import Image
 
-    from app.data import load_cifar100
+    from app.data import load_dataset
 
-    test = load_cifar100(str(data), 100)
+    test = load_dataset(str(data), "cifar100")
     paths = []
     for i in range(4):
         path = acceptance.work / f"test_{i}.png"
