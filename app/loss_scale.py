@@ -3,14 +3,14 @@
 Why not torch.amp.GradScaler: its `step` asks the host whether the gradients were finite
 (`found_inf.item()`) and calls the optimizer or not, a decision a graph cannot replay. Here the scale,
 the count of good steps and the step's finite check are 0-dim device tensors, and every decision is a
-kernel: the optimizer takes the check and selects, element by element, the old parameters and momentum
-buffers where a gradient was not finite (app/optim.py `sgd_update`); `torch._amp_update_scale_`
+kernel: the optimizer takes the check and, if any gradient was not finite, keeps every parameter and
+momentum buffer as it was, by a selection in its kernels (app/optim.py `sgd_update`); `torch._amp_update_scale_`
 halves the scale after such a step and doubles it after `growth_interval` good steps in a row.
 
 The arithmetic is GradScaler's with its defaults, call for call (torch/amp/grad_scaler.py): the loss
 times the scale; the gradients, grouped by device and dtype in param-group order, unscaled in place by
 the scale's reciprocal taken in float64 and checked by `torch._amp_foreach_non_finite_check_and_unscale_`;
-the optimizer step skipped where that found anything; then `torch._amp_update_scale_`. A good step's
+the optimizer step skipped if that found anything; then `torch._amp_update_scale_`. A good step's
 update is the plain one bit for bit, so a run here and one with GradScaler and the same optimizer take
 the same steps (tests/test_loss_scale.py). Two differences, neither in the weights: a step skipped
 before the optimizer's first real step leaves zero momentum buffers in its state where GradScaler
@@ -27,7 +27,7 @@ their gradients: nothing here unscales fp16.
 
 The state is GradScaler's `state_dict` layout (scale as a float, growth_factor, backoff_factor,
 growth_interval, _growth_tracker as an int), under the training checkpoint's key "scaler" as before, so
-a checkpoint written by GradScaler resumes here exactly, and the reverse.
+a checkpoint written by GradScaler resumes here exactly.
 """
 from __future__ import annotations
 
