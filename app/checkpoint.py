@@ -3,11 +3,11 @@ how it is loaded (once), checked and decoded.
 
 A training checkpoint holds the trainer's position, the model, the optimizer, the schedule, every
 process's augmentation generator (`GeneratorStates`), the best-model tracker, results and the smoothed
-training loss (rank 0's), the GradScaler under fp16, and `meta`: the run's config, class names and a
-fingerprint of its data, as JSON text, so that loading needs nothing but `weights_only=True`. A
-best-model checkpoint holds the model and `meta` with, besides, where in the run it was found (its epoch
-and iteration) and the validation metrics that made it the best (`BestModelMeta`). The file names and
-the crash-safe saving are handlers/checkpoints.py's.
+training loss (rank 0's), the loss scaler under fp16 (app/loss_scale.py), and `meta`: the run's config,
+class names and a fingerprint of its data, as JSON text, so that loading needs nothing but
+`weights_only=True`. A best-model checkpoint holds the model and `meta` with, besides, where in the run
+it was found (its epoch and iteration) and the validation metrics that made it the best
+(`BestModelMeta`). The file names and the crash-safe saving are handlers/checkpoints.py's.
 
 A checkpoint is loaded on the CPU and each object then moves its own state to where it lives: the
 model and optimizer to the training device; a generator takes only a CPU byte tensor, whatever device

@@ -14,17 +14,21 @@ What a replay needs, and how it gets it:
   capture-time value is baked into the graph;
 - the augmentation's random numbers: its generator is registered with each graph, so every replay
   draws new ones and the generator's state (saved in checkpoints) advances as in eager mode;
+- under fp16, the loss scale and its decisions: the scaler (app/loss_scale.py) keeps its scale and
+  count of good steps in device tensors that the graph reads and updates, and the skip of a non-finite
+  step is a selection inside the optimizer's kernels, so nothing is decided on the host;
 - no side effects from capturing: the warm-up steps that capture needs really train, so the model,
-  the optimizer's state and the generator are snapshotted before and restored after.
+  the optimizer's state, the generator and the loss scaler are snapshotted before and restored after.
 """
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
+from app.loss_scale import LossScaler
 from app.optim import CapturableSGD
 
 Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # engines.TrainStep: (images, labels) -> output
@@ -32,8 +36,9 @@ Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # engines.TrainStep
 
 class CudaGraphStep:
     def __init__(self, eager_step: Step, model: nn.Module, optimizer: CapturableSGD,
-                 generator: torch.Generator) -> None:
+                 generator: torch.Generator, scaler: Optional[LossScaler] = None) -> None:
         self.eager_step, self.model, self.optimizer, self.generator = eager_step, model, optimizer, generator
+        self.scaler_state = scaler.tensors() if scaler is not None else []  # what eager_step's scaler changes
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.failed = False
 
@@ -62,6 +67,7 @@ class CudaGraphStep:
             "optimizer": {(p, k): v.clone() for p, s in self.optimizer.state.items() for k, v in s.items()
                           if isinstance(v, torch.Tensor)},
             "generator": self.generator.get_state(),
+            "scaler": [t.clone() for t in self.scaler_state],
         }
 
     def _restore(self, snapshot: dict[str, Any]) -> None:
@@ -74,6 +80,8 @@ class CudaGraphStep:
                         # State born in the warm-up goes back to how the optimizer creates it: zero
                         # (momentum * 0 + grad is the first step's buffer, exactly).
                         v.copy_(snapshot["optimizer"][p, k]) if (p, k) in snapshot["optimizer"] else v.zero_()
+            for t, saved in zip(self.scaler_state, snapshot["scaler"]):
+                t.copy_(saved)
         self.generator.set_state(snapshot["generator"])
 
     def _capture(self, images: torch.Tensor, labels: torch.Tensor):

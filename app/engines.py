@@ -20,13 +20,15 @@ from app.config import TOP_K, Config
 from app.cuda_graph import CudaGraphStep
 from app.device import memory_format
 from app.loader import ShardedBatches
+from app.loss_scale import LossScaler
 from app.optim import CapturableSGD
 from handlers.eval_counts import EvalCounts
 
 
 @dataclass(frozen=True)
 class Precision:
-    """How the forward pass runs: autocast dtype (None = fp32) and whether a GradScaler is needed."""
+    """How the forward pass runs: autocast dtype (None = fp32) and whether the loss is scaled (fp16's
+    gradients would underflow; app/loss_scale.py)."""
 
     dtype: Optional[torch.dtype]
     scaler: bool
@@ -53,11 +55,12 @@ TrainStep = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
                     augment: Callable[[torch.Tensor], torch.Tensor], device: torch.device, precision: Precision,
-                    scaler: Optional[torch.amp.GradScaler] = None, channels_last: bool = False) -> TrainStep:
+                    scaler: Optional[LossScaler] = None, channels_last: bool = False) -> TrainStep:
     """One optimizer step on a uint8 batch already on the device: augment there, forward, backward,
     step. Returns the batch's loss and top-1 (of the logits this step trained on, augmented images,
     model in training mode) as one device tensor: reading it would synchronise, so LossBuffer reads
-    it in batches; captured in a CUDA graph, it is the graph's one output."""
+    it in batches; captured in a CUDA graph, it is the graph's one output. With `scaler` (fp16) the
+    loss is scaled, the gradients unscaled and checked and a non-finite step skipped, all on the device."""
     layout = memory_format(channels_last)
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -80,21 +83,21 @@ def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
     return step
 
 
-def use_cuda_graphs(cfg: Config, device: torch.device, world: int, precision: Precision) -> bool:
-    """Graphs replace launch overhead on one GPU; DDP's all-reduce, torch.compile (which has its own
-    graphs) and fp16's loss scaling (a host decision per step) keep the eager step."""
-    return (cfg.train.cuda_graphs and device.type == "cuda" and world == 1 and not cfg.train.compile
-            and not precision.scaler)
+def use_cuda_graphs(cfg: Config, device: torch.device, world: int) -> bool:
+    """Graphs replace launch overhead on one GPU; DDP's all-reduce and torch.compile (which has its own
+    graphs) keep the eager step. fp16's loss scaling is device operations only (app/loss_scale.py), so
+    it is captured with the rest."""
+    return cfg.train.cuda_graphs and device.type == "cuda" and world == 1 and not cfg.train.compile
 
 
 def build_train_step(cfg: Config, model: nn.Module, train_model: nn.Module, optimizer: CapturableSGD,
                      augment: BatchAugment, device: torch.device, precision: Precision,
-                     scaler: Optional[torch.amp.GradScaler], world: int) -> TrainStep:
+                     scaler: Optional[LossScaler], world: int) -> TrainStep:
     """The eager step of `train_model` (the model itself, or its DDP / torch.compile wrapper), replayed
     from CUDA graphs where `use_cuda_graphs` allows (each replay advancing the augmentation's generator)."""
     step = make_train_step(train_model, optimizer, augment, device, precision, scaler, cfg.train.channels_last)
-    if use_cuda_graphs(cfg, device, world, precision):
-        step = CudaGraphStep(step, model, optimizer, augment.generator)
+    if use_cuda_graphs(cfg, device, world):
+        step = CudaGraphStep(step, model, optimizer, augment.generator, scaler)
     return step
 
 

@@ -30,6 +30,10 @@ update within float rounding: it rounds g + weight_decay * p twice where the eag
 one multiply-add (without weight decay the two agree bit for bit on the CPU), and on a GPU Triton and
 CUDA's kernels may contract multiply-adds differently. The option is not part of the state, so a run
 resumes across it.
+
+Under fp16's loss scaling (app/loss_scale.py) `step` and `update` take the scaler's finite check, a
+device tensor, and the update skips itself where it is set: no host read, so a graph captures the skip
+too (`sgd_update`). Without it the update is the one above, call for call.
 """
 from __future__ import annotations
 
@@ -51,7 +55,7 @@ class CapturableSGD(torch.optim.Optimizer):
             raise ValueError("Nesterov momentum needs momentum > 0")
         self._scheduled: list[dict[str, torch.Tensor]] = []  # per group: name -> 0-dim device tensor
         # An attribute, not a param group key: the state_dict stays torch.optim.SGD's whichever update runs.
-        self._update_groups: Callable[[list[GroupUpdate]], None] = (
+        self._update_groups: Callable[..., None] = (  # update_groups(work[, found_inf])
             torch.compile(update_groups, fullgraph=True, dynamic=False) if fused else update_groups)
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov))
 
@@ -71,24 +75,27 @@ class CapturableSGD(torch.optim.Optimizer):
                 tensor.fill_(group[name])
 
     @torch.no_grad()
-    def step(self, closure: None = None) -> None:  # type: ignore[override]
+    def step(self, closure: None = None, found_inf: Optional[torch.Tensor] = None) -> None:  # type: ignore[override]
         if closure is not None:
             raise ValueError("CapturableSGD.step takes no closure")
         if not _capturing(self._scheduled[0]["lr"].device):
             self.load_scheduled_values()
-        self.update()
+        self.update(found_inf)
 
     @torch.no_grad()
-    def update(self) -> None:
-        """One SGD step with every group's lr and momentum taken from its tensors."""
+    def update(self, found_inf: Optional[torch.Tensor] = None) -> None:
+        """One SGD step with every group's lr and momentum taken from its tensors. `found_inf` (the loss
+        scaler's check, app/loss_scale.py): a 0-dim device tensor, nonzero to leave everything as it was."""
         work = []
         for group, tensors in zip(self.param_groups, self._scheduled):
             params = [p for p in group["params"] if p.grad is not None]
             if params:  # the buffers are born here, outside what torch.compile traces
                 work.append(GroupUpdate(params, [p.grad for p in params], [self._momentum_buffer(p) for p in params],
                                         tensors["lr"], tensors["momentum"], group["weight_decay"], group["nesterov"]))
-        if work:
-            self._update_groups(work)
+        if work and found_inf is None:
+            self._update_groups(work)  # the call of a run without loss scaling, as it has always been
+        elif work:
+            self._update_groups(work, found_inf)
 
     def _momentum_buffer(self, p: torch.Tensor) -> torch.Tensor:
         state = self.state[p]
@@ -110,27 +117,48 @@ class GroupUpdate(NamedTuple):
     nesterov: bool
 
 
-def update_groups(work: list[GroupUpdate]) -> None:
-    """Every group's update in one call, so that torch.compile makes one graph (and fused kernels) of the step."""
+def update_groups(work: list[GroupUpdate], found_inf: Optional[torch.Tensor] = None) -> None:
+    """Every group's update in one call, so that torch.compile makes one graph (and fused kernels) of the step
+    (one graph without `found_inf`, another with it)."""
     for group in work:
-        sgd_update(*group)
+        sgd_update(*group, found_inf=found_inf)
 
 
 def sgd_update(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor],
-               lr: torch.Tensor, momentum: torch.Tensor, weight_decay: float, nesterov: bool) -> None:
+               lr: torch.Tensor, momentum: torch.Tensor, weight_decay: float, nesterov: bool,
+               found_inf: Optional[torch.Tensor] = None) -> None:
     """The update in multi-tensor operations; `lr` and `momentum` are 0-dim tensors on the params'
-    device, read by the kernels themselves (no host round trip, so a graph replays their current value)."""
+    device, read by the kernels themselves (no host round trip, so a graph replays their current value).
+
+    With `found_inf` (fp16's loss scaling) the step is skipped, on the device, when it is nonzero, as
+    GradScaler skips `optimizer.step()` on the host: the new buffers and weights are computed out of place,
+    by the same operations on the same values (so a good step is the in-place one bit for bit), and
+    `torch.where` keeps the old or takes the new, element by element. Exact whatever the gradients hold:
+    a masked arithmetic would not be (weight decay adds wd * p to a zeroed gradient, inf * 0 is nan, and
+    adding a zero or subtracting lr 0 * buf can flip the sign of a zero). The cost: temporaries the size of
+    the weights and buffers, and one more pass over each; the compiled update fuses it all."""
     if weight_decay:
         grads = torch._foreach_add(grads, params, alpha=weight_decay)
-    torch._foreach_mul_(bufs, momentum)
-    torch._foreach_add_(bufs, grads)
+    if found_inf is None:
+        torch._foreach_mul_(bufs, momentum)
+        torch._foreach_add_(bufs, grads)
+        new_bufs = bufs
+    else:
+        new_bufs = torch._foreach_mul(bufs, momentum)
+        torch._foreach_add_(new_bufs, grads)
     if nesterov:
-        directions = torch._foreach_mul(bufs, momentum)
+        directions = torch._foreach_mul(new_bufs, momentum)
         torch._foreach_add_(directions, grads)
         torch._foreach_mul_(directions, lr)
     else:
-        directions = torch._foreach_mul(bufs, lr)
-    torch._foreach_sub_(params, directions)
+        directions = torch._foreach_mul(new_bufs, lr)
+    if found_inf is None:
+        torch._foreach_sub_(params, directions)
+        return
+    new_params = torch._foreach_sub(params, directions)
+    skip = found_inf != 0
+    for old, new in zip(params + bufs, new_params + new_bufs):
+        torch.where(skip, old, new, out=old)  # out= the very tensor read: elementwise, so exact
 
 
 def _capturing(device: torch.device) -> bool:

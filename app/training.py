@@ -35,6 +35,7 @@ from app.errors import UserError
 from app.hparams import hparams
 from app.launch import failure
 from app.loader import ShardedBatches
+from app.loss_scale import LossScaler
 from app.model import build_model, count_parameters
 from app.optim import CapturableSGD, build_optimizer, build_scheduler, scheduled_values
 from app.runs import RunLock, RunPlan, claim_run_dir
@@ -62,7 +63,7 @@ class RunParts:
     scheduler: torch.optim.lr_scheduler.OneCycleLR
     augment: BatchAugment
     step: TrainStep  # trains `model` (through DDP / torch.compile where configured)
-    scaler: Optional[torch.amp.GradScaler]
+    scaler: Optional[LossScaler]  # fp16's, in the training checkpoint as "scaler"
 
 
 def build_parts(cfg: Config, local_rank: int) -> RunParts:
@@ -88,7 +89,7 @@ def build_parts(cfg: Config, local_rank: int) -> RunParts:
         train_model = torch.compile(train_model)
 
     precision = Precision.resolve(cfg.train.amp, device)
-    scaler = torch.amp.GradScaler(device.type) if precision.scaler else None
+    scaler = LossScaler(device) if precision.scaler else None
     augment = build_augment(cfg.augment, torch.Generator(device).manual_seed(cfg.seed * 7919 + rank))
     step = build_train_step(cfg, model, train_model, optimizer, augment, device, precision, scaler, world)
     return RunParts(device, data, train_batches, test_batches, model, optimizer, scheduler, augment, step, scaler)

@@ -16,6 +16,7 @@ from app.config import Config
 from app.device import memory_format
 from app.engines import Precision, build_train_step, create_trainer
 from app.loader import ShardedBatches, iterations_per_epoch
+from app.loss_scale import LossScaler
 from app.model import build_model
 from app.optim import build_optimizer, build_scheduler, scheduled_values
 from bench.seed_pipeline import as_pil, run_per_image, seed_transform
@@ -82,8 +83,9 @@ class _Setup:
         self.scheduler = build_scheduler(cfg, self.optimizer, 0, total_steps=iters_total + 10)
         self.precision = Precision.resolve(cfg.train.amp, device)
         self.fmt = fmt
+        self.scaler = LossScaler(device) if self.precision.scaler else None  # fp16's, as a run has it
         self.step = build_train_step(cfg, self.model, self.train_model, self.optimizer, self.augment, device,
-                                     self.precision, None, world=1)
+                                     self.precision, self.scaler, world=1)
 
 
 def plain_loop(s: _Setup, device: torch.device, iters: int) -> float:

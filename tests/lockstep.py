@@ -4,7 +4,7 @@ Comparing two whole trajectories of ResNet18 does not work: its training is chao
 and two correct SGD steps that round differently in the last bit (torch.optim.SGD and app/optim.py, say)
 are 1% apart in loss after 12 steps at batch 64 (measured on the CPU). So before every step the
 reference takes the candidate's whole state (weights, BatchNorm statistics, momentum buffers,
-augmentation generator), both run one step on the same batch with lr and momentum from their own
+augmentation generator, fp16's loss scale), both run one step on the same batch with lr and momentum from their own
 real schedule, and what each step did (the loss, the change of every weight, the momentum buffers) is
 compared. Differences cannot compound, so the tolerance can be tight; a value that a step gets wrong
 (a momentum frozen at the moment of capture, say) shows at once.
@@ -23,6 +23,7 @@ from torch import nn
 from app.augment import build_augment
 from app.config import Config, override
 from app.engines import Precision, TrainStep, make_train_step
+from app.loss_scale import LossScaler
 from app.model import cifar_resnet18
 from app.optim import CapturableSGD, build_optimizer, build_scheduler
 
@@ -34,13 +35,16 @@ class Side:
     scheduler: torch.optim.lr_scheduler.OneCycleLR
     generator: torch.Generator
     step: TrainStep
+    scaler: Optional[LossScaler] = None
 
 
 def make_side(device: torch.device, precision: Precision, steps_per_epoch: int, epochs: int,
-              wrap: Optional[Callable[[TrainStep, nn.Module, CapturableSGD, torch.Generator], TrainStep]] = None,
-              settings: Optional[dict] = None) -> Side:
+              wrap: Optional[Callable[[TrainStep, nn.Module, CapturableSGD, torch.Generator, Optional[LossScaler]],
+                                      TrainStep]] = None,
+              settings: Optional[dict] = None, loss_scale: Optional[dict] = None) -> Side:
     """The application's parts, as a run builds them for the recipe: ResNet18 (channels_last), the
-    optimizer, OneCycleLR over `epochs` x `steps_per_epoch`, the augmentation and the training step.
+    optimizer, OneCycleLR over `epochs` x `steps_per_epoch`, the augmentation and the training step
+    (with the loss scaler where `precision` scales, made with the arguments `loss_scale`).
     `settings`: config keys of the recipe changed for this side (train.fused_update, say)."""
     cfg = override(Config(), {"train.epochs": epochs, "train.device": device.type, **(settings or {})})
     torch.manual_seed(0)
@@ -48,11 +52,12 @@ def make_side(device: torch.device, precision: Precision, steps_per_epoch: int, 
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
     generator = torch.Generator(device).manual_seed(1)
-    step = make_train_step(model, optimizer, build_augment(cfg.augment, generator), device, precision, None,
+    scaler = LossScaler(device, **(loss_scale or {})) if precision.scaler else None
+    step = make_train_step(model, optimizer, build_augment(cfg.augment, generator), device, precision, scaler,
                            channels_last=True)
     if wrap is not None:
-        step = wrap(step, model, optimizer, generator)
-    return Side(model, optimizer, scheduler, generator, step)
+        step = wrap(step, model, optimizer, generator, scaler)
+    return Side(model, optimizer, scheduler, generator, step, scaler)
 
 
 def _take_state(dst: Side, src: Side) -> None:
@@ -64,6 +69,9 @@ def _take_state(dst: Side, src: Side) -> None:
         if "momentum_buffer" in src.optimizer.state[ps]:
             dst.optimizer.state[pd]["momentum_buffer"] = src.optimizer.state[ps]["momentum_buffer"].clone()
     dst.generator.set_state(src.generator.get_state())
+    if src.scaler is not None:
+        for d, s in zip(dst.scaler.tensors(), src.scaler.tensors()):
+            d.copy_(s)
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, rtol: float) -> float:
@@ -95,7 +103,13 @@ def compare_steps(reference: Side, candidate: Side, epoch: list[tuple[torch.Tens
             if bc.dtype.is_floating_point:
                 worst = max(worst, _close(bc, br, rtol))
         momentum = candidate.optimizer.scheduled_tensors()["momentum"].item()
-        log.append({"step": i + 1, "batch": len(labels), "loss": loss_c, "momentum": momentum, "worst": worst})
+        scale = None
+        if candidate.scaler is not None:  # both skipped the step or neither: the same scale, exactly
+            scale = candidate.scaler.scale_tensor.item()
+            if scale != reference.scaler.scale_tensor.item():
+                worst = float("inf")
+        log.append({"step": i + 1, "batch": len(labels), "loss": loss_c, "momentum": momentum, "scale": scale,
+                    "worst": worst})
         if worst > 1:
             raise AssertionError(f"step {i + 1} (batch {len(labels)}, momentum {momentum:.4f}): differs by "
                                  f"{worst:.1f}x the tolerance {rtol}")

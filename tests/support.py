@@ -1,6 +1,7 @@
 """What the tests share: config files over the project's config.json, the application run as a user
 runs it (a fresh process) or in this process through `main()`, and the checks every such run needs.
-(Data sets in the real on-disk format: bench/synthetic.py, `write_cifar100` and `write_cifar10`.)"""
+(Data sets in the real on-disk format: bench/synthetic.py, `write_cifar100` and `write_cifar10`.) And the check
+that code asks the host for nothing (`HostReads`, `forbid_python_reads`)."""
 from __future__ import annotations
 
 import contextlib
@@ -16,7 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from app.cli import main
 from handlers.metrics_csv import TIMING_COLUMNS, read_metrics_csv
@@ -160,3 +164,33 @@ def scalars(folder: Path, tag: str) -> list[tuple[int, float]]:
     acc = EventAccumulator(str(folder))
     acc.Reload()
     return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+class HostReads(TorchDispatchMode):
+    """Every operator run under it that makes the host wait for the device: those that return a value
+    to the host (`.item()`, `bool()`, `int()` come here as `_local_scalar_dense`) and those whose output
+    size depends on the data (`nonzero`, `bincount`, boolean-mask indexing, `unique`), which must read
+    the data to allocate. PyTorch tags both kinds on every operator, so this does not rely on a list."""
+
+    SYNCING = (torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(tag in func.tags for tag in self.SYNCING):
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def forbid_python_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Host reads that never reach the operator dispatcher (`tolist`, `numpy`) or that do nothing on a
+    CPU tensor but copy and wait on a GPU (`cpu`) raise, as do the conversions, to be sure."""
+    def refusing(name: str) -> Any:
+        def refuse(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            raise AssertionError(f"a host read: Tensor.{name}")
+        return refuse
+
+    for name in ("item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, refusing(name))

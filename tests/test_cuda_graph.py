@@ -1,14 +1,17 @@
 """The CUDA-graph step computes what the eager step computes, at every step of the recipe's real schedule
 (runs only where there is a GPU; `bash bench/gpu.sh` runs it).
 
-Step by step (tests/lockstep.py): before each step the eager side takes the graphed side's state, both
-step on the same batch, and what each step did is compared: one whole OneCycleLR cycle of three epochs
-whose last batch is smaller (two graphs), momentum cycling 0.95 -> 0.85 -> 0.95, ResNet18 in
-channels_last, fp32 and the default bf16 autocast. cuDNN is made deterministic, so both sides run the
-same kernels on the same values; the tolerance (each step's loss, weight changes, momentum buffers and
-BatchNorm statistics within 1e-3 of their largest value in fp32, 1e-2 in bf16) leaves room for
-rounding only. A momentum frozen at its first value differs by 3.8x the bf16 tolerance already at the
-second step (tests/test_lockstep.py, on the CPU).
+Step by step (tests/lockstep.py): before each step the eager side takes the graphed side's state, both step on
+the same batch, and what each step did is compared: one whole OneCycleLR cycle of three epochs whose last
+batch is smaller (two graphs), momentum cycling 0.95 -> 0.85 -> 0.95, ResNet18 in channels_last, fp32, the
+default bf16 autocast and fp16 with its loss scaling in the graph. cuDNN is made deterministic, so both sides
+run the same kernels on the same values; the tolerance (each step's loss, weight changes, momentum buffers and
+BatchNorm statistics within 1e-3 of their largest value in fp32, 1e-2 in bf16 and fp16; fp16's loss scale
+equal) leaves room for rounding only. fp16 starts at a loss scale of 2**24, which overflows the first steps'
+fp16 gradients (the logits' gradient alone is about 2**18 there), and grows the scale after every 2 good
+steps: the graphs replay skipped steps, the backoff and the growth, not only good steps. A momentum frozen at
+its first value differs by 3.8x the bf16 tolerance already at the second step (tests/test_lockstep.py, on the
+CPU).
 """
 from __future__ import annotations
 
@@ -34,17 +37,17 @@ def deterministic_cudnn():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("precision,rtol", [(Precision(None, False), 1e-3), (Precision(torch.bfloat16, False), 1e-2)],
-                         ids=["fp32", "bf16"])
+@pytest.mark.parametrize("precision,rtol", [(Precision(None, False), 1e-3), (Precision(torch.bfloat16, False), 1e-2),
+                                            (Precision(torch.float16, True), 1e-2)], ids=["fp32", "bf16", "fp16"])
 def test_graphed_steps_equal_eager_steps_over_a_whole_one_cycle(deterministic_cudnn, precision: Precision,
                                                                   rtol: float) -> None:
     device = torch.device("cuda")
     g = torch.Generator().manual_seed(0)
     epoch = [(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g).to(device),
               torch.randint(0, 100, (n,), generator=g).to(device)) for n in SIZES]
-    eager = make_side(device, precision, len(SIZES), EPOCHS)
-    graphed = make_side(device, precision, len(SIZES), EPOCHS,
-                        wrap=lambda step, model, optimizer, generator: CudaGraphStep(step, model, optimizer, generator))
+    loss_scale = {"init_scale": 2.0**24, "growth_interval": 2}
+    eager = make_side(device, precision, len(SIZES), EPOCHS, loss_scale=loss_scale)
+    graphed = make_side(device, precision, len(SIZES), EPOCHS, wrap=CudaGraphStep, loss_scale=loss_scale)
     start = graphed.generator.get_state()
 
     log = compare_steps(eager, graphed, epoch, EPOCHS, rtol)
@@ -53,6 +56,9 @@ def test_graphed_steps_equal_eager_steps_over_a_whole_one_cycle(deterministic_cu
     momenta = [e["momentum"] for e in log]  # what the graphed optimizer read
     assert momenta[0] == pytest.approx(0.95) and min(momenta) < 0.86 and momenta[-1] == pytest.approx(0.95)
     assert not torch.equal(graphed.generator.get_state(), start)  # replays draw new augmentations
+    if precision.scaler:  # the scale after each step: halved after the first (skipped), grown later
+        scales = [2.0**24] + [e["scale"] for e in log]
+        assert scales[1] == 2.0**23 and any(b > a for a, b in zip(scales, scales[1:]))
 
 
 @pytest.mark.gpu
@@ -67,7 +73,7 @@ def test_graphed_steps_with_the_fused_update_equal_eager_steps_over_a_whole_one_
     fp32 = Precision(None, False)
     eager = make_side(device, fp32, len(SIZES), EPOCHS)
     graphed = make_side(device, fp32, len(SIZES), EPOCHS, settings={"train.fused_update": True},
-                        wrap=lambda step, model, optimizer, generator: CudaGraphStep(step, model, optimizer, generator))
+                        wrap=CudaGraphStep)
 
     log = compare_steps(eager, graphed, epoch, EPOCHS, 1e-3)
 

@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from ignite.engine import Engine
 from ignite.metrics import Accuracy, ConfusionMatrix, Loss, TopKCategoricalAccuracy
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from app.config import Config, override
 from app.engines import create_evaluator
 from handlers.eval_counts import EvalCounts
+from tests.support import HostReads, forbid_python_reads
 
 CLASSES = 100
 SIZES = (37, 200, 1, 64, 113, 5)  # uneven batches, one of a single image
@@ -96,34 +96,6 @@ def test_the_apps_evaluator_reports_the_same_figures_under_the_same_keys() -> No
     _assert_same_figures(counted, {k.removeprefix("before/"): v for k, v in metrics.items() if k.startswith("before/")})
 
 
-class _HostReads(TorchDispatchMode):
-    """Every operator run under it that makes the host wait for the device: those that return a value
-    to the host (`.item()`, `bool()`, `int()` come here as `_local_scalar_dense`) and those whose output
-    size depends on the data (`nonzero`, `bincount`, boolean-mask indexing, `unique`), which must read
-    the data to allocate. PyTorch tags both kinds on every operator, so this does not rely on a list."""
-
-    SYNCING = (torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape)
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if any(tag in func.tags for tag in self.SYNCING):
-            self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
-def _forbid_python_reads(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Host reads that never reach the operator dispatcher (`tolist`, `numpy`) or that do nothing on a
-    CPU tensor but copy and wait on a GPU (`cpu`) raise, as do the conversions, to be sure."""
-    def refuse(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("a host read inside update")
-
-    for name in ("item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__"):
-        monkeypatch.setattr(torch.Tensor, name, refuse)
-
-
 def _update_all(metric: Any, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     for batch in batches:
         metric.update(batch)
@@ -132,8 +104,8 @@ def _update_all(metric: Any, batches: list[tuple[torch.Tensor, torch.Tensor]]) -
 def test_an_update_makes_no_host_read(monkeypatch: pytest.MonkeyPatch) -> None:
     batches = _batches(SIZES)
     metric = EvalCounts(CLASSES, k=5)
-    with monkeypatch.context() as patched, _HostReads() as reads:
-        _forbid_python_reads(patched)
+    with monkeypatch.context() as patched, HostReads() as reads:
+        forbid_python_reads(patched)
         _update_all(metric, batches)
     assert reads.ops == []
     _assert_same_figures(metric.compute(), _figures(batches, "ignite"))
@@ -141,7 +113,7 @@ def test_an_update_makes_no_host_read(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_the_host_read_check_catches_ignites_confusion_matrix() -> None:
     """The check above is not vacuous: Ignite's per-batch mask and bincount are what it finds."""
-    with _HostReads() as reads:
+    with HostReads() as reads:
         _update_all(ConfusionMatrix(CLASSES), _batches(SIZES[:1]))
     assert any("bincount" in op for op in reads.ops) and any("index" in op for op in reads.ops)
 
