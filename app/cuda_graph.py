@@ -15,12 +15,13 @@ What a replay needs, and how it gets it:
 - the augmentation's random numbers: its generator is registered with each graph, so every replay
   draws new ones and the generator's state (saved in checkpoints) advances as in eager mode;
 - no side effects from capturing: the warm-up steps that capture needs really train, so the model,
-  the optimizer's state and the generator are snapshotted before and restored after.
+  the optimizer's state, the generator and any `extra` tensors the step changes (the weights' EMA,
+  app/ema.py) are snapshotted before and restored after.
 """
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -32,8 +33,9 @@ Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # engines.TrainStep
 
 class CudaGraphStep:
     def __init__(self, eager_step: Step, model: nn.Module, optimizer: CapturableSGD,
-                 generator: torch.Generator) -> None:
+                 generator: torch.Generator, extra: Sequence[torch.Tensor] = ()) -> None:
         self.eager_step, self.model, self.optimizer, self.generator = eager_step, model, optimizer, generator
+        self.extra = list(extra)
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.failed = False
 
@@ -62,6 +64,7 @@ class CudaGraphStep:
             "optimizer": {(p, k): v.clone() for p, s in self.optimizer.state.items() for k, v in s.items()
                           if isinstance(v, torch.Tensor)},
             "generator": self.generator.get_state(),
+            "extra": [t.detach().clone() for t in self.extra],
         }
 
     def _restore(self, snapshot: dict[str, Any]) -> None:
@@ -74,6 +77,8 @@ class CudaGraphStep:
                         # State born in the warm-up goes back to how the optimizer creates it: zero
                         # (momentum * 0 + grad is the first step's buffer, exactly).
                         v.copy_(snapshot["optimizer"][p, k]) if (p, k) in snapshot["optimizer"] else v.zero_()
+            for t, saved in zip(self.extra, snapshot["extra"]):
+                t.copy_(saved)
         self.generator.set_state(snapshot["generator"])
 
     def _capture(self, images: torch.Tensor, labels: torch.Tensor):
