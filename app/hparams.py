@@ -29,8 +29,9 @@ def hparams(cfg: Config, world_size: int, device: torch.device) -> dict[str, Any
              "momentum_min": float(low), "momentum_max": float(high), "pct_start": float(cfg.schedule.pct_start),
              "nesterov": cfg.optimizer.nesterov, "precision": precision, "seed": cfg.seed, "dataset": cfg.data.dataset,
              "world_size": world_size}
-    if cfg.ema.decay:  # only where there is an EMA: without one, the session is what it was before
-        shown["ema_decay"] = float(cfg.ema.decay)
+    # Where there is an EMA, or a sweep's grid varies it (0: off); elsewhere the session is what it was before.
+    if cfg.ema.decay or "ema.decay" in cfg.logging.hparams:
+        shown["ema_decay"] = float(cfg.ema.decay or 0.0)
     settings = flat_settings(cfg)
     for key in cfg.logging.hparams:
         if key not in HPARAM_NAMES:
