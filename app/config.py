@@ -34,6 +34,10 @@ def _unit_closed(v: Any) -> Optional[str]:
     return None if 0 <= v <= 1 else "must be between 0 and 1"
 
 
+def _unit_half_open(v: Any) -> Optional[str]:
+    return None if 0 <= v < 1 else "must be from 0 to below 1 (0 or null: off)"
+
+
 def _seed_range(v: Any) -> Optional[str]:
     # torch generators take seeds below 2**64; training derives seed * 1_000_003 + epoch (app/loader.py)
     # and seed * 7919 + rank (app/training.py), which stay far below that for any seed below 2**32.
@@ -138,6 +142,21 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class EmaConfig:
+    # An exponential moving average of the weights (app/ema.py), Ignite's EMAHandler's arithmetic with
+    # momentum = 1 - decay; 0 or None (null): off, and the run is exactly what it is without this section.
+    decay: Optional[float] = field(default=None, metadata=_check(_unit_half_open))
+    # Ignite's warm-up: the decay moves linearly from warmup_decay (the first update) to decay over this many
+    # updates; 0: none.
+    warmup_iters: int = field(default=0, metadata=_check(_non_negative))
+    warmup_decay: float = field(default=0.0, metadata=_check(_unit_half_open))
+    # BatchNorm's running statistics as Ignite's handle_buffers: copied from the model, or averaged too.
+    buffers: Literal["copy", "update"] = "copy"
+    # Which evaluation picks the best-model checkpoint (and results.json's best and final).
+    select_best: Literal["model", "ema"] = "model"
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     batch_size: int = field(default=500, metadata=_check(_positive))
 
@@ -180,6 +199,7 @@ class Config:
     schedule: ScheduleConfig = ScheduleConfig()
     augment: AugmentConfig = AugmentConfig()
     train: TrainConfig = TrainConfig()
+    ema: EmaConfig = EmaConfig()
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
@@ -246,6 +266,12 @@ def _inconsistency(cfg: Config) -> Optional[str]:
                 f"{schedule.max_momentum}")
     if optimizer.nesterov and min(momentum_range(cfg)) <= 0:
         return "optimizer.nesterov needs a momentum above 0"
+    ema = cfg.ema
+    if not ema.decay and (ema.warmup_iters or ema.select_best == "ema"):
+        what = "ema.warmup_iters" if ema.warmup_iters else 'ema.select_best "ema"'
+        return f"{what} needs the EMA: set ema.decay (0.9999, say; 0 or null is off)"
+    if ema.warmup_decay and not ema.warmup_iters:
+        return f"ema.warmup_decay {ema.warmup_decay} would have no effect: ema.warmup_iters is 0"
     keys = setting_keys() if cfg.logging.hparams else []
     unknown = [k for k in cfg.logging.hparams if k not in keys]
     if unknown:

@@ -18,17 +18,17 @@ What a replay needs, and how it gets it:
   count of good steps in device tensors that the graph reads and updates, and the skip of a non-finite
   step is a selection inside the optimizer's kernels, so nothing is decided on the host;
 - no side effects from capturing: the warm-up steps that capture needs really train, so the model,
-  the optimizer's state, the generator and the loss scaler are snapshotted before and restored after.
+  the optimizer's state, the generator and any `extra` tensors the step changes (fp16's loss scale,
+  app/loss_scale.py; the weights' EMA, app/ema.py) are snapshotted before and restored after.
 """
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
-from app.loss_scale import LossScaler
 from app.optim import CapturableSGD
 
 Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # engines.TrainStep: (images, labels) -> output
@@ -36,9 +36,9 @@ Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # engines.TrainStep
 
 class CudaGraphStep:
     def __init__(self, eager_step: Step, model: nn.Module, optimizer: CapturableSGD,
-                 generator: torch.Generator, scaler: Optional[LossScaler] = None) -> None:
+                 generator: torch.Generator, extra: Sequence[torch.Tensor] = ()) -> None:
         self.eager_step, self.model, self.optimizer, self.generator = eager_step, model, optimizer, generator
-        self.scaler_state = scaler.tensors() if scaler is not None else []  # what eager_step's scaler changes
+        self.extra = list(extra)
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.failed = False
 
@@ -67,7 +67,7 @@ class CudaGraphStep:
             "optimizer": {(p, k): v.clone() for p, s in self.optimizer.state.items() for k, v in s.items()
                           if isinstance(v, torch.Tensor)},
             "generator": self.generator.get_state(),
-            "scaler": [t.clone() for t in self.scaler_state],
+            "extra": [t.detach().clone() for t in self.extra],
         }
 
     def _restore(self, snapshot: dict[str, Any]) -> None:
@@ -80,7 +80,7 @@ class CudaGraphStep:
                         # State born in the warm-up goes back to how the optimizer creates it: zero
                         # (momentum * 0 + grad is the first step's buffer, exactly).
                         v.copy_(snapshot["optimizer"][p, k]) if (p, k) in snapshot["optimizer"] else v.zero_()
-            for t, saved in zip(self.scaler_state, snapshot["scaler"]):
+            for t, saved in zip(self.extra, snapshot["extra"]):
                 t.copy_(saved)
         self.generator.set_state(snapshot["generator"])
 

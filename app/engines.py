@@ -18,6 +18,7 @@ from torch import nn
 from app.augment import BatchAugment, Normalize
 from app.config import TOP_K, Config
 from app.cuda_graph import CudaGraphStep
+from app.ema import WeightEma
 from app.device import memory_format
 from app.loader import ShardedBatches
 from app.loss_scale import LossScaler
@@ -92,12 +93,16 @@ def use_cuda_graphs(cfg: Config, device: torch.device, world: int) -> bool:
 
 def build_train_step(cfg: Config, model: nn.Module, train_model: nn.Module, optimizer: CapturableSGD,
                      augment: BatchAugment, device: torch.device, precision: Precision,
-                     scaler: Optional[LossScaler], world: int) -> TrainStep:
-    """The eager step of `train_model` (the model itself, or its DDP / torch.compile wrapper), replayed
-    from CUDA graphs where `use_cuda_graphs` allows (each replay advancing the augmentation's generator)."""
+                     scaler: Optional[LossScaler], world: int, ema: Optional[WeightEma] = None) -> TrainStep:
+    """The eager step of `train_model` (the model itself, or its DDP / torch.compile wrapper), followed by
+    the weights' EMA update where there is one (so that a graph captures it too), replayed from CUDA graphs
+    where `use_cuda_graphs` allows (each replay advancing the augmentation's generator)."""
     step = make_train_step(train_model, optimizer, augment, device, precision, scaler, cfg.train.channels_last)
+    if ema is not None:
+        step = ema.after(step)
     if use_cuda_graphs(cfg, device, world):
-        step = CudaGraphStep(step, model, optimizer, augment.generator, scaler)
+        changed = (scaler.tensors() if scaler is not None else []) + (ema.tensors() if ema is not None else [])
+        step = CudaGraphStep(step, model, optimizer, augment.generator, changed)
     return step
 
 

@@ -14,7 +14,7 @@ from app.engines import Precision
 HPARAM_NAMES = {"optimizer.lr": "lr", "train.batch_size": "batch_size", "train.epochs": "epochs",
                 "optimizer.weight_decay": "weight_decay", "schedule.cycle_momentum": "cycle_momentum",
                 "schedule.pct_start": "pct_start", "optimizer.nesterov": "nesterov", "train.amp": "precision",
-                "seed": "seed", "data.dataset": "dataset"}
+                "seed": "seed", "data.dataset": "dataset", "ema.decay": "ema_decay"}
 PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -29,6 +29,9 @@ def hparams(cfg: Config, world_size: int, device: torch.device) -> dict[str, Any
              "momentum_min": float(low), "momentum_max": float(high), "pct_start": float(cfg.schedule.pct_start),
              "nesterov": cfg.optimizer.nesterov, "precision": precision, "seed": cfg.seed, "dataset": cfg.data.dataset,
              "world_size": world_size}
+    # Where there is an EMA, or a sweep's grid varies it (0: off); elsewhere the session is what it was before.
+    if cfg.ema.decay or "ema.decay" in cfg.logging.hparams:
+        shown["ema_decay"] = float(cfg.ema.decay or 0.0)
     settings = flat_settings(cfg)
     for key in cfg.logging.hparams:
         if key not in HPARAM_NAMES:

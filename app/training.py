@@ -30,6 +30,7 @@ from app.checkpoint import (TRAINING_KEYS, GeneratorStates, RunMeta, attach_chec
 from app.config import Config, to_dict
 from app.data import CifarData, load_dataset
 from app.device import memory_format, resolve_device
+from app.ema import WeightEma
 from app.engines import Precision, TrainStep, build_train_step, create_evaluator, create_trainer, evaluation_batches
 from app.errors import UserError
 from app.hparams import hparams
@@ -64,6 +65,7 @@ class RunParts:
     augment: BatchAugment
     step: TrainStep  # trains `model` (through DDP / torch.compile where configured)
     scaler: Optional[LossScaler]  # fp16's, in the training checkpoint as "scaler"
+    ema: Optional[WeightEma] = None  # the weights' EMA (`ema.decay`), updated inside `step`
 
 
 def build_parts(cfg: Config, local_rank: int) -> RunParts:
@@ -79,6 +81,8 @@ def build_parts(cfg: Config, local_rank: int) -> RunParts:
 
     model = build_model(cfg.model.name, cfg.model.num_classes)
     model = model.to(device, memory_format=memory_format(cfg.train.channels_last))
+    ema = WeightEma(model, cfg.ema.decay, cfg.ema.warmup_iters, cfg.ema.warmup_decay, cfg.ema.buffers) \
+        if cfg.ema.decay else None
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, len(train_batches))
     train_model: nn.Module = model
@@ -91,8 +95,9 @@ def build_parts(cfg: Config, local_rank: int) -> RunParts:
     precision = Precision.resolve(cfg.train.amp, device)
     scaler = LossScaler(device) if precision.scaler else None
     augment = build_augment(cfg.augment, torch.Generator(device).manual_seed(cfg.seed * 7919 + rank))
-    step = build_train_step(cfg, model, train_model, optimizer, augment, device, precision, scaler, world)
-    return RunParts(device, data, train_batches, test_batches, model, optimizer, scheduler, augment, step, scaler)
+    step = build_train_step(cfg, model, train_model, optimizer, augment, device, precision, scaler, world, ema)
+    return RunParts(device, data, train_batches, test_batches, model, optimizer, scheduler, augment, step, scaler,
+                    ema)
 
 
 @dataclass
@@ -105,6 +110,7 @@ class WiredRun:
     writers: list[SaveThenRemove] = dataclasses.field(default_factory=list)  # rank 0's, to wait for at the end
     tensorboard: Optional[TensorBoardLogging] = None  # rank 0's
     results: Optional[RunResults] = None  # rank 0's
+    ema_evaluator: Optional[Engine] = None  # the EMA model's evaluation, beside the model's
 
 
 def wire_run(cfg: Config, plan: RunPlan, parts: RunParts, meta: RunMeta, stop: GracefulStop, rank0: bool,
@@ -122,6 +128,8 @@ def wire_run(cfg: Config, plan: RunPlan, parts: RunParts, meta: RunMeta, stop: G
     trainer = create_trainer(parts.step, parts.device)
     # Evaluation uses the plain module: no DDP collectives, so uneven shards cannot deadlock.
     evaluator = create_evaluator(cfg, parts.model, parts.device)
+    ema = parts.ema
+    ema_evaluator = create_evaluator(cfg, ema.ema_model, parts.device) if ema is not None else None
     saves = checkpoint_event(cfg.checkpoint.every_iters) | StopEvents.STOP_REQUESTED
     lr_scheduler = LRScheduler(parts.scheduler)  # sets lr and, with cycle_momentum, momentum
     losses = LossBuffer(cfg.logging.log_every_iters, scheduled_values(parts.optimizer))
@@ -131,12 +139,20 @@ def wire_run(cfg: Config, plan: RunPlan, parts: RunParts, meta: RunMeta, stop: G
                                "losses": losses}
     if parts.scaler is not None:
         to_save["scaler"] = parts.scaler
+    if ema is not None:
+        to_save["ema"] = ema
 
     def choose_epoch(engine: Engine) -> None:
         # After a resume from mid-epoch, skip the batches that epoch already trained on.
         parts.train_batches.set_epoch(engine.state.epoch, engine.state.iteration % len(parts.train_batches))
 
     def evaluate(_: Engine) -> None:
+        # The EMA's first: the model's evaluation, whose COMPLETED handlers log the best so far, then
+        # finds it up to date whichever of the two picks the best model (`ema.select_best`).
+        if ema_evaluator is not None:
+            if world > 1:
+                sync_buffers(ema.ema_model)
+            ema_evaluator.run(parts.test_batches)
         if world > 1:
             sync_buffers(parts.model)
         evaluator.run(parts.test_batches)
@@ -155,12 +171,15 @@ def wire_run(cfg: Config, plan: RunPlan, parts: RunParts, meta: RunMeta, stop: G
     # 3. Every process's augmentation generator, for rank 0's checkpoint (a collective).
     trainer.add_event_handler(saves, generators.gather)
     if not rank0:
-        return WiredRun(trainer, evaluator, to_save)
+        return WiredRun(trainer, evaluator, to_save, ema_evaluator=ema_evaluator)
 
     background = cfg.checkpoint.background_write
     saver = SaveThenRemove(plan.checkpoints_dir, background)  # one writer: files land in the order asked
-    best = best_model_checkpoint(saver, parts.model, meta, trainer, evaluator)
-    evaluator.add_event_handler(Events.COMPLETED, best)
+    # The best model and results.json's best and final: the evaluation `ema.select_best` names.
+    chosen, chosen_model = (ema_evaluator, ema.ema_model) if ema is not None and cfg.ema.select_best == "ema" \
+        else (evaluator, parts.model)
+    best = best_model_checkpoint(saver, chosen_model, meta, trainer, chosen)
+    chosen.add_event_handler(Events.COMPLETED, best)
     results = RunResults(plan.run_dir / "results.json")
     metrics = MetricsCsv(plan.run_dir / "metrics.csv", results.wall_time)
     to_save.update(best_checkpoint=best, results=results, metrics=metrics)
@@ -170,9 +189,9 @@ def wire_run(cfg: Config, plan: RunPlan, parts: RunParts, meta: RunMeta, stop: G
         ProgressLines(write, losses, evaluator, cfg.logging.progress_every_iters, world).attach(trainer)
     # 4. The epoch's line, after its evaluation; then, with the line's times, results.json, metrics.csv
     #    and TensorBoard's epoch figures; at the end, the run's summary after results.json says finished.
-    EpochSummary(evaluator, write, world).attach(trainer)
-    results.attach(trainer, evaluator)
-    metrics.attach(trainer, evaluator)
+    EpochSummary(evaluator, write, world, ema_evaluator).attach(trainer)
+    results.attach(trainer, chosen)
+    metrics.attach(trainer, evaluator, ema_evaluator)
     trainer.add_event_handler(Events.COMPLETED, lambda e: write(run_summary(results.as_dict(e, "finished"),
                                                                             plan.run_dir)))
     # A resumed run hides what earlier processes logged after its checkpoint (one resumed without a
@@ -180,7 +199,7 @@ def wire_run(cfg: Config, plan: RunPlan, parts: RunParts, meta: RunMeta, stop: G
     purge = plan.checkpoint.iteration + 1 if plan.checkpoint else None
     tb = TensorBoardLogging(plan.run_dir / "tb", purge_from=purge,
                             figures_every=cfg.logging.figures_every_epochs).attach(
-        trainer, evaluator, best=lambda: results.best, class_names=meta.classes,
+        trainer, evaluator, best=lambda: results.best, class_names=meta.classes, ema_evaluator=ema_evaluator,
         sample_images=None if plan.checkpoint else lambda: augmented_samples(cfg, parts))
     # 5. TensorBoard on disk, then the training checkpoint: what it holds and what TensorBoard shows agree.
     trainer.add_event_handler(saves, tb.flush)
@@ -195,7 +214,7 @@ def wire_run(cfg: Config, plan: RunPlan, parts: RunParts, meta: RunMeta, stop: G
         tb.log_hparams(hparams(cfg, world, parts.device))
     remove_partial_files(plan.checkpoints_dir)
     remove_partial_files(plan.run_dir)
-    return WiredRun(trainer, evaluator, to_save, [saver], tb, results)
+    return WiredRun(trainer, evaluator, to_save, [saver], tb, results, ema_evaluator)
 
 
 def allreduce_each_gradient(group, bucket):  # noqa: ANN001 - DDP refuses a hook whose annotations are strings

@@ -22,6 +22,7 @@ from handlers.atomic import write_atomic
 
 COLUMNS = ("epoch", "iteration", "train_loss", "val_top1", "val_top5", "val_loss", "lr", "epoch_seconds",
            "images_per_second", "wall_time_seconds", "wall_clock")
+EMA_COLUMNS = ("ema_top1", "ema_top5", "ema_loss")  # after val_loss, in a run with the weights' EMA only
 TIMING_COLUMNS = ("epoch_seconds", "images_per_second", "wall_time_seconds", "wall_clock")
 
 
@@ -30,16 +31,24 @@ class MetricsCsv:
         """`wall_time`: the run's seconds so far, every process of it (RunResults.wall_time)."""
         self.path, self.wall_time = Path(path), wall_time
         self.rows: list[dict[str, Any]] = []
+        self.columns = COLUMNS
 
-    def attach(self, trainer: Engine, evaluator: Engine) -> "MetricsCsv":
-        """Attach after EpochSummary (the epoch's times) and LossBuffer (the smoothed loss, the lr)."""
+    def attach(self, trainer: Engine, evaluator: Engine, ema_evaluator: Engine | None = None) -> "MetricsCsv":
+        """Attach after EpochSummary (the epoch's times) and LossBuffer (the smoothed loss, the lr). With
+        `ema_evaluator` (the EMA model's evaluation), its figures too, in EMA_COLUMNS; without, the file is
+        what it was before there was an EMA."""
+        if ema_evaluator is not None:
+            at = COLUMNS.index("val_loss") + 1
+            self.columns = COLUMNS[:at] + EMA_COLUMNS + COLUMNS[at:]
         trainer.add_event_handler(Events.STARTED, self.write)
-        trainer.add_event_handler(Events.EPOCH_COMPLETED, self._record, evaluator)
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, self._record, evaluator, ema_evaluator)
         return self
 
-    def _record(self, trainer: Engine, evaluator: Engine) -> None:
+    def _record(self, trainer: Engine, evaluator: Engine, ema_evaluator: Engine | None) -> None:
         s, m = trainer.state, evaluator.state.metrics
-        self.rows.append({
+        ema = {} if ema_evaluator is None else {f"ema_{k}": float(ema_evaluator.state.metrics[k])
+                                                for k in ("top1", "top5", "loss")}
+        self.rows.append({**ema,
             "epoch": s.epoch, "iteration": s.iteration, "train_loss": s.running_loss,
             "val_top1": float(m["top1"]), "val_top5": float(m["top5"]), "val_loss": float(m["loss"]), "lr": s.lr,
             "epoch_seconds": round(getattr(s, "epoch_seconds", 0.0), 3),
@@ -51,7 +60,7 @@ class MetricsCsv:
 
     def write(self, _: Engine | None = None) -> None:
         text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=COLUMNS, lineterminator="\n")
+        writer = csv.DictWriter(text, fieldnames=self.columns, lineterminator="\n")
         writer.writeheader()
         writer.writerows(self.rows)
         write_atomic(self.path, lambda f: f.write(text.getvalue().encode()))

@@ -155,7 +155,8 @@ class TensorBoardLogging:
 
     def attach(self, trainer: Engine, evaluator: Engine, *, best: Callable[[], Mapping[str, float]],
                class_names: Optional[Sequence[str]] = None,
-               sample_images: Optional[Callable[[], torch.Tensor]] = None) -> "TensorBoardLogging":
+               sample_images: Optional[Callable[[], torch.Tensor]] = None,
+               ema_evaluator: Optional[Engine] = None) -> "TensorBoardLogging":
         """`trainer` must have a LossBuffer attached; `evaluator` must compute top1, top5 and loss, and
         may compute "confusion" (int64 counts, rows the true class, columns the predicted). `best()`
         gives the metrics of the best evaluation so far (attach this after whatever updates it).
@@ -166,6 +167,8 @@ class TensorBoardLogging:
         trainer.add_event_handler(LossEvents.LOSS_FLUSHED, self._log_losses)
         evaluator.add_event_handler(Events.COMPLETED, self._log_validation, trainer)
         trainer.add_event_handler(Events.EPOCH_COMPLETED, self._log_epoch)
+        if ema_evaluator is not None:  # the weights' EMA: its figures as ema/top1, ema/top5, ema/loss
+            ema_evaluator.add_event_handler(Events.COMPLETED, self._log_ema, trainer)
         trainer.add_event_handler(Events.COMPLETED, self._log_success)
         trainer.add_event_handler(Events.COMPLETED, self.flush)
         if sample_images is not None:
@@ -200,6 +203,11 @@ class TensorBoardLogging:
             self.validation.histogram("validation/per_class_accuracy", 100 * per_class_accuracy(confusion), step,
                                       bins=np.linspace(0.0, 100.0, 21))
         self.validation.push()
+
+    def _log_ema(self, evaluator: Engine, trainer: Engine) -> None:
+        for name in ("top1", "top5", "loss"):
+            self.validation.scalar(f"ema/{name}", shown(name, float(evaluator.state.metrics[name])),
+                                   trainer.state.iteration)
 
     def _log_epoch(self, trainer: Engine) -> None:
         step = trainer.state.iteration

@@ -39,12 +39,13 @@ class Side:
 
 
 def make_side(device: torch.device, precision: Precision, steps_per_epoch: int, epochs: int,
-              wrap: Optional[Callable[[TrainStep, nn.Module, CapturableSGD, torch.Generator, Optional[LossScaler]],
+              wrap: Optional[Callable[[TrainStep, nn.Module, CapturableSGD, torch.Generator, list[torch.Tensor]],
                                       TrainStep]] = None,
               settings: Optional[dict] = None, loss_scale: Optional[dict] = None) -> Side:
     """The application's parts, as a run builds them for the recipe: ResNet18 (channels_last), the
     optimizer, OneCycleLR over `epochs` x `steps_per_epoch`, the augmentation and the training step
-    (with the loss scaler where `precision` scales, made with the arguments `loss_scale`).
+    (with the loss scaler where `precision` scales, made with the arguments `loss_scale`). `wrap` also gets the
+    tensors the step changes besides the model's and the optimizer's (the scaler's), as CudaGraphStep does.
     `settings`: config keys of the recipe changed for this side (train.fused_update, say)."""
     cfg = override(Config(), {"train.epochs": epochs, "train.device": device.type, **(settings or {})})
     torch.manual_seed(0)
@@ -56,7 +57,7 @@ def make_side(device: torch.device, precision: Precision, steps_per_epoch: int, 
     step = make_train_step(model, optimizer, build_augment(cfg.augment, generator), device, precision, scaler,
                            channels_last=True)
     if wrap is not None:
-        step = wrap(step, model, optimizer, generator, scaler)
+        step = wrap(step, model, optimizer, generator, scaler.tensors() if scaler is not None else [])
     return Side(model, optimizer, scheduler, generator, step, scaler)
 
 

@@ -70,6 +70,12 @@ def test_an_older_versions_saved_config_is_this_versions_cifar100_config() -> No
     ({"data": {"dataset": "cifar10"}, "model": {"num_classes": 100}},
      'model.num_classes 100 does not fit data.dataset "cifar10", which has 10 classes; set it to 10, or to null'),
     ({"model": {"num_classes": 10}}, 'model.num_classes 10 does not fit data.dataset "cifar100", which has 100'),
+    ({"ema": {"decay": 1.0}}, "ema.decay must be from 0 to below 1 (0 or null: off), got 1.0"),
+    ({"ema": {"decay": -0.5}}, "ema.decay must be from 0 to below 1"),
+    ({"ema": {"buffers": "mean"}}, 'ema.buffers must be one of "copy", "update"'),
+    ({"ema": {"decay": 0, "select_best": "ema"}}, 'ema.select_best "ema" needs the EMA: set ema.decay'),
+    ({"ema": {"warmup_iters": 10}}, "ema.warmup_iters needs the EMA"),
+    ({"ema": {"decay": 0.9, "warmup_decay": 0.5}}, "ema.warmup_decay 0.5 would have no effect"),
 ])
 def test_rejects_with_file_and_key(raw, message) -> None:
     with pytest.raises(ConfigError) as e:

@@ -99,3 +99,60 @@ def test_where_no_graph_can_be_captured_the_step_trains_eagerly_and_says_so_once
     warnings = capsys.readouterr().err.strip().splitlines()
     assert len(warnings) == 1 and warnings[0].startswith("warning: CUDA graph capture failed (")
     assert warnings[0].endswith("); training eagerly")
+
+
+@pytest.mark.gpu
+def test_the_emas_update_is_captured_and_the_capture_warm_up_leaves_it_untouched(deterministic_cudnn) -> None:
+    """The weights' EMA inside the graphed step (app/ema.py), with a warm-up: after two epochs (two graphs,
+    each captured after three warm-up steps that really ran the update) its update count is the steps taken
+    and its tensors, buffers averaged too, are the eager step's within rounding."""
+    from app.ema import WeightEma
+
+    device = torch.device("cuda")
+    g = torch.Generator().manual_seed(0)
+    epoch = [(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g).to(device),
+              torch.randint(0, 100, (n,), generator=g).to(device)) for n in SIZES]
+    emas = []
+
+    def with_ema(graphed: bool):
+        def wrap(step, model, optimizer, generator, changed):
+            emas.append(WeightEma(model, 0.9, warmup_iters=5, warmup_decay=0.5, buffers="update"))
+            step = emas[-1].after(step)
+            return CudaGraphStep(step, model, optimizer, generator, [*changed, *emas[-1].tensors()]) if graphed \
+                else step
+        return wrap
+
+    fp32 = Precision(None, False)
+    sides = [make_side(device, fp32, len(SIZES), 2, wrap=with_ema(graphed)) for graphed in (False, True)]
+    for side in sides:
+        for _ in range(2):
+            for images, labels in epoch:
+                side.step(images, labels)
+                side.scheduler.step()
+    assert not sides[1].step.failed and len(sides[1].step._graphs) == 2
+    eager, graphed = emas
+    assert int(eager.updates) == int(graphed.updates) == 2 * len(SIZES)
+    for (name, a), b in zip(eager.ema_model.state_dict().items(), graphed.ema_model.state_dict().values()):
+        if a.is_floating_point():
+            assert (a - b).abs().max() <= 1e-3 * a.abs().max().clamp(min=1e-12), name
+        else:
+            assert torch.equal(a, b), name
+
+
+def test_the_capture_snapshot_restores_the_extra_tensors_the_step_changes() -> None:
+    """What CudaGraphStep undoes after capture's warm-up steps, on any device: the EMA's tensors too."""
+    from app.ema import WeightEma
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    ema = WeightEma(model, 0.9, buffers="update")
+    step = CudaGraphStep(lambda i, l: None, model, CapturableSGD(model.parameters(), lr=0.1, momentum=0.9),
+                         torch.Generator(), ema.tensors())
+    before = [t.clone() for t in ema.tensors()]
+    snapshot = step._snapshot()
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+        model(torch.randn(4, 2))
+    ema.update()
+    assert not all(torch.equal(a, b) for a, b in zip(ema.tensors(), before))
+    step._restore(snapshot)
+    assert all(torch.equal(a, b) for a, b in zip(ema.tensors(), before))

@@ -28,7 +28,7 @@ def test_equal_steps_agree_at_every_step_of_a_whole_cycle() -> None:
 
 
 def test_a_momentum_frozen_at_its_first_value_is_caught_at_once() -> None:
-    def frozen(step, model, optimizer, generator, scaler):
+    def frozen(step, model, optimizer, generator, changed):
         def run(images, labels):
             optimizer.param_groups[0]["momentum"] = 0.95  # what the graph replayed, whatever the schedule said
             return step(images, labels)

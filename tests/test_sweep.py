@@ -314,6 +314,15 @@ def test_a_grid_over_the_data_set_gives_each_run_its_classes_and_normalisation(s
     assert shown["dataset"] == "cifar10" and "data.dataset" not in shown  # shown already, by its usual name
 
 
+def test_a_grid_over_the_ema_decay_shows_it_in_every_runs_hparams(sweep_setup, tmp_path: Path) -> None:
+    """ema.decay 0 is off: in a sweep that varies it, that run's HParams say 0, beside the others' decay."""
+    base = override(load_config(sweep_setup[0]), {"logging.output_dir": str(tmp_path / "runs")})
+    plan = make_plan(base, [0], parse_grid(["ema.decay=0,0.999"], base), "ema")
+    configs = [run_config(base, plan, r) for r in plan.runs]
+    assert [c.ema.decay for c in configs] == [0, 0.999]
+    assert [hparams(c, 1, torch.device("cpu"))["ema_decay"] for c in configs] == [0.0, 0.999]
+
+
 def test_a_path_that_is_not_a_sweep_folder_is_one_line(tmp_path: Path, capsys) -> None:
     (tmp_path / "summary.md").write_text("# not a sweep")
     for path in (tmp_path / "summary.md", tmp_path / "absent"):
