@@ -34,6 +34,10 @@ def _unit_closed(v: Any) -> Optional[str]:
     return None if 0 <= v <= 1 else "must be between 0 and 1"
 
 
+def _unit_half_open(v: Any) -> Optional[str]:
+    return None if 0 <= v < 1 else "must be at least 0 and below 1"
+
+
 def _seed_range(v: Any) -> Optional[str]:
     # torch generators take seeds below 2**64; training derives seed * 1_000_003 + epoch (app/loader.py)
     # and seed * 7919 + rank (app/training.py), which stay far below that for any seed below 2**32.
@@ -125,6 +129,14 @@ class AugmentConfig:
 
 
 @dataclass(frozen=True)
+class LossConfig:
+    # The training loss only: F.cross_entropy's own label_smoothing (the target (1 - eps) * one-hot + eps / classes);
+    # 1 would be a uniform target, nothing learnt. The evaluation loss stays plain cross-entropy, so that
+    # validation losses compare across runs whatever their smoothing.
+    label_smoothing: float = field(default=0.0, metadata=_check(_unit_half_open))
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     epochs: int = field(default=100, metadata=_check(_positive))
     batch_size: int = field(default=128, metadata=_check(_positive))
@@ -179,6 +191,7 @@ class Config:
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     augment: AugmentConfig = AugmentConfig()
+    loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()

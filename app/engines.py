@@ -53,11 +53,13 @@ TrainStep = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
                     augment: Callable[[torch.Tensor], torch.Tensor], device: torch.device, precision: Precision,
-                    scaler: Optional[torch.amp.GradScaler] = None, channels_last: bool = False) -> TrainStep:
+                    scaler: Optional[torch.amp.GradScaler] = None, channels_last: bool = False,
+                    label_smoothing: float = 0.0) -> TrainStep:
     """One optimizer step on a uint8 batch already on the device: augment there, forward, backward,
     step. Returns the batch's loss and top-1 (of the logits this step trained on, augmented images,
     model in training mode) as one device tensor: reading it would synchronise, so LossBuffer reads
-    it in batches; captured in a CUDA graph, it is the graph's one output."""
+    it in batches; captured in a CUDA graph, it is the graph's one output. The loss is the training loss,
+    `label_smoothing` (loss.label_smoothing) included; the evaluator's stays plain cross-entropy."""
     layout = memory_format(channels_last)
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -65,7 +67,7 @@ def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
         x = augment(images).contiguous(memory_format=layout)
         with _autocast(device, precision):
             logits = model(x)
-            loss = F.cross_entropy(logits, labels)
+            loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -92,7 +94,8 @@ def build_train_step(cfg: Config, model: nn.Module, train_model: nn.Module, opti
                      scaler: Optional[torch.amp.GradScaler], world: int) -> TrainStep:
     """The eager step of `train_model` (the model itself, or its DDP / torch.compile wrapper), replayed
     from CUDA graphs where `use_cuda_graphs` allows (each replay advancing the augmentation's generator)."""
-    step = make_train_step(train_model, optimizer, augment, device, precision, scaler, cfg.train.channels_last)
+    step = make_train_step(train_model, optimizer, augment, device, precision, scaler, cfg.train.channels_last,
+                           label_smoothing=cfg.loss.label_smoothing)
     if use_cuda_graphs(cfg, device, world, precision):
         step = CudaGraphStep(step, model, optimizer, augment.generator)
     return step

@@ -63,6 +63,7 @@ def test_an_older_versions_saved_config_is_this_versions_cifar100_config() -> No
     ({"data": {"download": "yes"}}, "data.download must be true or false"),
     ({"train": {"amp": "fp8"}}, 'train.amp must be one of "auto"'),
     ({"augment": {"mean": [0.5, 0.5]}}, "augment.mean must be a list of 3 numbers"),
+    ({"loss": {"label_smoothing": 1}}, "loss.label_smoothing must be at least 0 and below 1, got 1"),
     ({"optimiser": {}}, "unknown key 'optimiser'"),
     ({"train": {"epoch": 3}}, "unknown key 'train.epoch'"),
     ({"train": 3}, "train must be an object"),
