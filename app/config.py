@@ -38,6 +38,13 @@ def _unit_half_open(v: Any) -> Optional[str]:
     return None if 0 <= v < 1 else "must be at least 0 and below 1"
 
 
+IMAGE_SIDE = 32  # CIFAR-10's and CIFAR-100's images are 32 x 32
+
+
+def _cutout_side(v: Any) -> Optional[str]:
+    return None if 0 <= v <= IMAGE_SIDE else f"must be from 0 (off) to {IMAGE_SIDE}, the image's side"
+
+
 def _seed_range(v: Any) -> Optional[str]:
     # torch generators take seeds below 2**64; training derives seed * 1_000_003 + epoch (app/loader.py)
     # and seed * 7919 + rank (app/training.py), which stay far below that for any seed below 2**32.
@@ -126,6 +133,9 @@ class AugmentConfig:
     # None (null in a file): the data set's training mean and std, set by Config (`_follow_the_data_set`).
     mean: Optional[tuple[float, float, float]] = field(default=None, metadata=_check(_pixel_means))
     std: Optional[tuple[float, float, float]] = field(default=None, metadata=_check(_pixel_stds))
+    # The side in pixels of one square per image set to 0 after normalisation (the mean colour), its centre
+    # uniform over the image and the square clipped at the border (DeVries & Taylor 2017); 0: off.
+    cutout: int = field(default=0, metadata=_check(_cutout_side))
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,8 @@ from app.engines import Precision
 HPARAM_NAMES = {"optimizer.lr": "lr", "train.batch_size": "batch_size", "train.epochs": "epochs",
                 "optimizer.weight_decay": "weight_decay", "schedule.cycle_momentum": "cycle_momentum",
                 "schedule.pct_start": "pct_start", "optimizer.nesterov": "nesterov", "train.amp": "precision",
-                "seed": "seed", "data.dataset": "dataset", "loss.label_smoothing": "label_smoothing"}
+                "seed": "seed", "data.dataset": "dataset", "loss.label_smoothing": "label_smoothing",
+                "augment.cutout": "cutout"}
 PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -28,7 +29,8 @@ def hparams(cfg: Config, world_size: int, device: torch.device) -> dict[str, Any
              "weight_decay": float(cfg.optimizer.weight_decay), "cycle_momentum": cfg.schedule.cycle_momentum,
              "momentum_min": float(low), "momentum_max": float(high), "pct_start": float(cfg.schedule.pct_start),
              "nesterov": cfg.optimizer.nesterov, "precision": precision, "seed": cfg.seed, "dataset": cfg.data.dataset,
-             "world_size": world_size, "label_smoothing": float(cfg.loss.label_smoothing)}
+             "world_size": world_size, "label_smoothing": float(cfg.loss.label_smoothing),
+             "cutout": cfg.augment.cutout}
     settings = flat_settings(cfg)
     for key in cfg.logging.hparams:
         if key not in HPARAM_NAMES:
