@@ -136,6 +136,13 @@ class AugmentConfig:
     # The side in pixels of one square per image set to 0 after normalisation (the mean colour), its centre
     # uniform over the image and the square clipped at the border (DeVries & Taylor 2017); 0: off.
     cutout: int = field(default=0, metadata=_check(_cutout_side))
+    # Mixup and CutMix on whole batches in the training step (app/mixing.py), with timm's names and defaults:
+    # lambda ~ Beta(alpha, alpha), an alpha of 0 turns one off (both 0: no mixing, no draws); mix_prob is the
+    # chance a batch is mixed, mix_switch_prob the chance of CutMix rather than Mixup when both are on.
+    mixup_alpha: float = field(default=0.0, metadata=_check(_non_negative))
+    cutmix_alpha: float = field(default=0.0, metadata=_check(_non_negative))
+    mix_prob: float = field(default=1.0, metadata=_check(_unit_closed))
+    mix_switch_prob: float = field(default=0.5, metadata=_check(_unit_closed))
 
 
 @dataclass(frozen=True)

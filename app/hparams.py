@@ -15,7 +15,9 @@ HPARAM_NAMES = {"optimizer.lr": "lr", "train.batch_size": "batch_size", "train.e
                 "optimizer.weight_decay": "weight_decay", "schedule.cycle_momentum": "cycle_momentum",
                 "schedule.pct_start": "pct_start", "optimizer.nesterov": "nesterov", "train.amp": "precision",
                 "seed": "seed", "data.dataset": "dataset", "loss.label_smoothing": "label_smoothing",
-                "augment.cutout": "cutout"}
+                "augment.cutout": "cutout", "augment.mixup_alpha": "mixup_alpha",
+                "augment.cutmix_alpha": "cutmix_alpha", "augment.mix_prob": "mix_prob",
+                "augment.mix_switch_prob": "mix_switch_prob"}
 PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -30,7 +32,9 @@ def hparams(cfg: Config, world_size: int, device: torch.device) -> dict[str, Any
              "momentum_min": float(low), "momentum_max": float(high), "pct_start": float(cfg.schedule.pct_start),
              "nesterov": cfg.optimizer.nesterov, "precision": precision, "seed": cfg.seed, "dataset": cfg.data.dataset,
              "world_size": world_size, "label_smoothing": float(cfg.loss.label_smoothing),
-             "cutout": cfg.augment.cutout}
+             "cutout": cfg.augment.cutout, "mixup_alpha": float(cfg.augment.mixup_alpha),
+             "cutmix_alpha": float(cfg.augment.cutmix_alpha), "mix_prob": float(cfg.augment.mix_prob),
+             "mix_switch_prob": float(cfg.augment.mix_switch_prob)}
     settings = flat_settings(cfg)
     for key in cfg.logging.hparams:
         if key not in HPARAM_NAMES:

@@ -65,6 +65,8 @@ def test_an_older_versions_saved_config_is_this_versions_cifar100_config() -> No
     ({"augment": {"mean": [0.5, 0.5]}}, "augment.mean must be a list of 3 numbers"),
     ({"loss": {"label_smoothing": 1}}, "loss.label_smoothing must be at least 0 and below 1, got 1"),
     ({"augment": {"cutout": 33}}, "augment.cutout must be from 0 (off) to 32, the image's side, got 33"),
+    ({"augment": {"mixup_alpha": -1}}, "augment.mixup_alpha must be >= 0"),
+    ({"augment": {"mix_prob": 1.5}}, "augment.mix_prob must be between 0 and 1"),
     ({"optimiser": {}}, "unknown key 'optimiser'"),
     ({"train": {"epoch": 3}}, "unknown key 'train.epoch'"),
     ({"train": 3}, "train must be an object"),

@@ -7,16 +7,19 @@ computed here: the soft-target cross-entropy written out by hand.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.v2 as v2
 from torch import nn
 
 from app.augment import BatchAugment, build_augment
 from app.config import Config, override
 from app.engines import Precision, TrainStep, build_train_step
+from app.mixing import BatchMix
 from app.model import cifar_resnet18
 from app.optim import build_optimizer
 
@@ -67,3 +70,99 @@ def test_label_smoothing_trains_on_the_smoothed_target(batch) -> None:
     smoothed = 0.8 * F.one_hot(labels, CLASSES) + 0.2 / CLASSES
     assert float(loss) == pytest.approx(float(_soft_cross_entropy(logits, smoothed)), rel=1e-5)
     assert float(loss) != pytest.approx(float(F.cross_entropy(logits, labels)), rel=1e-3)
+
+
+# ---------------------------------------------------------------- Mixup and CutMix, in law against torchvision
+
+DRAWS = 1000  # batches mixed in full (a python loop); lambdas alone: twice as many
+PAIR = torch.stack([torch.zeros(3, 32, 32), torch.ones(3, 32, 32)])  # image 0 black, image 1 white
+PAIR_LABELS = torch.tensor([0, 1])
+
+
+def _ks(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """Two-sample Kolmogorov-Smirnov distance, and its critical value at p = 0.001."""
+    a, b = a.double().sort().values, b.double().sort().values
+    points = torch.cat([a, b])
+    gap = (torch.searchsorted(a, points, right=True) / len(a) - torch.searchsorted(b, points, right=True) / len(b))
+    return float(gap.abs().max()), 1.95 * (1 / len(a) + 1 / len(b)) ** 0.5
+
+
+def _ours(seed: int, draws: int = DRAWS, **options: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(mixed pair, soft targets) of `draws` batches of PAIR through BatchMix: with two images, the batch
+    flipped (timm) and rolled by one (torchvision) pair them alike."""
+    mix = BatchMix(generator=torch.Generator().manual_seed(seed), **options)
+    out = []
+    for _ in range(draws):
+        x, targets = mix(PAIR, PAIR_LABELS)
+        out.append((x, targets.soft(2)))
+    return out
+
+
+def _lambdas(seed: int, alpha: float) -> torch.Tensor:
+    mix = BatchMix(mixup_alpha=alpha, generator=torch.Generator().manual_seed(seed))
+    return torch.stack([mix.sample().lam for _ in range(2 * DRAWS)]).float()
+
+
+def _torchvision(transform, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    torch.manual_seed(seed)
+    return [transform(PAIR, PAIR_LABELS) for _ in range(DRAWS)]
+
+
+def _box_stats(draws: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Image 0's pasted box (where it turned white) and its lambda, each draw; checks that the two images
+    swapped one rectangle and that the targets say 1 - its area. Box edges of the draws with a box."""
+    x = torch.stack([d[0] for d in draws])
+    lam = torch.stack([d[1][0, 0] for d in draws])
+    pasted = x[:, 0, 0] == 1  # (draws, 32, 32)
+    assert torch.equal(x[:, 0], pasted[:, None].float().expand(-1, 3, -1, -1)) and torch.equal(x[:, 1], 1 - x[:, 0])
+    area = pasted.sum((1, 2))
+    assert torch.allclose(lam.float(), 1 - area.float() / 1024, atol=1e-6)  # lambda corrected to the box
+    rows, cols = pasted.any(2), pasted.any(1)
+    assert torch.equal(area, rows.sum(1) * cols.sum(1)), "a rectangle"
+    some = area > 0
+    rows, cols = rows[some].long(), cols[some].long()
+    return {"area": area, "top": rows.argmax(1), "bottom": 32 - rows.flip(1).argmax(1),
+            "left": cols.argmax(1), "right": 32 - cols.flip(1).argmax(1)}
+
+
+@pytest.mark.parametrize("alpha", [0.4, 1.0])
+def test_mixup_lambda_images_and_targets_are_torchvisions_in_law(alpha: float) -> None:
+    ours = _ours(7, 200, mixup_alpha=alpha)
+    x, soft = torch.stack([d[0] for d in ours]), torch.stack([d[1] for d in ours])
+    lam = soft[:, 0, 0]
+    # image 0 is lam of itself (black) and 1 - lam of image 1 (white), image 1 the other way; targets alike
+    assert torch.allclose(x[:, 0], (1 - lam).view(-1, 1, 1, 1).expand(-1, 3, 32, 32), atol=1e-6)
+    assert torch.allclose(x[:, 1], 1 - x[:, 0], atol=1e-6)
+    assert torch.allclose(soft, torch.stack([lam, 1 - lam], 1)[:, [[0, 1], [1, 0]]], atol=1e-6)
+    lam_ours = _lambdas(7, alpha)
+    lam_theirs = torch.stack([d[1][0, 0] for d in _torchvision(v2.MixUp(alpha=alpha, num_classes=2), 8)])
+    variance = 1 / (4 * (2 * alpha + 1))  # of Beta(alpha, alpha), whose mean is 1/2
+    for lam in (lam_ours, lam_theirs):
+        assert abs(float(lam.mean()) - 0.5) < 4 * (variance / len(lam)) ** 0.5
+        assert abs(float(lam.var()) / variance - 1) < 0.1
+    distance, critical = _ks(lam_ours, lam_theirs)
+    assert distance < critical
+    other = 1.0 if alpha == 0.4 else 0.4  # the comparison notices the other alpha
+    assert _ks(_lambdas(7, other), lam_theirs)[0] > critical
+
+
+def test_cutmix_boxes_and_corrected_lambda_are_torchvisions_in_law() -> None:
+    ours, theirs = _box_stats(_ours(9, cutmix_alpha=1.0)), _box_stats(_torchvision(v2.CutMix(num_classes=2), 10))
+    for key in ("area", "top", "bottom", "left", "right"):
+        distance, critical = _ks(ours[key], theirs[key])
+        assert distance < critical, key
+    assert int(ours["top"].min()) == 0 and int(ours["bottom"].max()) == 32  # clipped at the border
+    other = _box_stats(_ours(9, 500, cutmix_alpha=0.3))  # another alpha must not pass
+    assert _ks(other["area"], theirs["area"])[0] > _ks(other["area"], theirs["area"])[1]
+
+
+def test_mix_prob_and_switch_prob_decide_per_batch() -> None:
+    mix = BatchMix(mixup_alpha=1.0, cutmix_alpha=1.0, prob=0.7, switch_prob=0.2,
+                   generator=torch.Generator().manual_seed(11))
+    draws = [mix.sample() for _ in range(2 * DRAWS)]
+    applied = torch.stack([d.apply for d in draws]).double()
+    cutmix = torch.stack([d.cutmix for d in draws]).double()
+    assert abs(float(applied.mean()) - 0.7) < 4 * (0.21 / len(draws)) ** 0.5
+    assert abs(float(cutmix.mean()) - 0.2) < 4 * (0.16 / len(draws)) ** 0.5
+    x, targets = mix.apply(PAIR, PAIR_LABELS, dataclasses.replace(draws[0], apply=torch.tensor(False)))
+    assert torch.equal(x, PAIR) and float(targets.lam) == 1.0  # not mixed: the batch as it was
