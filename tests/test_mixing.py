@@ -1,14 +1,17 @@
 """The training step's regularisers: label smoothing, and (app/mixing.py) Mixup and CutMix.
 
-Each is checked through the application's own step (build_train_step on the config's keys, ResNet18, the
-optimizer, the augmentation generator), on batches of eight images on the CPU, against a reference
-computed here: the soft-target cross-entropy written out by hand.
+Each is checked through the application's own step (build_train_step on the config's keys, the optimizer,
+the augmentation generator; a small model), on batches of eight images on the CPU, against a reference
+computed here: the soft-target cross-entropy written out by hand; and Mixup's and CutMix's draws in law
+against torchvision's v2 MixUp and CutMix.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 from dataclasses import dataclass
+from typing import Callable
 
 import pytest
 import torch
@@ -19,7 +22,7 @@ from torch import nn
 from app.augment import BatchAugment, build_augment
 from app.config import Config, override
 from app.engines import Precision, TrainStep, build_train_step
-from app.mixing import BatchMix
+from app.mixing import BatchMix, build_mix
 from app.model import cifar_resnet18
 from app.optim import build_optimizer
 
@@ -30,20 +33,28 @@ N = 8
 
 @dataclass
 class Step:
+    cfg: Config
     model: nn.Module
+    optimizer: torch.optim.Optimizer
     augment: BatchAugment
     step: TrainStep
 
 
-def _step(settings: dict, seed: int = 1) -> Step:
+def _tiny_model() -> nn.Module:
+    """A conv, BatchNorm and a linear layer: the step's every part, a hundredth of ResNet18's time."""
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(8, CLASSES))
+
+
+def _step(settings: dict, seed: int = 1, model: Callable[[], nn.Module] = lambda: cifar_resnet18(CLASSES)) -> Step:
     """The application's step for CIFAR-10 with `settings` over the recipe, as a run builds it on the CPU."""
     cfg = override(Config(), {"data.dataset": "cifar10", "train.device": "cpu", "train.amp": "off", **settings})
     torch.manual_seed(0)
-    model = cifar_resnet18(CLASSES).to(memory_format=torch.channels_last)
+    net = model().to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(cfg, net)
     augment = build_augment(cfg.augment, torch.Generator().manual_seed(seed))
-    step = build_train_step(cfg, model, model, build_optimizer(cfg, model), augment, CPU,
-                            Precision.resolve("off", CPU), None, world=1)
-    return Step(model, augment, step)
+    step = build_train_step(cfg, net, net, optimizer, augment, CPU, Precision.resolve("off", CPU), None, world=1)
+    return Step(cfg, net, optimizer, augment, step)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +72,7 @@ def test_label_smoothing_trains_on_the_smoothed_target(batch) -> None:
     """loss.label_smoothing eps: the step's loss is the cross-entropy against (1 - eps) * one-hot + eps / classes,
     of the logits the step trained on (the model before the step, in training mode, on the same augmentation)."""
     images, labels = batch
-    app = _step({"loss.label_smoothing": 0.2})
+    app = _step({"loss.label_smoothing": 0.2}, model=_tiny_model)
     before, state = copy.deepcopy(app.model).train(), app.augment.generator.get_state()
     loss, _ = app.step(images, labels)
     app.augment.generator.set_state(state)
@@ -166,3 +177,81 @@ def test_mix_prob_and_switch_prob_decide_per_batch() -> None:
     assert abs(float(cutmix.mean()) - 0.2) < 4 * (0.16 / len(draws)) ** 0.5
     x, targets = mix.apply(PAIR, PAIR_LABELS, dataclasses.replace(draws[0], apply=torch.tensor(False)))
     assert torch.equal(x, PAIR) and float(targets.lam) == 1.0  # not mixed: the batch as it was
+
+
+# ---------------------------------------------------------------- in the training step
+
+
+def test_a_mixed_step_trains_on_the_mixed_smoothed_target_and_scores_the_weighted_top1(batch) -> None:
+    """Everything on: the step's loss is the soft-target cross-entropy against lam of each image's smoothed
+    label and 1 - lam of its partner's; its top-1 is lam * hit(own) + (1 - lam) * hit(partner)."""
+    images, labels = batch
+    app = _step({"loss.label_smoothing": 0.1, "augment.cutout": 8, "augment.mixup_alpha": 1.0,
+                 "augment.cutmix_alpha": 1.0}, model=_tiny_model)
+    before, state = copy.deepcopy(app.model).train(), app.augment.generator.get_state()
+    loss, top1 = app.step(images, labels)
+    app.augment.generator.set_state(state)
+    x, targets = build_mix(app.cfg.augment, app.augment.generator)(app.augment(images), labels)
+    with torch.no_grad():
+        logits = before(x.contiguous(memory_format=torch.channels_last))
+    lam = float(targets.lam)
+    assert 0 < lam < 1 and torch.equal(targets.partners, labels.flip(0))
+    assert float(loss) == pytest.approx(float(_soft_cross_entropy(logits, targets.soft(CLASSES, 0.1))), rel=1e-5)
+    hits = logits.argmax(1)
+    weighted = lam * float((hits == labels).float().mean()) + (1 - lam) * float((hits == labels.flip(0)).float().mean())
+    assert float(top1) == pytest.approx(weighted, abs=1e-6)
+
+
+def _step_before_issue_21(model: nn.Module, optimizer: torch.optim.Optimizer, augment: BatchAugment) -> TrainStep:
+    """app/engines.py's make_train_step as it was before these options (fp32, no scaler), copied."""
+    def step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        model.train()
+        x = augment(images).contiguous(memory_format=torch.channels_last)
+        logits = model(x)
+        loss = F.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        top1 = (logits.detach().argmax(1) == labels).float().mean()
+        return torch.stack([loss.detach().float(), top1])
+    return step
+
+
+def _draws_before_issue_21(generator: torch.Generator, n: int) -> None:
+    """What BatchAugment.sample drew before Cutout: crop offsets, flips, angles, jitter factors and order."""
+    torch.randint(0, 9, (n, 2), generator=generator)
+    for shape in ((n,), (n,), (n, 3), (n, 3)):
+        torch.rand(shape, generator=generator)
+
+
+def test_with_every_new_option_off_the_step_is_the_one_from_before(batch) -> None:
+    """The new keys explicitly off: three steps give bit for bit the losses, top-1s and weights of the step
+    as it was, from the same draws of the augmentation generator."""
+    images, labels = batch
+    off = {"loss.label_smoothing": 0.0, "augment.cutout": 0, "augment.mixup_alpha": 0.0, "augment.cutmix_alpha": 0.0}
+    app, old = _step(off, model=_tiny_model), _step({}, model=_tiny_model)
+    old_step = _step_before_issue_21(old.model, old.optimizer, old.augment)
+    replay = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        assert torch.equal(app.step(images, labels), old_step(images, labels))
+        _draws_before_issue_21(replay, N)
+    assert all(torch.equal(a, b) for a, b in zip(app.model.state_dict().values(), old.model.state_dict().values()))
+    assert torch.equal(app.augment.generator.get_state(), replay.get_state())
+
+
+OPTIONS = {"label_smoothing": {"loss.label_smoothing": 0.1}, "cutout": {"augment.cutout": 8},
+           "mixup": {"augment.mixup_alpha": 0.4}, "cutmix": {"augment.cutmix_alpha": 1.0}}
+
+
+def test_the_options_combine_pairwise(batch) -> None:
+    """Each pair of options on (Mixup with CutMix: one or the other per batch), two steps of a small model:
+    finite losses, top-1 in [0, 1], and a first loss other than the plain step's on the same batch."""
+    images, labels = batch
+    plain = float(_step({}, model=_tiny_model).step(images, labels)[0])
+    for a, b in itertools.combinations(OPTIONS, 2):
+        app = _step({**OPTIONS[a], **OPTIONS[b]}, model=_tiny_model)
+        for i in range(2):
+            loss, top1 = (float(v) for v in app.step(images, labels))
+            assert loss == loss and abs(loss) < 1e3 and 0 <= top1 <= 1, (a, b)
+            if i == 0:
+                assert loss != plain, (a, b)
