@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,7 @@ class AugmentParams:
     angle: torch.Tensor  # (n,) float32 degrees, counter-clockwise, in [-rotation, rotation]
     factors: torch.Tensor  # (n, 3) float32 brightness, contrast, saturation factors
     order: torch.Tensor  # (n, 3) int64 permutation of (0, 1, 2): which jitter op runs in each slot
+    cutout: Optional[torch.Tensor] = None  # (n, 2) int64 row/column of each Cutout square's centre; None: off
 
 
 class Normalize:
@@ -59,10 +60,11 @@ class Normalize:
 
 
 class BatchAugment:
-    """Random crop, flip, rotation and colour jitter for a uint8 batch, then normalisation.
+    """Random crop, flip, rotation and colour jitter for a uint8 batch, then normalisation, then Cutout.
 
-    A step whose option is 0 (or `hflip=False`) is skipped. All draws come from `generator`, which
-    must live on the same device as the images passed to `__call__`.
+    A step whose option is 0 (or `hflip=False`) is skipped, and Cutout off draws nothing: the draws are
+    those from before it existed. All draws come from `generator`, which must live on the same device as
+    the images passed to `__call__`.
     """
 
     def __init__(
@@ -76,10 +78,11 @@ class BatchAugment:
         saturation: float = 0.2,
         mean: Sequence[float] = CIFAR100_MEAN,
         std: Sequence[float] = CIFAR100_STD,
+        cutout: int = 0,
         generator: torch.Generator,
     ) -> None:
         for name, value in (("padding", padding), ("rotation", rotation), ("brightness", brightness),
-                            ("contrast", contrast), ("saturation", saturation)):
+                            ("contrast", contrast), ("saturation", saturation), ("cutout", cutout)):
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
         self.padding = int(padding)
@@ -88,6 +91,7 @@ class BatchAugment:
         self.jitter = (float(brightness), float(contrast), float(saturation))
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
+        self.cutout = int(cutout)
         self.generator = generator
         # Constants live on the generator's device from the start: no host-to-device copy per batch.
         dev = generator.device
@@ -96,8 +100,8 @@ class BatchAugment:
         self._hi = torch.tensor([1.0 + s for s in self.jitter], device=dev)
         self._luma = torch.tensor([_LUMA], dtype=torch.float32, device=dev)
 
-    def sample(self, n: int) -> AugmentParams:
-        """Draw parameters for n images from `self.generator`, on its device."""
+    def sample(self, n: int, size: tuple[int, int] = (32, 32)) -> AugmentParams:
+        """Draw parameters for n images of `size` (height, width) from `self.generator`, on its device."""
         g = self.generator
         dev = g.device
         offsets = torch.randint(0, 2 * self.padding + 1, (n, 2), generator=g, device=dev)
@@ -108,10 +112,14 @@ class BatchAugment:
         factors = self._lo + (self._hi - self._lo) * torch.rand(n, 3, generator=g, device=dev)
         # argsort of iid uniforms is a uniformly random permutation per row.
         order = torch.rand(n, 3, generator=g, device=dev).argsort(dim=1)
-        return AugmentParams(offsets=offsets, flip=flip, angle=angle, factors=factors, order=order)
+        cutout = None
+        if self.cutout:  # drawn last, and only when on: with it off the draws are the same as without it
+            cutout = torch.stack([torch.randint(0, size[0], (n,), generator=g, device=dev),
+                                  torch.randint(0, size[1], (n,), generator=g, device=dev)], 1)
+        return AugmentParams(offsets=offsets, flip=flip, angle=angle, factors=factors, order=order, cutout=cutout)
 
     def apply(self, images: torch.Tensor, params: AugmentParams) -> torch.Tensor:
-        """Crop, flip, rotate, jitter and normalise uint8 (n, 3, H, W) images -> float32."""
+        """Crop, flip, rotate, jitter, normalise and cut out: uint8 (n, 3, H, W) images -> float32."""
         _check_images(images)
         if images.shape[1] != 3:
             raise ValueError(f"expected 3 colour channels, got shape {tuple(images.shape)}")
@@ -121,17 +129,22 @@ class BatchAugment:
             x = images.to(torch.float32).mul_(1.0 / 255.0)
         if any(s > 0 for s in self.jitter):
             x = _jitter(x, params.factors, params.order, self._luma)
-        return _normalize_float(x, self._scale, self._shift)
+        x = _normalize_float(x, self._scale, self._shift)
+        if self.cutout:
+            if params.cutout is None:
+                raise ValueError("cutout is on but the parameters have no cutout centres")
+            x = _cutout(x, params.cutout, self.cutout)
+        return x
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return self.apply(images, self.sample(images.shape[0]))
+        return self.apply(images, self.sample(images.shape[0], (images.shape[2], images.shape[3])))
 
 
 def build_augment(augment: AugmentConfig, generator: torch.Generator) -> BatchAugment:
     """The config's `augment` section as a BatchAugment drawing from `generator`."""
     return BatchAugment(padding=augment.crop_padding, hflip=augment.hflip, rotation=augment.rotation,
                         brightness=augment.brightness, contrast=augment.contrast, saturation=augment.saturation,
-                        mean=augment.mean, std=augment.std, generator=generator)
+                        mean=augment.mean, std=augment.std, cutout=augment.cutout, generator=generator)
 
 
 def _check_images(images: torch.Tensor) -> None:
@@ -212,3 +225,22 @@ def _jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, luma: t
         )
         flat = torch.lerp(degenerate.expand_as(flat), flat, f).clamp_(0.0, 1.0)
     return flat.view(n, c, h, w)
+
+
+def _cutout(x: torch.Tensor, centres: torch.Tensor, side: int) -> torch.Tensor:
+    """Cutout (DeVries & Taylor 2017, arXiv:1708.04552): per image, a side x side square centred at `centres`
+    set to 0 after normalisation (the data set's mean colour), clipped where it runs over the border.
+
+    As the authors' util/cutout.py: the centre is uniform over every pixel of the image, so squares near
+    the border are partly outside it (the paper: this mattered). Their box is [c - side // 2, c + side // 2),
+    one pixel short of `side` when it is odd; here it is [c - side // 2, c - side // 2 + side), the same box
+    for the even sides the paper uses (16 on CIFAR-10, 8 on CIFAR-100). Built as a mask from comparisons,
+    not slices, so no size depends on the draw: one kernel sequence for the whole batch, capturable.
+    """
+    n, _, h, w = x.shape
+    start = centres - side // 2  # (n, 2) top, left; may be negative
+    r = torch.arange(h, device=x.device)
+    c = torch.arange(w, device=x.device)
+    rows = (r >= start[:, 0:1]) & (r < start[:, 0:1] + side)  # (n, h)
+    cols = (c >= start[:, 1:2]) & (c < start[:, 1:2] + side)  # (n, w)
+    return x.masked_fill((rows[:, :, None] & cols[:, None, :])[:, None], 0.0)

@@ -35,7 +35,18 @@ def _unit_closed(v: Any) -> Optional[str]:
 
 
 def _unit_half_open(v: Any) -> Optional[str]:
+    return None if 0 <= v < 1 else "must be at least 0 and below 1"
+
+
+def _decay_or_off(v: Any) -> Optional[str]:
     return None if 0 <= v < 1 else "must be from 0 to below 1 (0 or null: off)"
+
+
+IMAGE_SIDE = 32  # CIFAR-10's and CIFAR-100's images are 32 x 32
+
+
+def _cutout_side(v: Any) -> Optional[str]:
+    return None if 0 <= v <= IMAGE_SIDE else f"must be from 0 (off) to {IMAGE_SIDE}, the image's side"
 
 
 def _seed_range(v: Any) -> Optional[str]:
@@ -126,6 +137,24 @@ class AugmentConfig:
     # None (null in a file): the data set's training mean and std, set by Config (`_follow_the_data_set`).
     mean: Optional[tuple[float, float, float]] = field(default=None, metadata=_check(_pixel_means))
     std: Optional[tuple[float, float, float]] = field(default=None, metadata=_check(_pixel_stds))
+    # The side in pixels of one square per image set to 0 after normalisation (the mean colour), its centre
+    # uniform over the image and the square clipped at the border (DeVries & Taylor 2017); 0: off.
+    cutout: int = field(default=0, metadata=_check(_cutout_side))
+    # Mixup and CutMix on whole batches in the training step (app/mixing.py), with timm's names and defaults:
+    # lambda ~ Beta(alpha, alpha), an alpha of 0 turns one off (both 0: no mixing, no draws); mix_prob is the
+    # chance a batch is mixed, mix_switch_prob the chance of CutMix rather than Mixup when both are on.
+    mixup_alpha: float = field(default=0.0, metadata=_check(_non_negative))
+    cutmix_alpha: float = field(default=0.0, metadata=_check(_non_negative))
+    mix_prob: float = field(default=1.0, metadata=_check(_unit_closed))
+    mix_switch_prob: float = field(default=0.5, metadata=_check(_unit_closed))
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    # The training loss only: F.cross_entropy's own label_smoothing (the target (1 - eps) * one-hot + eps / classes);
+    # 1 would be a uniform target, nothing learnt. The evaluation loss stays plain cross-entropy, so that
+    # validation losses compare across runs whatever their smoothing.
+    label_smoothing: float = field(default=0.0, metadata=_check(_unit_half_open))
 
 
 @dataclass(frozen=True)
@@ -145,7 +174,7 @@ class TrainConfig:
 class EmaConfig:
     # An exponential moving average of the weights (app/ema.py), Ignite's EMAHandler's arithmetic with
     # momentum = 1 - decay; 0 or None (null): off, and the run is exactly what it is without this section.
-    decay: Optional[float] = field(default=None, metadata=_check(_unit_half_open))
+    decay: Optional[float] = field(default=None, metadata=_check(_decay_or_off))
     # Ignite's warm-up: the decay moves linearly from warmup_decay (the first update) to decay over this many
     # updates; 0: none.
     warmup_iters: int = field(default=0, metadata=_check(_non_negative))
@@ -198,6 +227,7 @@ class Config:
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     augment: AugmentConfig = AugmentConfig()
+    loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig()
     ema: EmaConfig = EmaConfig()
     eval: EvalConfig = EvalConfig()

@@ -22,6 +22,7 @@ from app.ema import WeightEma
 from app.device import memory_format
 from app.loader import ShardedBatches
 from app.loss_scale import LossScaler
+from app.mixing import BatchMix, build_mix
 from app.optim import CapturableSGD
 from handlers.eval_counts import EvalCounts
 
@@ -56,20 +57,29 @@ TrainStep = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
                     augment: Callable[[torch.Tensor], torch.Tensor], device: torch.device, precision: Precision,
-                    scaler: Optional[LossScaler] = None, channels_last: bool = False) -> TrainStep:
+                    scaler: Optional[LossScaler] = None, channels_last: bool = False,
+                    label_smoothing: float = 0.0, mix: Optional[BatchMix] = None) -> TrainStep:
     """One optimizer step on a uint8 batch already on the device: augment there, forward, backward,
     step. Returns the batch's loss and top-1 (of the logits this step trained on, augmented images,
     model in training mode) as one device tensor: reading it would synchronise, so LossBuffer reads
     it in batches; captured in a CUDA graph, it is the graph's one output. With `scaler` (fp16) the
-    loss is scaled, the gradients unscaled and checked and a non-finite step skipped, all on the device."""
+    loss is scaled, the gradients unscaled and checked and a non-finite step skipped, all on the device.
+    The loss is the training loss, `label_smoothing` (loss.label_smoothing) included; the evaluator's stays
+    plain cross-entropy. With `mix` (Mixup/CutMix, app/mixing.py) the loss and top-1 are against the mixed
+    targets (MixedTargets)."""
     layout = memory_format(channels_last)
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         model.train()
-        x = augment(images).contiguous(memory_format=layout)
+        x = augment(images)
+        targets = None
+        if mix is not None:
+            x, targets = mix(x, labels)
+        x = x.contiguous(memory_format=layout)
         with _autocast(device, precision):
             logits = model(x)
-            loss = F.cross_entropy(logits, labels)
+            loss = (F.cross_entropy(logits, labels, label_smoothing=label_smoothing) if targets is None
+                    else targets.cross_entropy(logits, label_smoothing))
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -78,7 +88,8 @@ def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
         else:
             loss.backward()
             optimizer.step()
-        top1 = (logits.detach().argmax(1) == labels).float().mean()
+        top1 = ((logits.detach().argmax(1) == labels).float().mean() if targets is None
+                else targets.top1(logits.detach()))
         return torch.stack([loss.detach().float(), top1])
 
     return step
@@ -97,7 +108,8 @@ def build_train_step(cfg: Config, model: nn.Module, train_model: nn.Module, opti
     """The eager step of `train_model` (the model itself, or its DDP / torch.compile wrapper), followed by
     the weights' EMA update where there is one (so that a graph captures it too), replayed from CUDA graphs
     where `use_cuda_graphs` allows (each replay advancing the augmentation's generator)."""
-    step = make_train_step(train_model, optimizer, augment, device, precision, scaler, cfg.train.channels_last)
+    step = make_train_step(train_model, optimizer, augment, device, precision, scaler, cfg.train.channels_last,
+                           label_smoothing=cfg.loss.label_smoothing, mix=build_mix(cfg.augment, augment.generator))
     if ema is not None:
         step = ema.after(step)
     if use_cuda_graphs(cfg, device, world):

@@ -394,6 +394,71 @@ def test_whole_pipeline_matches_torchvision_compose() -> None:
     assert not _pipeline_matches(_pipeline_stats(_augment(19, rotation=0.0)(batch)), theirs)
 
 
+# ---------------------------------------------------------------- cutout
+
+CHI2_31DOF_P001 = 61.10
+
+
+def _cutout_reference_box(cy: int, cx: int, side: int, size: int = 32) -> tuple[int, int, int, int]:
+    """DeVries & Taylor 2017 (and util/cutout.py): a side x side square about (cy, cx), clipped to the image."""
+    top, left = cy - side // 2, cx - side // 2
+    return max(0, top), min(size, top + side), max(0, left), min(size, left + side)
+
+
+def _cutout_reference_areas(n: int, side: int, seed: int) -> torch.Tensor:
+    """Zeroed pixels per image, one image at a time: the centre uniform over the image's 32 x 32 pixels."""
+    g = torch.Generator().manual_seed(seed)
+    areas = []
+    for _ in range(n):
+        cy, cx = (int(v) for v in torch.randint(0, 32, (2,), generator=g))
+        y1, y2, x1, x2 = _cutout_reference_box(cy, cx, side)
+        areas.append((y2 - y1) * (x2 - x1))
+    return torch.tensor(areas)
+
+
+def _cutout_ours(n: int, side: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, 32, 32) bool: where our Cutout zeroed a white image (everything else off); the centres drawn."""
+    aug = _only(seed, cutout=side)
+    params = aug.sample(n)
+    out = aug.apply(torch.full((n, 3, 32, 32), 255, dtype=torch.uint8), params)
+    zeroed = out == 0
+    assert bool((zeroed == zeroed[:, :1]).all()) and bool((zeroed | (out == 1)).all()), "all channels, nothing else"
+    return zeroed[:, 0], params.cutout
+
+
+def test_cutout_zeroes_the_reference_square_about_a_uniform_centre() -> None:
+    n, side = 3000, 8
+    zeroed, centres = _cutout_ours(n, side, seed=40)
+    for axis in (0, 1):  # the centre uniform over every row and column, borders included
+        assert int(centres[:, axis].min()) == 0 and int(centres[:, axis].max()) == 31
+        assert _chi2_uniform(torch.bincount(centres[:, axis], minlength=32).double()) < CHI2_31DOF_P001
+    for i in range(0, n, 7):  # each image's square is the reference's square about its centre
+        y1, y2, x1, x2 = _cutout_reference_box(int(centres[i, 0]), int(centres[i, 1]), side)
+        expected = torch.zeros(32, 32, dtype=torch.bool)
+        expected[y1:y2, x1:x2] = True
+        assert torch.equal(zeroed[i], expected), i
+
+
+@pytest.mark.parametrize("side", [8, 16, 7])
+def test_cutout_zeroed_areas_match_the_per_image_reference(side: int) -> None:
+    n = 2000
+    ours = _cutout_ours(n, side, seed=41)[0].flatten(1).sum(1)
+    theirs = _cutout_reference_areas(n, side, seed=42)
+    assert int(ours.max()) == side * side and abs(float(ours.float().mean() / theirs.float().mean()) - 1) < 0.03
+    assert _ks_distance(ours, theirs) < _ks_threshold(n, n)
+    wrong = _cutout_reference_areas(n, side - 1, seed=42)  # a square one pixel smaller must not pass
+    assert _ks_distance(ours, wrong) > _ks_threshold(n, n)
+
+
+def test_cutout_off_draws_nothing_more_and_the_whole_image_is_kept() -> None:
+    images = _random_images(8, seed=43)
+    plain, off = _augment(44), _augment(44, cutout=0)
+    assert torch.equal(plain(images), off(images))
+    assert torch.equal(plain.generator.get_state(), off.generator.get_state()) and off.sample(8).cutout is None
+    on = _augment(44, cutout=32)
+    assert float(on(images).abs().max()) > 0  # a centred 32-pixel square leaves at least a quarter of the image
+
+
 # ---------------------------------------------------------------- determinism and state
 
 

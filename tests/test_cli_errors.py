@@ -172,6 +172,7 @@ def test_output_into_a_closed_pipe_ends_quietly(tmp_path: Path, out: Path, small
 @pytest.mark.parametrize("settings,words", [
     (["--set", "train.amp=fp32"], "--set train.amp: must be one of"),
     (["--set", "augment.rotation=-1"], "--set augment.rotation: must be >= 0"),
+    (["--set", "loss.label_smoothing=-0.1"], "--set loss.label_smoothing: must be at least 0 and below 1"),
     (["--set", "train.ampp=bf16"], "--set train.ampp: unknown config key"),
     (["--set", "train=1"], "--set train: unknown config key (a section; e.g. train.epochs)"),
     (["--set", "train.amp"], "--set train.amp: expected KEY=VALUE"),
