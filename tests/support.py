@@ -14,13 +14,16 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from app.cli import main
 from handlers.metrics_csv import TIMING_COLUMNS, read_metrics_csv
 from bench.synthetic import write_cifar100  # noqa: F401 - the tests' data, from here with the rest
+
+if TYPE_CHECKING:
+    import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -160,3 +163,25 @@ def scalars(folder: Path, tag: str) -> list[tuple[int, float]]:
     acc = EventAccumulator(str(folder))
     acc.Reload()
     return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+def image_batches(sizes: list[int], seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Random uint8 CIFAR-shaped images and labels, one batch per size, the same for a seed."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
+             torch.randint(0, 100, (n,), generator=g)) for n in sizes]
+
+
+def small_net() -> torch.nn.Module:
+    """Conv, BatchNorm, pooling, linear: the layers whose parameters ResNet18 has, in a net whose training
+    is not chaotic at a batch of 8. (ResNet18 at batch 8 is: a 1-ulp difference after the first step,
+    the last rounding of p - lr * d, grows to 1e-3 in the loss within four steps, between any two
+    correct SGD implementations that round differently. What its users compare is one step's code, the
+    optimizer's or the compiled model's.)"""
+    import torch
+
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+                               torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(256, 100))
