@@ -81,16 +81,17 @@ def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
 
 
 def use_cuda_graphs(cfg: Config, device: torch.device, world: int, precision: Precision) -> bool:
-    """Graphs replace launch overhead on one GPU; DDP's all-reduce, torch.compile (which has its own
-    graphs) and fp16's loss scaling (a host decision per step) keep the eager step."""
-    return (cfg.train.cuda_graphs and device.type == "cuda" and world == 1 and not cfg.train.compile
-            and not precision.scaler)
+    """Graphs replace launch overhead on one GPU; DDP's all-reduce and fp16's loss scaling (a host
+    decision per step) keep the eager step. With train.compile the graph holds the compiled model's
+    step (inductor's own CUDA graphs off, app/compiling.py): compiled in the warm-up before each
+    capture, one graph per batch shape; under DDP the compiled model keeps the eager step."""
+    return cfg.train.cuda_graphs and device.type == "cuda" and world == 1 and not precision.scaler
 
 
 def build_train_step(cfg: Config, model: nn.Module, train_model: nn.Module, optimizer: CapturableSGD,
                      augment: BatchAugment, device: torch.device, precision: Precision,
                      scaler: Optional[torch.amp.GradScaler], world: int) -> TrainStep:
-    """The eager step of `train_model` (the model itself, or its DDP / torch.compile wrapper), replayed
+    """The eager step of `train_model` (the model itself, or its DDP and/or torch.compile wrapper), replayed
     from CUDA graphs where `use_cuda_graphs` allows (each replay advancing the augmentation's generator)."""
     step = make_train_step(train_model, optimizer, augment, device, precision, scaler, cfg.train.channels_last)
     if use_cuda_graphs(cfg, device, world, precision):
