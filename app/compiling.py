@@ -7,13 +7,14 @@ graph already holds the whole step (augmentation, backward, update). Shapes are 
 the epoch's last, smaller batch gets a graph of its own, compiled in its own warm-up before its capture,
 as the full batch's is; a dynamic-shape graph would serve both with slower kernels.
 
-Compiling costs a fresh process the same again every run (minutes for ResNet18 on a GPU), unless the
-compiled code is found on disk. Inductor keeps it (FX graph cache, AOT autograd cache, Triton's kernel
-cache) under one folder, by default in /tmp, which a machine's reboot or a new container loses. Here it
-is `.compile_cache` in the folder that holds the run's folder (logging.output_dir; for a resumed run,
-the folder it is in), hidden from `python -m app runs` and `--resume` like any dot-folder, so that runs
-of one output folder share their compiled code: a second run of the same code, shapes and settings
-pays dynamo's tracing (seconds) and no compile.
+Compiling costs a fresh process the same again every run (forward and backward per batch shape: tens of
+seconds or more for ResNet18, not measured on a GPU here), unless the compiled code is found on disk.
+Inductor keeps it (FX graph cache, AOT autograd cache, Triton's kernel cache) under one folder, by
+default in /tmp, which a machine's reboot or a new container loses. Here it is `.compile_cache` in the
+folder that holds the run's folder (logging.output_dir; for a resumed run, the folder it is in), hidden
+from `python -m app runs` and `--resume` like any dot-folder, so that runs of one output folder share
+their compiled code: a second run of the same code, shapes and settings pays dynamo's tracing and the
+loading of what was compiled, no compile.
 """
 from __future__ import annotations
 
