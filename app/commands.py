@@ -8,6 +8,7 @@ import dataclasses
 from pathlib import Path
 from typing import Optional, Sequence
 
+from app.compiling import use_compile_cache
 from app.config import Config
 from app.data import ensure_dataset
 from app.device import cuda_wanted
@@ -40,6 +41,7 @@ def train(cfg: Config, resume: Optional[str], dry_run: bool) -> int:
 
         print(describe_run(cfg, settings.world))
         return 0
+    use_compile_cache(cfg, plan.run_dir.parent)  # before the training code imports torch's compiler
     from app.training import training  # imported here: keeps --help and flag errors fast
 
     if settings.spawn and plan.checkpoint is not None:  # spawned processes load the checkpoint themselves

@@ -164,6 +164,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     channels_last: bool = True
+    # torch.compile of the model (app/compiling.py); on one GPU its step is replayed from the project's CUDA graphs.
     compile: bool = False
     cuda_graphs: bool = True
     # The optimizer's update compiled into fused kernels by torch.compile (app/optim.py), same math within rounding.

@@ -20,6 +20,12 @@ What a replay needs, and how it gets it:
 - no side effects from capturing: the warm-up steps that capture needs really train, so the model,
   the optimizer's state, the generator and any `extra` tensors the step changes (fp16's loss scale,
   app/loss_scale.py; the weights' EMA, app/ema.py) are snapshotted before and restored after.
+- nothing compiled during capture: torch.compile (the model with train.compile, the update with
+  train.fused_update) compiles at a function's first call for a shape, and a compile inside a capture
+  fails or, worse, records its own bookkeeping into the graph (pytorch/pytorch#185074). The warm-up
+  makes every compile of the shape happen before capture, and the capture runs under dynamo's
+  "fail_on_recompile" stance: code compiled for these inputs runs, anything that would compile raises,
+  and the step trains on eagerly (and says so) instead of replaying a graph of a compile.
 """
 from __future__ import annotations
 
@@ -91,12 +97,13 @@ class CudaGraphStep:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                for _ in range(3):  # cudnn autotuning, optimizer state, autograd: all before capture
+                for _ in range(3):  # cudnn autotuning, optimizer state, autograd, compiles: all before capture
                     self.eager_step(static_images, static_labels)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             graph.register_generator_state(self.generator)
-            with torch.cuda.graph(graph):  # its own memory pool: graphs replay in any order
+            # The graph's own memory pool: graphs replay in any order. Nothing compiles in it (see above).
+            with torch.compiler.set_stance("fail_on_recompile"), torch.cuda.graph(graph):
                 static_output = self.eager_step(static_images, static_labels)
         finally:
             try:

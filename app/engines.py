@@ -96,16 +96,18 @@ def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
 
 
 def use_cuda_graphs(cfg: Config, device: torch.device, world: int) -> bool:
-    """Graphs replace launch overhead on one GPU; DDP's all-reduce and torch.compile (which has its own
-    graphs) keep the eager step. fp16's loss scaling is device operations only (app/loss_scale.py), so
-    it is captured with the rest."""
-    return cfg.train.cuda_graphs and device.type == "cuda" and world == 1 and not cfg.train.compile
+    """Graphs replace launch overhead on one GPU; DDP's all-reduce keeps the eager step. fp16's loss
+    scaling is device operations only (app/loss_scale.py), so it is captured with the rest. With
+    train.compile the graph holds the compiled model's step (inductor's own CUDA graphs off,
+    app/compiling.py): compiled in the warm-up before each capture, one graph per batch shape; under DDP
+    the compiled model keeps the eager step."""
+    return cfg.train.cuda_graphs and device.type == "cuda" and world == 1
 
 
 def build_train_step(cfg: Config, model: nn.Module, train_model: nn.Module, optimizer: CapturableSGD,
                      augment: BatchAugment, device: torch.device, precision: Precision,
                      scaler: Optional[LossScaler], world: int, ema: Optional[WeightEma] = None) -> TrainStep:
-    """The eager step of `train_model` (the model itself, or its DDP / torch.compile wrapper), followed by
+    """The eager step of `train_model` (the model itself, or its DDP and/or torch.compile wrapper), followed by
     the weights' EMA update where there is one (so that a graph captures it too), replayed from CUDA graphs
     where `use_cuda_graphs` allows (each replay advancing the augmentation's generator)."""
     step = make_train_step(train_model, optimizer, augment, device, precision, scaler, cfg.train.channels_last,

@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from app.augment import BatchAugment, build_augment
 from app.checkpoint import (TRAINING_KEYS, GeneratorStates, RunMeta, attach_checkpoints, best_model_checkpoint,
                             data_fingerprint)
+from app.compiling import compile_cache_dir, compile_model
 from app.config import Config, to_dict
 from app.data import CifarData, load_dataset
 from app.device import memory_format, resolve_device
@@ -90,7 +91,7 @@ def build_parts(cfg: Config, local_rank: int) -> RunParts:
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         train_model.register_comm_hook(None, allreduce_each_gradient)
     if cfg.train.compile:
-        train_model = torch.compile(train_model)
+        train_model = compile_model(train_model)
 
     precision = Precision.resolve(cfg.train.amp, device)
     scaler = LossScaler(device) if precision.scaler else None
@@ -289,6 +290,10 @@ def _train(cfg: Config, plan: RunPlan, local_rank: int, rank0: bool, stop: Grace
         write(f"run {plan.run_dir}: ResNet18 with {count_parameters(parts.model):,} parameters on "
               f"{idist.get_world_size()} x {parts.device.type}, batch {cfg.train.batch_size}, "
               f"{len(parts.train_batches)} iterations per epoch")
+    compile_cache = compile_cache_dir(cfg, plan.run_dir.parent)  # the launcher pointed torch at it
+    if compile_cache is not None:
+        write(f"torch.compile: compiled code kept in {compile_cache}, where a later run finds it instead of "
+              f"compiling again")
     error: Optional[BaseException] = None
     try:
         run.trainer.run(parts.train_batches, max_epochs=cfg.train.epochs)

@@ -12,6 +12,7 @@ from ignite.handlers import LRScheduler
 from torch.utils.flop_counter import FlopCounterMode
 
 from app.augment import build_augment
+from app.compiling import compile_model
 from app.config import Config
 from app.device import memory_format
 from app.engines import Precision, build_train_step, create_trainer
@@ -75,7 +76,7 @@ class _Setup:
         torch.manual_seed(cfg.seed)
         fmt = memory_format(cfg.train.channels_last)
         self.model = build_model(cfg.model.name, cfg.model.num_classes).to(device, memory_format=fmt)
-        self.train_model = torch.compile(self.model) if cfg.train.compile else self.model
+        self.train_model = compile_model(self.model) if cfg.train.compile else self.model  # as a run's
         self.optimizer = build_optimizer(cfg, self.model)
         self.augment = build_augment(cfg.augment, torch.Generator(device).manual_seed(0))
         images, labels = random_images(n_images, device)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from app.augment import build_augment
+from app.compiling import compile_model
 from app.config import Config, override
 from app.engines import Precision, TrainStep, make_train_step
 from app.loss_scale import LossScaler
@@ -46,7 +47,8 @@ def make_side(device: torch.device, precision: Precision, steps_per_epoch: int, 
     optimizer, OneCycleLR over `epochs` x `steps_per_epoch`, the augmentation and the training step
     (with the loss scaler where `precision` scales, made with the arguments `loss_scale`). `wrap` also gets the
     tensors the step changes besides the model's and the optimizer's (the scaler's), as CudaGraphStep does.
-    `settings`: config keys of the recipe changed for this side (train.fused_update, say)."""
+    `settings`: config keys of the recipe changed for this side (train.fused_update, say); with
+    train.compile the step trains the compiled model, as a run's does (app/training.py)."""
     cfg = override(Config(), {"train.epochs": epochs, "train.device": device.type, **(settings or {})})
     torch.manual_seed(0)
     model = cifar_resnet18().to(device, memory_format=torch.channels_last)
@@ -54,7 +56,8 @@ def make_side(device: torch.device, precision: Precision, steps_per_epoch: int, 
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
     generator = torch.Generator(device).manual_seed(1)
     scaler = LossScaler(device, **(loss_scale or {})) if precision.scaler else None
-    step = make_train_step(model, optimizer, build_augment(cfg.augment, generator), device, precision, scaler,
+    train_model = compile_model(model) if cfg.train.compile else model
+    step = make_train_step(train_model, optimizer, build_augment(cfg.augment, generator), device, precision, scaler,
                            channels_last=True)
     if wrap is not None:
         step = wrap(step, model, optimizer, generator, scaler.tensors() if scaler is not None else [])

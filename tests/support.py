@@ -194,3 +194,21 @@ def forbid_python_reads(monkeypatch: pytest.MonkeyPatch) -> None:
 
     for name in ("item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__"):
         monkeypatch.setattr(torch.Tensor, name, refusing(name))
+
+
+def image_batches(sizes: list[int], seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Random uint8 CIFAR-shaped images and labels, one batch per size, the same for a seed."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
+             torch.randint(0, 100, (n,), generator=g)) for n in sizes]
+
+
+def small_net() -> torch.nn.Module:
+    """Conv, BatchNorm, pooling, linear: the layers whose parameters ResNet18 has, in a net whose training
+    is not chaotic at a batch of 8. (ResNet18 at batch 8 is: a 1-ulp difference after the first step,
+    the last rounding of p - lr * d, grows to 1e-3 in the loss within four steps, between any two
+    correct SGD implementations that round differently. What its users compare is one step's code, the
+    optimizer's or the compiled model's.)"""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+                               torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(256, 100))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from app.cuda_graph import CudaGraphStep
 from app.engines import Precision
@@ -78,6 +79,34 @@ def test_graphed_steps_with_the_fused_update_equal_eager_steps_over_a_whole_one_
     log = compare_steps(eager, graphed, epoch, EPOCHS, 1e-3)
 
     assert not graphed.step.failed and len(graphed.step._graphs) == 2
+    momenta = [e["momentum"] for e in log]
+    assert momenta[0] == pytest.approx(0.95) and min(momenta) < 0.86 and momenta[-1] == pytest.approx(0.95)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision,rtol", [(Precision(None, False), 1e-3), (Precision(torch.bfloat16, False), 1e-2)],
+                         ids=["fp32", "bf16"])
+def test_graphed_steps_of_the_compiled_model_equal_eager_steps_over_a_whole_one_cycle(
+        deterministic_cudnn, fresh_compiles, precision: Precision, rtol: float) -> None:
+    """train.compile on one GPU: the graph holds the step of the model as app/compiling.py compiles it
+    (static shapes, inductor's CUDA graphs off), compiled in each shape's warm-up; its capture compiles
+    nothing (it runs under fail_on_recompile: a compile there would have failed the capture, and the step
+    would train eagerly). The reference is today's eager step of the uncompiled model. Two compiles of
+    forward and backward, a minute or two on an H200 the first time."""
+    device = torch.device("cuda")
+    g = torch.Generator().manual_seed(0)
+    epoch = [(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g).to(device),
+              torch.randint(0, 100, (n,), generator=g).to(device)) for n in SIZES]
+    eager = make_side(device, precision, len(SIZES), EPOCHS)
+    graphed = make_side(device, precision, len(SIZES), EPOCHS, settings={"train.compile": True},
+                        wrap=lambda step, model, optimizer, generator: CudaGraphStep(step, model, optimizer, generator))
+    graphs = counters["stats"]["unique_graphs"]
+
+    log = compare_steps(eager, graphed, epoch, EPOCHS, rtol)
+
+    assert not graphed.step.failed and len(graphed.step._graphs) == 2  # a graph per batch shape
+    assert counters["stats"]["unique_graphs"] - graphs == 2  # the model compiled once per shape, no more
+    assert {e["batch"] for e in log} == set(SIZES)
     momenta = [e["momentum"] for e in log]
     assert momenta[0] == pytest.approx(0.95) and min(momenta) < 0.86 and momenta[-1] == pytest.approx(0.95)
 

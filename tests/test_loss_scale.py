@@ -12,8 +12,7 @@ import torch
 from torch import nn
 from torch._dynamo.utils import counters
 
-from app.config import Config, override
-from app.engines import Precision, TrainStep, make_train_step, use_cuda_graphs
+from app.engines import Precision, TrainStep, make_train_step
 from app.loss_scale import LossScaler
 from app.optim import CapturableSGD
 from tests.support import HostReads, forbid_python_reads
@@ -153,14 +152,6 @@ def test_a_step_asks_the_host_for_nothing_where_gradscalers_does(monkeypatch: py
     with HostReads() as reads:  # the check is not vacuous: GradScaler reads found_inf to decide
         reference.train(batches[0])
     assert reads.ops == ["aten._local_scalar_dense.default"]
-
-
-def test_fp16_is_graphed_on_one_gpu_and_eager_under_ddp_or_compile() -> None:
-    cfg, cuda = override(Config(), {"train.amp": "fp16"}), torch.device("cuda")
-    assert Precision.resolve("fp16", cuda) == Precision(torch.float16, True)
-    assert use_cuda_graphs(cfg, cuda, 1)
-    assert not use_cuda_graphs(cfg, cuda, 2) and not use_cuda_graphs(cfg, CPU, 1)
-    assert not use_cuda_graphs(override(cfg, {"train.compile": True}), cuda, 1)
 
 
 def test_batchnorm_is_on_no_autocast_list_so_it_keeps_fp32_weights_under_fp16() -> None:

@@ -8,7 +8,6 @@ update compiled into fused kernels (train.fused_update), which equals today's wi
 from __future__ import annotations
 
 import io
-from typing import Iterator
 
 import pytest
 import torch
@@ -21,33 +20,9 @@ from app.augment import build_augment
 from app.config import Config, override
 from app.engines import Precision, create_trainer, make_train_step
 from app.optim import CapturableSGD, build_optimizer, build_scheduler, scheduled_values
+from tests.support import image_batches, small_net
 
 EPS = torch.finfo(torch.float32).eps
-
-
-@pytest.fixture
-def fresh_compiles() -> Iterator[None]:
-    """torch.compile's caches emptied around a test: past dynamo's recompile limit (8 per function) the
-    update would silently run eagerly, and a test of the fused update would compare today's with itself."""
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
-def _batches(sizes: list[int], seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
-             torch.randint(0, 100, (n,), generator=g)) for n in sizes]
-
-
-def _small_net() -> torch.nn.Module:
-    """Conv, BatchNorm, pooling, linear: the layers whose parameters ResNet18 has, in a net whose training
-    is not chaotic at a batch of 8. (ResNet18 at batch 8 is: a 1-ulp difference after the first step,
-    the last rounding of p - lr * d, grows to 1e-3 in the loss within four steps, between any two
-    correct SGD implementations that round differently. What is compared here is the optimizer.)"""
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
-                               torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(256, 100))
 
 
 @pytest.mark.parametrize("settings", [
@@ -59,12 +34,12 @@ def test_the_projects_step_under_a_real_one_cycle_equals_torch_sgd(fresh_compile
     """Three epochs of four batches (the last one smaller), one whole OneCycleLR cycle, through the real
     Ignite trainer, the application's optimizer, schedule and training step (augmentation included); the
     reference is torch.optim.SGD stepped by torch's own OneCycleLR in a plain loop."""
-    epoch = _batches([8, 8, 8, 5])
+    epoch = image_batches([8, 8, 8, 5])
     epochs = 3
     cfg = override(Config(), {"train.epochs": epochs, "train.device": "cpu", **settings})
     device = torch.device("cpu")
 
-    model = _small_net()
+    model = small_net()
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, len(epoch))
     step = make_train_step(model, optimizer, build_augment(cfg.augment, torch.Generator().manual_seed(1)),
@@ -81,7 +56,7 @@ def test_the_projects_step_under_a_real_one_cycle_equals_torch_sgd(fresh_compile
 
     trainer.run(epoch, max_epochs=epochs)
 
-    ref_model = _small_net()
+    ref_model = small_net()
     cycle = cfg.schedule.cycle_momentum
     ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4,
                               nesterov=cfg.optimizer.nesterov, foreach=False)
