@@ -7,8 +7,8 @@ from pathlib import Path
 
 from tests.support import ROOT
 
-CORE = {"config", "typed_json", "datasets", "data", "loader", "augment", "model", "optim", "engines", "cuda_graph",
-        "device", "errors"}
+CORE = {"config", "typed_json", "datasets", "data", "loader", "augment", "mixing", "model", "optim", "loss_scale",
+        "ema", "engines", "cuda_graph", "compiling", "device", "errors"}
 
 
 def _imports(path: Path) -> set[str]:
