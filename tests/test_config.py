@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.config import Config, config_from_dict, load_config, momentum_range, override, to_dict
+from app.config import Config, config_from_dict, load_config, momentum_range, override, setting_keys, to_dict
 from app.errors import ConfigError
 from app.loader import ShardedBatches
 from tests.support import ROOT
@@ -27,6 +27,15 @@ def test_config_json_is_the_recipe() -> None:
     assert augment.mean == (0.5071, 0.4865, 0.4409) and augment.std == (0.2673, 0.2564, 0.2762)
 
 
+def test_config_json_lists_every_setting() -> None:
+    """The recipe is the one place a person reads every setting: a key the schema gained is listed there too."""
+    def keys(d: dict, prefix: str = "") -> list[str]:
+        return [k for name, v in d.items()
+                for k in (keys(v, f"{prefix}{name}.") if isinstance(v, dict) else [f"{prefix}{name}"])]
+
+    assert keys(json.loads((ROOT / "config.json").read_text())) == setting_keys()
+
+
 @pytest.mark.parametrize("raw,message", [
     ({"train": {"epochs": "ten"}}, "train.epochs must be an integer"),
     ({"train": {"epochs": 2.5}}, "train.epochs must be an integer"),
@@ -39,6 +48,7 @@ def test_config_json_is_the_recipe() -> None:
     ({"optimiser": {}}, "unknown key 'optimiser'"),
     ({"train": {"epoch": 3}}, "unknown key 'train.epoch'"),
     ({"train": 3}, "train must be an object"),
+    ({"logging": {"read_losses_late": "yes"}}, "logging.read_losses_late must be true or false"),
 ])
 def test_rejects_with_file_and_key(raw, message) -> None:
     with pytest.raises(ConfigError) as e:
