@@ -10,18 +10,18 @@ before any later handler of the same event (a checkpoint, say) can save the dive
 several processes they agree first (one all-reduce per flush), so that all of them stop together
 instead of some waiting forever.
 
-Reading the values waits for the device to finish everything queued before them: the pipeline of
-queued steps drains at every read (on an H200 a step is ~3 ms, replayed from a CUDA graph). With
-`late` (logging.read_losses_late) an interval's read waits for nothing: at its end its values start
-copying to the host (on CUDA into pinned memory, a CUDA event recorded after the copy) and the
-*previous* interval's values, copied long ago, are delivered; so LOSS_FLUSHED at iteration 2k carries
-iterations of interval k-1, and `running_loss` and `lr` are an interval behind. `flush` (every save
-event, each epoch's end) still delivers everything, the interval in flight first: a checkpoint holds
-no value unread, a diverged loss still raises before any save, and each LOSS_FLUSHED carries exactly
-the rows it carries without `late`, in the same order, later. Late deliveries happen at the same
-iterations in every process (never "when the copy is done", which differs between them), so the
-all-reduce of each comes at the same point everywhere. On the CPU the copy is done at once and the
-same code runs, one interval late, as on CUDA.
+Reading the values waits for the device to finish everything queued before them: the pipeline of queued
+steps drains at every read (on an H200 a step is ~3 ms, replayed from a CUDA graph). With `late`
+(logging.read_losses_late) an interval's read waits for nothing: at its end its values start copying to
+the host (on CUDA into pinned memory, a CUDA event recorded after the copy) and the *previous*
+interval's values, copied long ago, are delivered; so the LOSS_FLUSHED at iteration k * every carries
+the iterations of interval k-1, and `running_loss` and `lr` are an interval behind. `flush` (every save
+event, each epoch's end, a progress line's) still delivers everything, the interval in flight first,
+reading the rest at once: a checkpoint holds no value unread, a diverged loss still raises before any
+save, and each LOSS_FLUSHED carries exactly the rows it carries without `late`, in the same order,
+later. Late deliveries happen at the same iterations in every process (never "when the copy is done",
+which differs between them), so the all-reduce of each comes at the same point everywhere. On the CPU
+the copy is done at once and the same code runs, one interval late, as on CUDA.
 """
 from __future__ import annotations
 
