@@ -203,6 +203,11 @@ class LoggingConfig:
     output_dir: str = "runs"
     run_name: Optional[str] = field(default=None, metadata=_check(_folder_name))
     log_every_iters: int = field(default=20, metadata=_check(_positive))
+    # Each interval's losses read at the next interval's end (at a save or an epoch's end, at once), so that
+    # reading them never waits for the device to drain its queue of steps, and TensorBoard's loss scalars
+    # written by a thread of their own: the same values logged, the bar's and the lines' loss an interval
+    # behind (handlers/loss_buffer.py, handlers/tensorboard.py). Off until measured on a GPU.
+    read_losses_late: bool = False
     progress_bar: Literal["auto", "on", "off"] = "auto"
     # Without the bar (no terminal, or progress_bar off): a line every this many iterations; None: about one
     # a minute, so a CPU epoch is never long silent and a GPU epoch is one line (handlers/progress.py).

@@ -133,7 +133,8 @@ def wire_run(cfg: Config, plan: RunPlan, parts: RunParts, meta: RunMeta, stop: G
     ema_evaluator = create_evaluator(cfg, ema.ema_model, parts.device) if ema is not None else None
     saves = checkpoint_event(cfg.checkpoint.every_iters) | StopEvents.STOP_REQUESTED
     lr_scheduler = LRScheduler(parts.scheduler)  # sets lr and, with cycle_momentum, momentum
-    losses = LossBuffer(cfg.logging.log_every_iters, scheduled_values(parts.optimizer))
+    losses = LossBuffer(cfg.logging.log_every_iters, scheduled_values(parts.optimizer),
+                        late=cfg.logging.read_losses_late)
     generators = GeneratorStates(parts.augment.generator)
     to_save: dict[str, Any] = {"trainer": trainer, "model": parts.model, "optimizer": parts.optimizer,
                                "lr_scheduler": lr_scheduler, "augment": generators, "meta": meta,
@@ -162,8 +163,9 @@ def wire_run(cfg: Config, plan: RunPlan, parts: RunParts, meta: RunMeta, stop: G
     stop.attach(trainer)  # ITERATION_STARTED, before the scheduler
     trainer.add_event_handler(Events.ITERATION_STARTED, lr_scheduler)
     trainer.add_event_handler(Events.EPOCH_STARTED, choose_epoch)
-    # 1. The losses, read every log interval, at each epoch's end and before any other save: a
-    #    diverged loss raises before anything is saved.
+    # 1. The losses, read every log interval (with logging.read_losses_late, the interval before), and
+    #    all of them at each epoch's end and before any other save: a diverged loss raises before anything
+    #    is saved, and a checkpoint holds no value unread.
     losses.attach(trainer)
     trainer.add_event_handler(saves, losses.flush)
     # 2. The epoch's evaluation (rank 0's results, best model and TensorBoard validation handlers run on
@@ -198,11 +200,12 @@ def wire_run(cfg: Config, plan: RunPlan, parts: RunParts, meta: RunMeta, stop: G
     # A resumed run hides what earlier processes logged after its checkpoint (one resumed without a
     # checkpoint starts afresh, app/runs.py); what a run logs at its start, only its first process logs.
     purge = plan.checkpoint.iteration + 1 if plan.checkpoint else None
-    tb = TensorBoardLogging(plan.run_dir / "tb", purge_from=purge,
-                            figures_every=cfg.logging.figures_every_epochs).attach(
+    tb = TensorBoardLogging(plan.run_dir / "tb", purge_from=purge, figures_every=cfg.logging.figures_every_epochs,
+                            background=cfg.logging.read_losses_late).attach(
         trainer, evaluator, best=lambda: results.best, class_names=meta.classes, ema_evaluator=ema_evaluator,
         sample_images=None if plan.checkpoint else lambda: augmented_samples(cfg, parts))
-    # 5. TensorBoard on disk, then the training checkpoint: what it holds and what TensorBoard shows agree.
+    # 5. TensorBoard on disk (its writer thread drained first), then the training checkpoint: what it holds
+    #    and what TensorBoard shows agree.
     trainer.add_event_handler(saves, tb.flush)
     attach_checkpoints(trainer, saver, to_save, keep_last=cfg.checkpoint.keep_last, event=saves,
                        background=background)

@@ -9,11 +9,25 @@ its scheduled values as `scheduled` returned them after the step) and `engine.st
 before any later handler of the same event (a checkpoint, say) can save the diverged weights. Under
 several processes they agree first (one all-reduce per flush), so that all of them stop together
 instead of some waiting forever.
+
+Reading the values waits for the device to finish everything queued before them: the pipeline of queued
+steps drains at every read (on an H200 a step is ~3 ms, replayed from a CUDA graph). With `late`
+(logging.read_losses_late) an interval's read waits for nothing: at its end its values start copying to
+the host (on CUDA into pinned memory, a CUDA event recorded after the copy) and the *previous*
+interval's values, copied long ago, are delivered; so the LOSS_FLUSHED at iteration k * every carries
+the iterations of interval k-1, and `running_loss` and `lr` are an interval behind. `flush` (every save
+event, each epoch's end, a progress line's) still delivers everything, the interval in flight first,
+reading the rest at once: a checkpoint holds no value unread, a diverged loss still raises before any
+save, and each LOSS_FLUSHED carries exactly the rows it carries without `late`, in the same order,
+later. Late deliveries happen at the same iterations in every process (never "when the copy is done",
+which differs between them), so the all-reduce of each comes at the same point everywhere. On the CPU
+the copy is done at once and the same code runs, one interval late, as on CUDA.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional
 
 import ignite.distributed as idist
 import torch
@@ -30,12 +44,44 @@ class LossNotFinite(RuntimeError):
         self.iteration, self.value = iteration, value
 
 
+Steps = list[tuple[int, dict[str, float]]]  # (iteration, scheduled values) of each buffered step
+
+
+@dataclass
+class IntervalCopy:
+    """One interval's values on their way to the host, and the steps they belong to."""
+
+    steps: Steps
+    values: torch.Tensor  # (steps, 2) or (steps, 1): on the host once `ready` has passed
+    ready: Optional[torch.cuda.Event] = None  # None: `rows` reads `values` as they are (synchronising)
+
+    @staticmethod
+    def start(stacked: torch.Tensor, steps: Steps, wait_later: bool) -> "IntervalCopy":
+        """Without `wait_later`, or off CUDA, nothing starts: `rows` reads the tensor itself, as .tolist()
+        always did (on the CPU that costs nothing, so the late logic runs there unchanged)."""
+        if not (wait_later and stacked.is_cuda):
+            return IntervalCopy(steps, stacked)
+        host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)  # from torch's pinned cache
+        host.copy_(stacked, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()  # on the current stream, which also runs the steps: after their values are copied
+        return IntervalCopy(steps, host, ready)
+
+    def rows(self) -> list[list[float]]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.values.tolist()
+
+
 class LossBuffer:
-    def __init__(self, every: int, scheduled: Callable[[], Mapping[str, float]], smoothing: float = 0.98) -> None:
-        """`scheduled`: the values the schedule set for the step just run, e.g. {"lr": 0.1}."""
-        self.every, self.scheduled, self.smoothing = every, scheduled, smoothing
+    def __init__(self, every: int, scheduled: Callable[[], Mapping[str, float]], smoothing: float = 0.98,
+                 late: bool = False) -> None:
+        """`scheduled`: the values the schedule set for the step just run, e.g. {"lr": 0.1}. `late`: each
+        interval delivered at the next interval's end, or at the next `flush` (the module's docstring)."""
+        self.every, self.scheduled, self.smoothing, self.late = every, scheduled, smoothing, late
         self._losses: list[torch.Tensor] = []
-        self._steps: list[tuple[int, dict[str, float]]] = []
+        self._steps: Steps = []
+        self._in_flight: Optional[IntervalCopy] = None  # `late`: the interval whose copy was started last
         self.running_loss: float | None = None
 
     def attach(self, engine: Engine) -> "LossBuffer":
@@ -44,13 +90,13 @@ class LossBuffer:
         engine.state.running_loss = None
         engine.state.lr = None
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
-        engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.every), self.flush)
+        engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.every), self._interval_end)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.flush)
         return self
 
     def state_dict(self) -> dict[str, Any]:
         """The smoothed loss (what the progress bar and the epoch's line show), for a resume to go on from:
-        saved right after a flush, so nothing is buffered."""
+        saved right after a `flush`, so nothing is buffered or in flight."""
         return {"running_loss": self.running_loss}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -61,11 +107,34 @@ class LossBuffer:
         self._losses.append(engine.state.output.detach().float().reshape(-1))
         self._steps.append((engine.state.iteration, dict(self.scheduled())))
 
-    def flush(self, engine: Engine) -> None:
-        if not self._losses:
+    def _interval_end(self, engine: Engine) -> None:
+        if not self.late:
+            self.flush(engine)
             return
-        rows = torch.stack(self._losses).tolist()  # the one host synchronisation
+        previous, self._in_flight = self._in_flight, self._start_copy()
+        if previous is not None:
+            self._deliver(engine, previous)
+
+    def flush(self, engine: Engine) -> None:
+        """Every value so far delivered now, the interval in flight (`late`) first, each as it would have
+        been without `late`: before a checkpoint, at an epoch's end, for a progress line."""
+        previous, self._in_flight = self._in_flight, None
+        if previous is not None:
+            self._deliver(engine, previous)
+        current = self._start_copy()
+        if current is not None:
+            self._deliver(engine, current)
+
+    def _start_copy(self) -> Optional[IntervalCopy]:
+        if not self._losses:
+            return None
+        stacked = torch.stack(self._losses)
         steps, self._losses, self._steps = self._steps, [], []
+        return IntervalCopy.start(stacked, steps, wait_later=self.late)
+
+    def _deliver(self, engine: Engine, copy: IntervalCopy) -> None:
+        rows = copy.rows()  # the one host synchronisation (with `late`, long finished)
+        steps = copy.steps
         measured = [dict(zip(("loss", "top1"), row)) for row in rows]
         values = [m["loss"] for m in measured]
         bad = next(((it, v) for (it, _), v in zip(steps, values) if not math.isfinite(v)), None)

@@ -4,7 +4,8 @@ time left. Every line the run prints starts with the time (`timestamped`), so a 
 
 Neither forces a device synchronisation of its own: the bar advances when LossBuffer flushes and
 reads `state.running_loss` and `state.lr`, which the flush sets (attach LossBuffer first); the lines
-are written at flushes too, `ProgressLines` says when.
+are written at flushes too, `ProgressLines` says when. With LossBuffer's `late` both show the loss and
+lr an interval behind the iteration they show (the lines of `every_iters` excepted: they flush).
 """
 from __future__ import annotations
 
@@ -22,8 +23,14 @@ EVERY_SECONDS = 60.0  # progress_every_iters unset: about one line a minute
 
 
 def attach_progress_bar(trainer: Engine, every: int) -> ProgressBar:
+    """Redrawn every `every` iterations (after LossBuffer's flush of the same iteration) once a loss has been
+    read: with logging.read_losses_late the first interval's losses come at the second's end, and Ignite
+    would warn of the None before them. The loss and lr shown are then an interval behind the bar."""
+    def due(engine: Engine, iteration: int) -> bool:
+        return iteration % every == 0 and engine.state.running_loss is not None
+
     bar = ProgressBar(persist=False, bar_format=None)
-    bar.attach(trainer, event_name=Events.ITERATION_COMPLETED(every=every),
+    bar.attach(trainer, event_name=Events.ITERATION_COMPLETED(event_filter=due),
                state_attributes=["running_loss", "lr"])
     return bar
 

@@ -32,11 +32,23 @@ current); `flush` fsyncs them before every checkpoint, so that a checkpoint and 
 after a kill. A resumed run's files lose what was logged after its checkpoint (the earlier files are
 rewritten without it, and marked as purged from there): what a killed process logged after it is
 gone, and every tag goes on without doubled points.
+
+With `background` (logging.read_losses_late) the losses of each LOSS_FLUSHED are written and pushed by
+one thread of our own (WriterThread), in the order flushed, so that the training thread only queues
+them. Every other write (the epoch's numbers and figures, validation, the config, the hparams session)
+and every `flush` and `close` first waits for that thread to finish what it holds, then runs on the
+training thread as without `background`: the events land in each file in the same order either way,
+and `flush` before a checkpoint still has everything on disk. The figures are not handed to the thread:
+they come at an epoch's end, where training waits for the evaluation anyway. A write that fails in the
+thread (a full disk) is raised, as the OutputWriteError naming the folder, at the training thread's
+next call.
 """
 from __future__ import annotations
 
 import json
+import queue
 import struct
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -111,6 +123,53 @@ class EventLog:
         return OutputWriteError.naming(self.folder, "cannot write TensorBoard events")
 
 
+class WriterThread:
+    """One thread that runs the jobs given to it in order, so that the caller never waits for a file. A
+    job that fails is raised in the caller's thread at its next call (`submit`, `drain`, `close`), once;
+    no job after it runs, so a file keeps what came before the failure and nothing out of order."""
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.Queue[Optional[Callable[[], None]]] = queue.Queue()
+        self._error: Optional[BaseException] = None
+        self._raised = False
+        # A daemon: a process that ends without `close` (a crash elsewhere) is not kept alive by it.
+        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self._raise()
+        self._jobs.put(job)
+
+    def drain(self) -> None:
+        """Return once every job given so far has run; raise the error of one that failed."""
+        self._jobs.join()
+        self._raise()
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._jobs.put(None)
+            self._thread.join()
+        self._raise()
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                if job is None:
+                    return
+                if self._error is None:
+                    job()
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread by _raise
+                self._error = e
+            finally:
+                self._jobs.task_done()
+
+    def _raise(self) -> None:
+        if self._error is not None and not self._raised:
+            self._raised = True
+            raise self._error
+
+
 def drop_events_from(path: Path, step: int) -> None:
     """Rewrite an event file without its events of `step` and later (atomically: a new file renamed over
     it). TensorBoard's reader purges the scalars, images and histograms that a restart's START event
@@ -143,15 +202,18 @@ def shown(name: str, value: float) -> float:
 
 
 class TensorBoardLogging:
-    def __init__(self, log_dir: str | Path, *, purge_from: Optional[int] = None, figures_every: int = 1) -> None:
+    def __init__(self, log_dir: str | Path, *, purge_from: Optional[int] = None, figures_every: int = 1,
+                 background: bool = False) -> None:
         """`purge_from`: the iteration from which earlier event files of this run are hidden. `figures_every`:
         the confusion matrix's image, table and per-class histogram only every that many epochs and at the
-        last (each takes a rendering, on the training thread, out of every epoch it is drawn in)."""
+        last (each takes a rendering, on the training thread, out of every epoch it is drawn in).
+        `background`: the losses written by a thread of their own (the module's docstring)."""
         self.figures_every = figures_every
         log_dir = Path(log_dir)
         self.run_dir = log_dir.parent
         self.train = EventLog(log_dir / "train", purge_from)
         self.validation = EventLog(log_dir / "validation", purge_from)
+        self._writes = WriterThread("tensorboard losses") if background else None
 
     def attach(self, trainer: Engine, evaluator: Engine, *, best: Callable[[], Mapping[str, float]],
                class_names: Optional[Sequence[str]] = None,
@@ -172,19 +234,36 @@ class TensorBoardLogging:
         trainer.add_event_handler(Events.COMPLETED, self._log_success)
         trainer.add_event_handler(Events.COMPLETED, self.flush)
         if sample_images is not None:
-            trainer.add_event_handler(Events.STARTED, lambda e: self.train.image(
-                "train/augmented_images", image_grid(sample_images()), e.state.iteration))
+            trainer.add_event_handler(Events.STARTED, self._log_samples, sample_images)
         return self
 
+    def _log_samples(self, trainer: Engine, sample_images: Callable[[], torch.Tensor]) -> None:
+        self._in_order()
+        self.train.image("train/augmented_images", image_grid(sample_images()), trainer.state.iteration)
+
     def _log_losses(self, trainer: Engine) -> None:
-        for iteration, measured, scheduled in trainer.state.flushed_losses:
+        rows = trainer.state.flushed_losses  # a new list at every flush, never changed after
+        if self._writes is None:
+            self._write_losses(rows)
+        else:
+            self._writes.submit(lambda: self._write_losses(rows))
+
+    def _write_losses(self, rows: Sequence[tuple[int, Mapping[str, float], Mapping[str, float]]]) -> None:
+        for iteration, measured, scheduled in rows:
             for name, value in measured.items():  # metrics/loss, metrics/top1
                 self.train.scalar(f"metrics/{name}", shown(name, value), iteration)
             for name, value in scheduled.items():  # schedule/lr, schedule/momentum
                 self.train.scalar(f"schedule/{name}", value, iteration)
         self.train.push()
 
+    def _in_order(self) -> None:
+        """Before a write on the training thread: the losses the writer thread holds written first (each
+        file's events in the order of the calls, as without it), and a write of its that failed raised."""
+        if self._writes is not None:
+            self._writes.drain()
+
     def _log_validation(self, evaluator: Engine, trainer: Engine) -> None:
+        self._in_order()
         step = trainer.state.iteration
         for name, value in evaluator.state.metrics.items():
             if isinstance(value, (int, float)):
@@ -210,6 +289,7 @@ class TensorBoardLogging:
                                    trainer.state.iteration)
 
     def _log_epoch(self, trainer: Engine) -> None:
+        self._in_order()
         step = trainer.state.iteration
         for tag, attr in (("system/epoch_seconds", "epoch_seconds"),
                           ("system/images_per_second", "images_per_second")):
@@ -221,27 +301,37 @@ class TensorBoardLogging:
         self.train.push()
 
     def log_config(self, config: Mapping[str, Any]) -> None:
+        self._in_order()
         self.train.text("config", "```\n" + json.dumps(config, indent=2) + "\n```", 0)
 
     def log_hparams(self, hparams_: Mapping[str, Any]) -> None:
         """At the start of a run: the HParams tab lists it from now on, with the metrics it reaches. Its
         trial is named once, here: a copy of the run folder keeps the name (and, beside the original in
         one logdir, shares its row, whose metrics are then their mean)."""
+        self._in_order()
         run = self.run_dir.resolve()
         self.validation.summary(session_start_summary(hparams_, f"{run.name} in {run.parent.name}"), 0)
         self.validation.flush()
 
     def _log_success(self, _: Engine) -> None:
+        self._in_order()
         self.validation.summary(session_end_summary(), 0)
 
     def flush(self, _: Engine | None = None) -> None:
         """Attach right before the training checkpoint handler, on its events."""
+        self._in_order()
         self.train.flush()
         self.validation.flush()
 
     def close(self) -> None:
-        self.train.close()
-        self.validation.close()
+        """The files closed, with everything written; then a write of the writer thread that failed and
+        was not raised yet is raised."""
+        try:
+            if self._writes is not None:
+                self._writes.close()
+        finally:
+            self.train.close()
+            self.validation.close()
 
 
 def session_start_summary(values: Mapping[str, Any], group_name: str) -> Summary:

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.config import Config, config_from_dict, load_config, momentum_range, override, to_dict
+from app.config import Config, config_from_dict, load_config, momentum_range, override, setting_keys, to_dict
 from app.errors import ConfigError
 from app.loader import ShardedBatches
 from tests.support import ROOT
@@ -54,6 +54,15 @@ def test_an_older_versions_saved_config_is_this_versions_cifar100_config() -> No
     assert config_from_dict(old) == Config()
 
 
+def test_config_json_lists_every_setting() -> None:
+    """The recipe is the one place a person reads every setting: a key the schema gained is listed there too."""
+    def keys(d: dict, prefix: str = "") -> list[str]:
+        return [k for name, v in d.items()
+                for k in (keys(v, f"{prefix}{name}.") if isinstance(v, dict) else [f"{prefix}{name}"])]
+
+    assert keys(json.loads((ROOT / "config.json").read_text())) == setting_keys()
+
+
 @pytest.mark.parametrize("raw,message", [
     ({"train": {"epochs": "ten"}}, "train.epochs must be an integer"),
     ({"train": {"epochs": 2.5}}, "train.epochs must be an integer"),
@@ -80,6 +89,7 @@ def test_an_older_versions_saved_config_is_this_versions_cifar100_config() -> No
     ({"ema": {"decay": 0, "select_best": "ema"}}, 'ema.select_best "ema" needs the EMA: set ema.decay'),
     ({"ema": {"warmup_iters": 10}}, "ema.warmup_iters needs the EMA"),
     ({"ema": {"decay": 0.9, "warmup_decay": 0.5}}, "ema.warmup_decay 0.5 would have no effect"),
+    ({"logging": {"read_losses_late": "yes"}}, "logging.read_losses_late must be true or false"),
 ])
 def test_rejects_with_file_and_key(raw, message) -> None:
     with pytest.raises(ConfigError) as e:
