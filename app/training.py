@@ -46,7 +46,7 @@ from handlers.checkpoints import SaveThenRemove, checkpoint_event
 from handlers.epoch_summary import EpochSummary
 from handlers.loss_buffer import LossBuffer
 from handlers.preemption import GracefulStop, StopEvents, TrainingInterrupted
-from handlers.progress import ProgressLines, attach_progress_bar, timestamped
+from handlers.progress import ProgressLines, attach_progress_bar, line_iterations, timestamped
 from handlers.metrics_csv import MetricsCsv
 from handlers.results import RunResults, run_summary
 from handlers.tensorboard import TensorBoardLogging
@@ -168,6 +168,8 @@ def wire_run(cfg: Config, plan: RunPlan, parts: RunParts, meta: RunMeta, stop: G
     #    is saved, and a checkpoint holds no value unread.
     losses.attach(trainer)
     trainer.add_event_handler(saves, losses.flush)
+    if cfg.logging.progress_every_iters:  # in every process: rank 0's progress line reads the losses there
+        trainer.add_event_handler(line_iterations(cfg.logging.progress_every_iters), losses.flush)
     # 2. The epoch's evaluation (rank 0's results, best model and TensorBoard validation handlers run on
     #    the evaluator's COMPLETED).
     trainer.add_event_handler(Events.EPOCH_COMPLETED, evaluate)
@@ -189,7 +191,7 @@ def wire_run(cfg: Config, plan: RunPlan, parts: RunParts, meta: RunMeta, stop: G
     if cfg.logging.progress_bar == "on" or (cfg.logging.progress_bar == "auto" and sys.stderr.isatty()):
         attach_progress_bar(trainer, cfg.logging.log_every_iters)
     else:
-        ProgressLines(write, losses, evaluator, cfg.logging.progress_every_iters, world).attach(trainer)
+        ProgressLines(write, evaluator, cfg.logging.progress_every_iters, world).attach(trainer)
     # 4. The epoch's line, after its evaluation; then, with the line's times, results.json, metrics.csv
     #    and TensorBoard's epoch figures; at the end, the run's summary after results.json says finished.
     EpochSummary(evaluator, write, world, ema_evaluator).attach(trainer)

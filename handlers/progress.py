@@ -10,13 +10,13 @@ lr an interval behind the iteration they show (the lines of `every_iters` except
 from __future__ import annotations
 
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
 
 from handlers.clock import clock
-from handlers.loss_buffer import LossBuffer, LossEvents
+from handlers.loss_buffer import LossEvents
 
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 EVERY_SECONDS = 60.0  # progress_every_iters unset: about one line a minute
@@ -44,8 +44,20 @@ def timestamped(write: Callable[[str], None]) -> Callable[[str], None]:
     return write_timestamped
 
 
+def line_iterations(every_iters: int) -> Any:
+    """The iterations that get a progress line with `logging.progress_every_iters`: every `every_iters`-th of
+    each epoch, but not its last (the epoch's own line follows). Every process flushes its losses there
+    (app/training.py), rank 0 then writes the line."""
+    def due(engine: Engine, iteration: int) -> bool:
+        in_epoch = (iteration - 1) % engine.state.epoch_length + 1
+        return in_epoch % every_iters == 0 and in_epoch != engine.state.epoch_length
+
+    return Events.ITERATION_COMPLETED(event_filter=due)
+
+
 class ProgressLines:
-    """One line inside an epoch: every `every_iters` iterations of it (the losses read then), or, with None,
+    """One line inside an epoch: every `every_iters` iterations of it (the losses read then by a LossBuffer
+    flush attached at `line_iterations` before this handler, in every process), or, with None,
     at the first loss flush a minute or more after the last line, so that a slow device (a CPU epoch
     takes many minutes) is never long silent while a fast one (a GPU epoch of seconds) prints only its
     epoch line. No line at an epoch's last iteration: the epoch's own line follows.
@@ -53,9 +65,9 @@ class ProgressLines:
     The throughput is this epoch's, in this process's time; the time left is the epoch's and the
     run's, at that throughput, with each evaluation still to come taking what the last one took."""
 
-    def __init__(self, write: Callable[[str], None], losses: LossBuffer, evaluator: Engine,
-                 every_iters: Optional[int] = None, world_size: int = 1) -> None:
-        self.write, self.losses, self.evaluator = write, losses, evaluator
+    def __init__(self, write: Callable[[str], None], evaluator: Engine, every_iters: Optional[int] = None,
+                 world_size: int = 1) -> None:
+        self.write, self.evaluator = write, evaluator
         self.every_iters, self.world_size = every_iters, world_size
         self._epoch_start = self._last_line = 0.0
         self._first_iteration = 0
@@ -63,7 +75,7 @@ class ProgressLines:
     def attach(self, trainer: Engine) -> "ProgressLines":
         trainer.add_event_handler(Events.EPOCH_STARTED, self._started)
         if self.every_iters:
-            trainer.add_event_handler(Events.ITERATION_COMPLETED, self._at_interval)
+            trainer.add_event_handler(line_iterations(self.every_iters), self._at_interval)
         else:
             trainer.add_event_handler(LossEvents.LOSS_FLUSHED, self._if_due)
         return self
@@ -73,10 +85,10 @@ class ProgressLines:
         self._first_iteration = trainer.state.iteration
 
     def _at_interval(self, trainer: Engine) -> None:
-        in_epoch = (trainer.state.iteration - 1) % trainer.state.epoch_length + 1
-        if in_epoch % self.every_iters == 0 and not self._epoch_end(trainer):
-            self.losses.flush(trainer)  # the values up to this iteration (nothing, if a flush just ran)
-            self._line(trainer, time.perf_counter())
+        # The losses up to this iteration were read by the flush that every process attaches at
+        # `line_iterations` before this handler: under several processes a flush is a collective (the
+        # divergence check's all-reduce), so this rank-0 handler must not flush on its own.
+        self._line(trainer, time.perf_counter())
 
     def _if_due(self, trainer: Engine) -> None:
         if self._epoch_end(trainer):

@@ -24,7 +24,10 @@ def _config(tmp_path: Path, data: Path, epochs: int = 1) -> Path:
     return write_config(tmp_path / "c.json", data={"root": str(data), "download": False},
                         train={"epochs": epochs, "batch_size": 32},
                         eval={"batch_size": 10},
-                        logging={"output_dir": str(tmp_path / "runs"), "log_every_iters": 2})
+                        logging={"output_dir": str(tmp_path / "runs"), "log_every_iters": 2,
+                                 # a progress line off the loss intervals: its flush is a collective, which
+                                 # every process must join, not only rank 0, which writes the line
+                                 "progress_every_iters": 3})
 
 
 def test_two_spawned_processes_give_the_one_process_metrics_of_the_same_checkpoint(tmp_path: Path,
@@ -36,6 +39,7 @@ def test_two_spawned_processes_give_the_one_process_metrics_of_the_same_checkpoi
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["ddp"]
     epoch_lines = [line for line in run_lines(result.stdout) if line.startswith("epoch ")]
     assert len(epoch_lines) == 1  # printed by rank 0 only
+    assert [line.split()[1] for line in run_lines(result.stdout) if line.startswith("iteration ")] == ["3/4"]
     logged = json.loads((run_dir / "results.json").read_text())["final"]
     # 128 images, global batch 32 = 16 per process: 4 iterations per epoch
     checkpoint = run_dir / "checkpoints" / "training_checkpoint_4.pt"

@@ -172,9 +172,9 @@ def test_without_an_interval_progress_lines_come_about_once_a_minute(monkeypatch
     clock = iter(range(0, 10_000, 25))  # each reading of the clock 25 s after the one before
     monkeypatch.setattr("handlers.progress.time.perf_counter", lambda: next(clock))
     trainer, evaluator = Engine(lambda e, b: torch.tensor([1.0, 0.5])), Engine(lambda e, b: None)
-    losses = LossBuffer(every=1, scheduled=lambda: {"lr": 0.1}).attach(trainer)
+    LossBuffer(every=1, scheduled=lambda: {"lr": 0.1}).attach(trainer)
     lines: list[str] = []
-    ProgressLines(lines.append, losses, evaluator).attach(trainer)
+    ProgressLines(lines.append, evaluator).attach(trainer)
     trainer.state.batch = None
     trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: setattr(e.state, "batch", (None, [0] * 8)))
     trainer.run(range(8), max_epochs=1)
