@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
+import dataclasses
 import gc
 import io
 import json
@@ -86,8 +87,8 @@ GPU_QUICK = Sizes(**{**GPU.__dict__, "timed_steps": 30, "rounds": 2})
 # compiling the model or the update takes minutes.
 CPU = Sizes(batch=4, train_images=16, test_images=8, eval_batch=4, step_batches=4, same_math_steps=2,
             warmup_steps=0, timed_steps=1, rounds=2, profiled_steps=1, queued_steps=0, trainer_epochs=1,
-            log_every=2, skipped=("reference_fp32", "eager", "f", "g", "h", "all", "all_fp16"))
-SKIP_REASON = "CPU mode: compiling, autocasting or graphing a step takes minutes or means nothing on a CPU"
+            log_every=2, skipped=("reference_fp32", "f", "g", "h", "all", "all_fp16"))
+SKIP_REASON = "CPU mode: compiling or autocasting a step takes minutes on a CPU"
 
 
 @dataclass(frozen=True)
@@ -104,17 +105,15 @@ class Setting:
 BASE = Setting("base", "baseline (the recipe: bf16 on CUDA, CUDA graphs)", {}, 15)
 REPEAT = Setting("repeat", "baseline built again (the floor of the same-math check)", {}, 5)
 REFERENCE = Setting("reference_fp32", "fp32 (train.amp off): what bf16's rounding does", {"train.amp": "off"}, 8)
+# On the CPU, where there are no graphs, the same step as the baseline's: there it tests the check itself.
 EAGER = Setting("eager", "eager step (train.cuda_graphs false)", {"train.cuda_graphs": False}, 8)
-STEP_LEVERS = (
-    Setting("f", "train.fused_update", {"train.fused_update": True}, 40),
-    Setting("h", "train.amp fp16", {"train.amp": "fp16"}, 10, same_math=False),
-)
-COMPILED_LEVERS = (
-    Setting("g", "train.compile", {"train.compile": True}, 90),
-    Setting("all", "train.fused_update + train.compile", {"train.fused_update": True, "train.compile": True}, 60),
-    Setting("all_fp16", "train.fused_update + train.compile + train.amp fp16",
-            {"train.fused_update": True, "train.compile": True, "train.amp": "fp16"}, 90, same_math=False),
-)
+FUSED = Setting("f", "train.fused_update", {"train.fused_update": True}, 30)
+COMPILED = Setting("g", "train.compile", {"train.compile": True}, 60)
+ALL = Setting("all", "train.fused_update + train.compile", {"train.fused_update": True, "train.compile": True}, 30)
+FP16 = Setting("h", "train.amp fp16", {"train.amp": "fp16"}, 10, same_math=False)
+ALL_FP16 = Setting("all_fp16", "train.fused_update + train.compile + train.amp fp16",
+                   {"train.fused_update": True, "train.compile": True, "train.amp": "fp16"}, 60, same_math=False)
+SETTINGS = {s.lever: s for s in (BASE, REPEAT, REFERENCE, EAGER, FUSED, COMPILED, ALL, FP16, ALL_FP16)}
 LATE_LOSSES = "logging.read_losses_late"
 
 
@@ -126,11 +125,16 @@ def synchronize(device: torch.device) -> None:
 class Record:
     """OUT/levers.jsonl, a line per lever written and flushed as it is measured, and OUT/profile.json."""
 
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, fresh: bool = True) -> None:
+        """`fresh`: both files start empty; else (a profiling child) profile.json's settings are kept."""
         out.mkdir(parents=True, exist_ok=True)
         self.levers, self.profile_path = out / "levers.jsonl", out / "profile.json"
-        self.levers.write_text("")
         self.profiles: dict[str, Any] = {}
+        if fresh:
+            self.levers.write_text("")
+            self.profile_path.unlink(missing_ok=True)
+        elif self.profile_path.exists():
+            self.profiles = json.loads(self.profile_path.read_text()).get("settings", {})
 
     def line(self, entry: dict[str, Any]) -> None:
         with self.levers.open("a") as f:
@@ -160,7 +164,10 @@ def summary_line(e: dict[str, Any]) -> str:
         if isinstance(e.get(k), (int, float)):
             head += f" {k} {e[k]:.3g}"
     check = e.get("same_math")
-    if isinstance(check, dict) and "passed" in check:
+    if isinstance(check, dict) and "judged" in check:
+        close = check.get("loss_close_to_fp32")
+        head += "  not the same math" + ("" if close is None else f"; loss close to fp32's: {'yes' if close else 'NO'}")
+    elif isinstance(check, dict) and "passed" in check:
         head += f"  same math: {'yes' if check['passed'] else 'NO'}"
     if e.get("reason") or e.get("error"):
         head += f"  {e.get('reason') or e.get('error')}"
@@ -194,6 +201,7 @@ class Bench:
                  deadline: float) -> None:
         self.cfg, self.device, self.sizes, self.work, self.record = cfg, device, sizes, work, record
         self.deadline = deadline
+        self.cupti_first = False  # a profiling child's: whether a profiler session came before the capture
         self.trials: dict[str, Trial] = {}
         self.context = {"device": device_name(device), "torch": torch.__version__, "sizes": sizes.__dict__}
 
@@ -208,9 +216,9 @@ class Bench:
     # -- step settings ---------------------------------------------------------------------------
 
     def trial(self, setting: Setting, timed: bool = True,
-              with_parts: Optional[Callable[[Any, list], None]] = None) -> Trial:
+              with_parts: Optional[Callable[[Any, list], None]] = None, profile: bool = False) -> Trial:
         """Build the setting's run parts, take the same-math steps from the seed's weights, then (`timed`)
-        time replays; `with_parts(parts, batches)` runs while the parts are alive."""
+        time replays and (`profile`) profile them; `with_parts(parts, batches)` runs while the parts are alive."""
         from app.cuda_graph import CudaGraphStep
         from app.training import build_parts
 
@@ -245,9 +253,10 @@ class Bench:
                     step(i)
                 synchronize(device)
                 trial.step_ms.append(1e3 * (time.perf_counter() - t) / s.timed_steps)
-            self.record.profile(setting.lever, profile_step(parts, batches, device, s.profiled_steps,
-                                                            trial.ms_per_step, self.work, self.cfg.augment),
-                                self.context)
+        if timed and profile:
+            found = profile_step(parts, batches, device, s.profiled_steps, trial.ms_per_step, self.work,
+                                 self.cfg.augment)
+            self.record.profile(setting.lever, {**found, "cupti_first": self.cupti_first}, self.context)
         if with_parts is not None:
             with_parts(parts, batches)
         self.trials[setting.lever] = trial
@@ -487,6 +496,41 @@ class Bench:
                               "loss_rel_diff": worst,
                               "rule": "every iteration's loss logged either way, within 1e-3 (two runs of a GPU)"}}
 
+    def profile_in_child(self, lever: str, out: Path) -> None:
+        """The setting's replayed step profiled in a process of its own (`--profile-setting`): the profiler
+        and CUDA graphs are known to trouble each other (pytorch/pytorch#75504, an illegal memory access
+        when a graph captured before the profiler's first use is replayed under it; the workaround of
+        pytorch/pytorch#100441, a profiler session before any capture, was seen to leave CUPTI recording
+        no kernels at all on CUDA 13), and a CUDA error would end every lever after it. So: attached after
+        the capture first; if that fails or records no kernel on a GPU, again with the session first."""
+        tries = []
+        for cupti_first in (False, True):
+            if self.device.type == "cuda" and self.seconds_left() < 20:
+                tries.append({"cupti_first": cupti_first, "skipped": "time budget"})
+                break
+            started = time.perf_counter()
+            try:
+                result = subprocess.run([sys.executable, "-m", "bench.levers", str(out), "--device", self.device.type,
+                                         "--work", str(self.work), "--profile-setting", lever,
+                                         *(["--cupti-first"] if cupti_first else [])], cwd=ROOT, capture_output=True,
+                                        text=True, timeout=max(30.0, min(180.0, self.seconds_left())))
+                code, said = result.returncode, (result.stderr or result.stdout)[-600:]
+            except subprocess.TimeoutExpired:
+                code, said = None, "timed out"
+            found = Record(out, fresh=False).profiles.get(lever)
+            fresh = found is not None and found.get("cupti_first") == cupti_first
+            tried = {"cupti_first": cupti_first, "exit": code, "seconds": round(time.perf_counter() - started, 1),
+                     "kernels_per_step": found.get("kernels_per_step") if fresh else None}
+            if code != 0:
+                tried["said"] = said
+            tries.append(tried)
+            if code == 0 and fresh and (found.get("kernels_per_step") or self.device.type != "cuda"):
+                self.record.line({"lever": "profile", "setting": lever, "status": "measured", "tries": tries,
+                                  "kinds_us": found["kinds_us"], "gaps_us": found["gaps_us"]})
+                return
+        self.record.line({"lever": "profile", "setting": lever, "status": "error", "tries": tries,
+                          "error": "no profile with kernels in it"})
+
     def guarded(self, lever: str, name: str, measure: Callable[[], dict[str, Any]]) -> None:
         """Measure and record one lever; its error, if it fails, is its record."""
         started = time.perf_counter()
@@ -697,6 +741,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--work", type=Path, help="for the data and the traces (default: a temporary folder)")
     p.add_argument("--budget", type=float, default=150.0,
                    help="seconds: a GPU setting that would not finish within them is recorded as skipped")
+    p.add_argument("--profile-setting", metavar="LEVER", help="(a child process) profile this setting's step only")
+    p.add_argument("--cupti-first", action="store_true", help="with --profile-setting: a profiler session before "
+                                                             "the capture")
     args = p.parse_args(argv)
     started = time.monotonic()
     from app.config import Config, override
@@ -707,10 +754,22 @@ def main(argv: Optional[list[str]] = None) -> None:
     sizes = CPU if device.type == "cpu" else GPU_QUICK if args.quick else GPU
     work = args.work or Path(tempfile.mkdtemp(prefix="levers-"))
     work.mkdir(parents=True, exist_ok=True)
-    data = write_cifar100(work / "data", sizes.train_images, sizes.test_images)
+    data = work / "data"
+    if not (data / "cifar-100-python" / "meta").exists():
+        write_cifar100(data, sizes.train_images, sizes.test_images)
     cfg = override(Config(), {"data.root": str(data), "data.download": False, "train.device": device.type,
                               "train.batch_size": sizes.batch, "eval.batch_size": sizes.eval_batch,
                               "logging.output_dir": str(work / "runs")}, "bench.levers")
+    if args.profile_setting:
+        if args.cupti_first:
+            with torch.profiler.profile():
+                pass
+        if device.type == "cpu":  # the profile needs no same-math steps, and one round of timing
+            sizes = dataclasses.replace(sizes, same_math_steps=1, rounds=1)
+        bench = Bench(cfg, device, sizes, work, Record(args.out, fresh=False), started + args.budget)
+        bench.cupti_first = args.cupti_first
+        bench.trial(SETTINGS[args.profile_setting], profile=True)
+        return
     record = Record(args.out)
     bench = Bench(cfg, device, sizes, work, record, started + args.budget)
     record.line({"lever": "environment", "status": "measured", **bench.context, "cpu_threads": torch.get_num_threads(),
@@ -718,14 +777,20 @@ def main(argv: Optional[list[str]] = None) -> None:
     bench.step_setting(BASE, with_parts=bench.around_baseline)
     if "base" not in bench.trials:
         sys.exit("the baseline step failed: nothing to compare the levers with")
-    for setting in (REPEAT, REFERENCE):
+    bench.profile_in_child("base", args.out)
+    for setting in (REPEAT, REFERENCE):  # what the same-math checks compare with
         bench.step_setting(setting, timed=False)
-    for setting in (EAGER, *STEP_LEVERS):
+    # The levers the end-to-end run may pick first (compilation is slow: the time budget may end before the
+    # rest), then what is only reported, the cheap before the slow.
+    for setting in (FUSED, COMPILED, ALL, EAGER, FP16):
         bench.step_setting(setting)
     bench.guarded("d", LATE_LOSSES, bench.late_losses)
     bench.guarded("e", "start-up: python -X importtime -c 'import app.training'", startup)
-    for setting in COMPILED_LEVERS:
-        bench.step_setting(setting)
+    bench.step_setting(ALL_FP16)
+    fastest = min((t for t in bench.trials.values() if t.ms_per_step and t.setting.lever != "base"),
+                  key=lambda t: t.ms_per_step, default=None)
+    if device.type == "cuda" and fastest is not None and fastest.ms_per_step < bench.trials["base"].ms_per_step:
+        bench.profile_in_child(fastest.setting.lever, args.out)
     print(f"levers: {time.monotonic() - started:.1f} s, {record.levers} and {record.profile_path}", flush=True)
 
 

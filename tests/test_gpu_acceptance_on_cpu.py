@@ -13,7 +13,7 @@ import pytest
 
 from tests.support import ROOT, app_env
 
-LEVERS = ("a", "b", "c", "base", "repeat", "reference_fp32", "eager", "f", "h", "d", "e", "g", "all", "all_fp16")
+LEVERS = ("a", "b", "c", "base", "repeat", "reference_fp32", "f", "g", "all", "eager", "h", "d", "e", "all_fp16")
 
 
 @pytest.mark.slow
@@ -32,9 +32,11 @@ def test_the_gpu_command_runs_whole_on_a_cpu(tmp_path: Path) -> None:
     assert {levers[k]["status"] for k in ("a", "b", "c", "base", "repeat", "e")} == {"measured"}, levers
     assert all(levers[k]["status"] in ("measured", "skipped", "not available") for k in LEVERS), levers
     assert levers["base"]["ms_per_step"] > 0 and levers["repeat"]["same_math"]["same_start"]
+    assert levers["eager"]["same_math"]["passed"], levers["eager"]  # on a CPU the baseline's very step
     for k in ("a", "c"):  # the same figures, the same bytes
         assert levers[k]["same_math"]["passed"], levers[k]
     assert levers["d"]["baseline"]["flushes"] >= 1 and levers["e"]["total_s"] > 0
+    assert levers["profile"]["status"] == "measured" and levers["profile"]["setting"] == "base", levers["profile"]
     profile = json.loads((out / "profile.json").read_text())["settings"]["base"]
     assert {"convolution", "batchnorm", "optimizer", "augmentation"} <= set(profile["kinds_us"]), profile
     assert profile["kernels_us"] > 0 and profile["gaps_us"] == pytest.approx(
