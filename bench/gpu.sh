@@ -40,10 +40,11 @@ fi
 if [ "$DEVICE" = cuda ]; then
   TOTAL=${TOTAL:-540} LEVERS_S=${LEVERS_S:-150} CHECK_S=${CHECK_S:-240} E2E_S=${E2E_S:-200}
   EPOCHS=${EPOCHS:-100} PACKING_MIN_S=${PACKING_MIN_S:-60}
-  CHECK_ARGS=() E2E_ARGS=() PACKING_ARGS=(--devices 0 --ks 1,2,4 --epochs 3)
+  CHECKS=tests CHECK_ARGS=() E2E_ARGS=() PACKING_ARGS=(--devices 0 --ks 1,2,4 --epochs 3)
 else  # tiny sizes: 4 iterations of batch 8 per epoch; the budgets only stop a run that hangs
   TOTAL=${TOTAL:-1800} LEVERS_S=${LEVERS_S:-300} CHECK_S=${CHECK_S:-900} E2E_S=${E2E_S:-300}
   EPOCHS=${EPOCHS:-1} PACKING_MIN_S=${PACKING_MIN_S:-60}
+  CHECKS=tests/acceptance  # the other gpu tests would only be skipped here, after collecting the whole suite
   CHECK_ARGS=(--acceptance-n-train 32 --acceptance-n-test 8 --acceptance-epochs 2 --acceptance-batch-size 8
               --acceptance-workers 2)
   E2E_ARGS=(--n-train 32 --n-test 8 --batch-size 8)
@@ -69,9 +70,9 @@ torch.__version__, 'ignite', ignite.__version__, 'tensorboardX', tensorboardX.__
   step_end "(i)" $?
 
   budget=$(smaller "$CHECK_S" "$(( $(left) - E2E_S ))")
-  step_start "(ii) acceptance: python -m pytest -m gpu tests" "$budget"
+  step_start "(ii) acceptance: python -m pytest -m gpu $CHECKS" "$budget"
   # SIGINT: pytest stops at the check in progress and still writes its table and gpu_check.json
-  timeout -s INT -k 30 "$budget" "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu tests --acceptance-out "$OUT" \
+  timeout -s INT -k 30 "$budget" "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu "$CHECKS" --acceptance-out "$OUT" \
     --acceptance-device "$DEVICE" --basetemp "$WORK/check" "${CHECK_ARGS[@]}"
   rc=$?
   echo "$rc" > "$WORK/check_rc"
