@@ -1,8 +1,8 @@
 """The whole training step, augmentation included, captured once as a CUDA graph and replayed.
 
 At the recipe's batch of 128 an eager ResNet18 step on an H200 is bound by Python and kernel launches,
-not by the GPU: 11.4 ms eager against 3.0 ms replayed from a graph (bench/gpu_profile.py,
-docs/BENCHMARKS.md). A replay runs the kernels the eager step launches, on the values each needs now;
+not by the GPU: 11.4 ms eager against 3.0 ms replayed from a graph (measured at commit 63fd933,
+docs/BENCHMARKS.md; `python -m bench.levers` measures it again). A replay runs the kernels the eager step launches, on the values each needs now;
 tests/test_cuda_graph.py checks graphed against eager steps under the real OneCycleLR schedule.
 
 What a replay needs, and how it gets it:

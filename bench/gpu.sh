@@ -1,74 +1,104 @@
 #!/usr/bin/env bash
-# The GPU acceptance check, one command on a bare GPU machine that has python3 with torch, torchvision,
-# pytest and tensorboard:
+# One command for a lent GPU (an H200 lent for 15 minutes): at most TOTAL seconds (540, 9 minutes) from
+# its start, every figure written under OUT as it is measured, so that a run cut short still returns
+# what it measured:
 #
-#   bash bench/gpu.sh [OUT_DIR]
+#   bash bench/gpu.sh [OUT]
 #
-# pytorch-ignite and tensorboardX come from wheels in .whl/ if the machine lacks them. Then:
-#  1. python -m pytest -m gpu tests: does everything a user does work here? (the CUDA-graph and CUDA
-#     augmentation tests, then tests/acceptance: learning graphed and eager, kill and resume, evaluate
-#     on GPU and CPU, predict, checkpoints across devices, TensorBoard); a PASS/FAIL table and
-#     OUT_DIR/gpu_check.json; about 3-4 minutes on one H200;
-#  2. python -m bench on CUDA: augmentation, Ignite vs a plain loop, epoch time, share of bf16 peak;
-#  3. the recipe on synthetic full-size data (50,000 + 10,000 images) with the real application, EPOCHS
-#     epochs (100 by default), stopped after LIMIT seconds: end-to-end time from process start;
-#  4. python -m bench.packing: `python -m app sweep` on GPU 0 with K = 1, 2, 4 runs at once (and under
-#     CUDA MPS where it can be started): total training images/s and the K to use; OUT_DIR/packing.json.
-# Exits 1 if any check of step 1 failed. Settings: EPOCHS, LIMIT, CHECK_EPOCHS (epochs of step 1's
-# runs, 4), BENCH (0 skips step 2), COMPILE_EPOCHS (also train that many epochs with torch.compile),
-# PACKING (0 skips step 4).
+#  (i)   python -m bench.levers: a profile of one replayed step (kernel time by kind and the gaps) and the
+#        ms per step of each lever of issue 20, alone and together, each with its same-math check
+#        (OUT/levers.jsonl, OUT/profile.json); at most LEVERS_S (150 s);
+#  (ii)  the acceptance check, python -m pytest -m gpu tests (the CUDA tests, then tests/acceptance, whose
+#        runs go side by side): a PASS/FAIL table with each check's seconds, OUT/gpu_check.json; at most
+#        CHECK_S (240 s), and never into (iii)'s time; about 2 minutes expected on an H200;
+#  (iii) python -m bench.end_to_end: the recipe's EPOCHS (100) epochs on synthetic full-size data with the
+#        fastest same-math settings that (i) measured, from process start to exit, compile included
+#        (OUT/end_to_end.json); stopped gracefully after E2E_S (200 s), or less if less is left;
+#  (iv)  if PACKING_MIN_S (60 s) or more is left: python -m bench.packing with K = 1, 2, 4 runs on the GPU
+#        (under CUDA MPS too if 240 s are left), OUT/packing.json after every K.
+# Everything printed also goes to OUT/gpu_check.log. Exits 1 if a check of (ii) failed.
+#
+# The CPU mode (DEVICE=cpu, or no CUDA): the same steps at tiny sizes, as the suite runs it
+# (tests/test_gpu_acceptance_on_cpu.py). PYTHON (python3) runs every step; pytorch-ignite and
+# tensorboardX come from wheels in .whl/ if the machine lacks them. Compiled code is cached in
+# TORCHINDUCTOR_CACHE_DIR (default: the work folder), which (i) fills and (iii) reads.
 set -uo pipefail
 OUT=${1:-${OUT:-/tmp/gpu-check}}
-EPOCHS=${EPOCHS:-100} LIMIT=${LIMIT:-150} CHECK_EPOCHS=${CHECK_EPOCHS:-4} BENCH=${BENCH:-1}
-COMPILE_EPOCHS=${COMPILE_EPOCHS:-0} PACKING=${PACKING:-1}
+PYTHON=${PYTHON:-python3}
+STARTED=$(date +%s)
 WORK=$(mktemp -d)
 mkdir -p "$OUT"
-if ! python3 -c "import ignite, tensorboardX" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" .whl/*.whl || exit 1
-  export PYTHONPATH="$WORK/site"
+if ! "$PYTHON" -c "import ignite, tensorboardX" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" \
+    .whl/*.whl || exit 1
+  export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-export PYTHONUNBUFFERED=1  # run from the project folder: python -m app and bench are found there
+DEVICE=${DEVICE:-auto}
+if [ "$DEVICE" = auto ]; then
+  DEVICE=$("$PYTHON" -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
+fi
+if [ "$DEVICE" = cuda ]; then
+  TOTAL=${TOTAL:-540} LEVERS_S=${LEVERS_S:-150} CHECK_S=${CHECK_S:-240} E2E_S=${E2E_S:-200}
+  EPOCHS=${EPOCHS:-100} PACKING_MIN_S=${PACKING_MIN_S:-60}
+  CHECKS=tests CHECK_ARGS=() E2E_ARGS=() PACKING_ARGS=(--devices 0 --ks 1,2,4 --epochs 3)
+else  # tiny sizes: 4 iterations of batch 8 per epoch; the budgets only stop a run that hangs
+  TOTAL=${TOTAL:-1800} LEVERS_S=${LEVERS_S:-300} CHECK_S=${CHECK_S:-900} E2E_S=${E2E_S:-300}
+  EPOCHS=${EPOCHS:-1} PACKING_MIN_S=${PACKING_MIN_S:-60}
+  CHECKS=tests/acceptance  # the other gpu tests would only be skipped here, after collecting the whole suite
+  CHECK_ARGS=(--acceptance-n-train 32 --acceptance-n-test 8 --acceptance-epochs 2 --acceptance-batch-size 8
+              --acceptance-workers 2)
+  E2E_ARGS=(--n-train 32 --n-test 8 --batch-size 8)
+  PACKING_ARGS=(--devices cpu --ks 1 --epochs 1 --n-train 32 --n-test 8 --batch-size 8)
+fi
+export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$WORK/compile-cache}
+
+left() { echo $(( TOTAL - ($(date +%s) - STARTED) )); }
+smaller() { if [ "$1" -lt "$2" ]; then echo "$1"; else echo "$2"; fi; }
+step_start() { STEP_STARTED=$(date +%s); echo "== $1 (budget $2 s, $(left) s left of $TOTAL)"; }
+step_end() { echo "== $1 done: exit $2 after $(( $(date +%s) - STEP_STARTED )) s"; }
 {
   date -u +"%Y-%m-%d %H:%M UTC"
+  echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), device $DEVICE"
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null || true
-  python3 -c "import sys, torch, ignite, tensorboardX; print('python', sys.version.split()[0], 'torch', torch.__version__, 'ignite', ignite.__version__, 'tensorboardX', tensorboardX.__version__)"
-  echo "== 1. acceptance checks: python -m pytest -m gpu tests"
-  python3 -m pytest -q -p no:cacheprovider -m gpu tests --acceptance-out "$OUT" \
-    --acceptance-epochs "$CHECK_EPOCHS" --basetemp "$WORK/check"
-  echo $? > "$WORK/check_rc"
+  "$PYTHON" -c "import sys, torch, ignite, tensorboardX; print('python', sys.version.split()[0], 'torch', \
+torch.__version__, 'ignite', ignite.__version__, 'tensorboardX', tensorboardX.__version__)"
+
+  budget=$(smaller "$LEVERS_S" "$(( $(left) - E2E_S - 60 ))")
+  step_start "(i) levers: python -m bench.levers" "$budget"
+  timeout -k 10 "$budget" "$PYTHON" -m bench.levers "$OUT" --device "$DEVICE" --work "$WORK/levers" \
+    --budget "$(( budget - 20 ))"
+  step_end "(i)" $?
+
+  budget=$(smaller "$CHECK_S" "$(( $(left) - E2E_S ))")
+  step_start "(ii) acceptance: python -m pytest -m gpu $CHECKS" "$budget"
+  # SIGINT: pytest stops at the check in progress and still writes its table and gpu_check.json
+  timeout -s INT -k 30 "$budget" "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu "$CHECKS" --acceptance-out "$OUT" \
+    --acceptance-device "$DEVICE" --basetemp "$WORK/check" "${CHECK_ARGS[@]}"
+  rc=$?
+  echo "$rc" > "$WORK/check_rc"
+  step_end "(ii)" "$rc"
   rm -rf "$WORK/check"
-  if [ "$BENCH" != 0 ]; then
-    echo "== 2. python -m bench --device cuda"
-    timeout 200 python3 -m bench --device cuda ${BENCH_ARGS:-}
+
+  limit=$(smaller "$E2E_S" "$(( $(left) - 15 ))")
+  step_start "(iii) end to end: python -m bench.end_to_end, $EPOCHS epochs" "$limit"
+  "$PYTHON" -m bench.end_to_end "$OUT" --work "$WORK/e2e" --levers "$OUT/levers.jsonl" --device "$DEVICE" \
+    --epochs "$EPOCHS" --limit "$(( limit > 30 ? limit - 10 : 20 ))" "${E2E_ARGS[@]}"
+  step_end "(iii)" $?
+
+  budget=$(( $(left) - 5 ))
+  if [ "$budget" -ge "$PACKING_MIN_S" ]; then
+    mps=(); if [ "$DEVICE" = cuda ] && [ "$budget" -ge 240 ]; then mps=(--mps); fi
+    step_start "(iv) runs packed onto one device: python -m bench.packing" "$budget"
+    mkdir -p "$WORK/packing"
+    [ -d "$WORK/e2e/data" ] && ln -s "$WORK/e2e/data" "$WORK/packing/data"
+    timeout -k 10 "$budget" "$PYTHON" -m bench.packing "$WORK/packing" --report "$OUT/packing.json" \
+      "${PACKING_ARGS[@]}" "${mps[@]}"
+    step_end "(iv)" $?
+  else
+    echo "== (iv) packing skipped: $budget s left, $PACKING_MIN_S needed"
   fi
-  echo "== 3. recipe: $EPOCHS epochs on synthetic full-size data (limit ${LIMIT}s)"
-  python3 -m bench.synthetic "$WORK/data" --train 50000 --test 10000
-  python3 - "$WORK" <<'PY'
-import json, sys
-from app.config import Config, override, to_dict
-work = sys.argv[1]
-base = {"data.root": f"{work}/data", "data.download": False, "train.device": "cuda",
-        "logging.output_dir": f"{work}/runs", "logging.log_every_iters": 100}
-for name, extra in (("recipe", {}), ("compiled", {"train.compile": True})):
-    json.dump(to_dict(override(Config(), {**base, **extra})), open(f"{work}/{name}.json", "w"), indent=2)
-PY
-  start=$(date +%s.%N)
-  timeout "$LIMIT" python3 -m app --config "$WORK/recipe.json" --run-name recipe --epochs "$EPOCHS"
-  echo "exit $? after $(python3 -c "print(round($(date +%s.%N) - $start, 1))") s (process start to exit)"
-  cp "$WORK/runs/recipe/results.json" "$OUT/results_recipe.json" 2>/dev/null
-  if [ "$COMPILE_EPOCHS" -gt 0 ]; then
-    echo "== torch.compile: $COMPILE_EPOCHS epochs"
-    start=$(date +%s.%N)
-    timeout 240 python3 -m app --config "$WORK/compiled.json" --run-name compiled --epochs "$COMPILE_EPOCHS"
-    echo "exit $? after $(python3 -c "print(round($(date +%s.%N) - $start, 1))") s (process start to exit)"
-    cp "$WORK/runs/compiled/results.json" "$OUT/results_compiled.json" 2>/dev/null
-  fi
-  if [ "$PACKING" != 0 ]; then
-    echo "== 4. runs packed onto GPU 0: python -m bench.packing"
-    mkdir -p "$WORK/packing" && ln -s "$WORK/data" "$WORK/packing/data"
-    timeout 420 python3 -m bench.packing "$WORK/packing" --devices 0 --ks 1,2,4 --epochs 3 --mps
-    cp "$WORK/packing/packing.json" "$OUT/packing.json" 2>/dev/null
-  fi
+  echo "== all steps: $(( $(date +%s) - STARTED )) s"
+  "$PYTHON" -m bench.gpu_summary "$OUT"
 } 2>&1 | tee "$OUT/gpu_check.log"
 rc=$(cat "$WORK/check_rc" 2>/dev/null || echo 1)
 rm -rf "$WORK"

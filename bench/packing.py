@@ -12,7 +12,8 @@ on synthetic data of CIFAR's size, each run its own process. Reported per K:
 - the recommended K: the smallest whose steady images/s is within 5% of the best.
 With --mps every K is measured again under CUDA MPS (its daemon started for the measurement and
 stopped after), which lets kernels of several processes run at once instead of taking turns.
-Writes OUT/packing.json and prints a table.
+Writes OUT/packing.json (or --report) after every K, so that a run cut short keeps what it measured,
+and prints a table.
 """
 from __future__ import annotations
 
@@ -108,7 +109,9 @@ def main() -> None:
     p.add_argument("--n-test", type=int, default=10_000)
     p.add_argument("--batch-size", type=int, help="instead of the recipe's 128 (for a quick try on a CPU)")
     p.add_argument("--mps", action="store_true", help="measure under CUDA MPS too")
+    p.add_argument("--report", type=Path, help="where packing.json goes (default: OUT/packing.json)")
     args = p.parse_args()
+    report_path = args.report or args.out / "packing.json"
     from bench.synthetic import write_cifar100
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -132,14 +135,16 @@ def main() -> None:
                 else:
                     wall = run_sweep(args.out, data, k, args.epochs, args.devices, name, env, extra)
             except (RuntimeError, subprocess.CalledProcessError) as e:
-                report[mode] = {"error": str(e)}
+                report[mode] = {"error": str(e), "figures": figures}
                 break
             figures[k] = sweep_throughput(args.out / name, wall, args.n_train)
+            report[mode] = {"figures": figures, "partial": True}
+            report_path.write_text(json.dumps(report, indent=2) + "\n")
             print(f"{mode:14s} K={k}: steady {figures[k]['steady_images_per_second']:9.0f} img/s, "
                   f"sweep {figures[k]['sweep_images_per_second']:9.0f} img/s, wall {wall:6.1f} s", flush=True)
         if figures and "error" not in report.get(mode, {}):
             report[mode] = {"figures": figures, "recommended_k": recommend(figures)}
-    (args.out / "packing.json").write_text(json.dumps(report, indent=2) + "\n")
+    report_path.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({m: report.get(m, {}).get("recommended_k") for m in modes}))
 
 

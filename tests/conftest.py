@@ -31,6 +31,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--acceptance-epochs", type=int, default=4)
     group.addoption("--acceptance-classes", type=int, default=100, help="classes the data uses")
     group.addoption("--acceptance-batch-size", type=int, default=128)
+    group.addoption("--acceptance-workers", type=int, default=8,
+                    help="runs side by side (each is mostly start-up; on the CPU they share its cores)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

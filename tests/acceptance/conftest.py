@@ -1,5 +1,6 @@
-"""The GPU acceptance check's fixtures: its settings (the `--acceptance-*` options, tests/conftest.py),
-its synthetic data and the run that several checks read. The table and report: tests/gpu_report.py.
+"""The GPU acceptance check's fixtures: its settings (the `--acceptance-*` options, tests/conftest.py)
+and its synthetic data. The runs the checks read: test_acceptance.py (`runs`). The table and report:
+tests/gpu_report.py.
 
 Every check is a test marked `gpu`. On a machine without CUDA they are skipped, unless the check is
 asked to run on the CPU (`--acceptance-device cpu`, which is how the check itself is tested); then
@@ -7,8 +8,8 @@ the checks that need a GPU are skipped. `bash bench/gpu.sh` runs them with every
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -17,11 +18,13 @@ from bench.synthetic import write_cifar100
 
 
 @pytest.fixture(scope="session")
-def acceptance(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Acceptance:
+def acceptance(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Acceptance]:
     option = request.config.getoption
-    return Acceptance(option("acceptance_device"), option("acceptance_n_train"), option("acceptance_n_test"),
-                      option("acceptance_epochs"), option("acceptance_classes"), option("acceptance_batch_size"),
-                      tmp_path_factory.mktemp("acceptance"))
+    checks = Acceptance(option("acceptance_device"), option("acceptance_n_train"), option("acceptance_n_test"),
+                        option("acceptance_epochs"), option("acceptance_classes"), option("acceptance_batch_size"),
+                        tmp_path_factory.mktemp("acceptance"), workers=option("acceptance_workers"))
+    yield checks
+    checks.close()
 
 
 @pytest.fixture(scope="session")
@@ -30,12 +33,3 @@ def data(acceptance: Acceptance) -> Path:
     noise), so that two runs can be compared by top-1 and by loss, as on the real CIFAR-100."""
     return write_cifar100(acceptance.work / "data", acceptance.n_train, acceptance.n_test, hard=True,
                           used_classes=acceptance.classes)
-
-
-@pytest.fixture(scope="session")
-def graphed(acceptance: Acceptance, data: Path) -> Path:
-    """The recipe on the acceptance data with CUDA graphs on (the default), trained to the end."""
-    started = time.perf_counter()
-    acceptance.app("--config", str(acceptance.config("graphed", data)), "--run-name", "graphed")
-    acceptance.seconds["graphed"] = round(time.perf_counter() - started, 1)
-    return acceptance.work / "runs" / "graphed"
