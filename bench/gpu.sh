@@ -20,8 +20,9 @@
 #
 # The CPU mode (DEVICE=cpu, or no CUDA): the same steps at tiny sizes, as the suite runs it
 # (tests/test_gpu_acceptance_on_cpu.py). PYTHON (python3) runs every step; pytorch-ignite and
-# tensorboardX come from wheels in .whl/ if the machine lacks them. Compiled code is cached in
-# TORCHINDUCTOR_CACHE_DIR (default: the work folder), which (i) fills and (iii) reads.
+# tensorboardX come from wheels in .whl/ if the machine lacks them. (i) caches compiled code in
+# TORCHINDUCTOR_CACHE_DIR (default: the work folder); (iii) runs the application, which keeps its own in
+# its output folder (app/compiling.py), empty at the start: its figure includes the compile.
 set -uo pipefail
 OUT=${1:-${OUT:-/tmp/gpu-check}}
 PYTHON=${PYTHON:-python3}
