@@ -402,7 +402,7 @@ class Bench:
 
         device, s = self.device, self.sizes
         checkpoint = {"model": parts.model.state_dict(), "optimizer": parts.optimizer.state_dict()}
-        size = sum(t.numel() * t.element_size() for t in _tensors(checkpoint))
+        size = sum(t.numel() * t.element_size() for t in tensors_in(checkpoint))
         buffers = HostBuffers()
         buffers.copy(checkpoint).wait()  # the buffers are allocated (and pinned) once, at the first save
 
@@ -586,15 +586,16 @@ def serialized(obj: Any) -> bytes:
     return buffer.getvalue()
 
 
-def _tensors(obj: Any) -> Iterable[torch.Tensor]:
+def tensors_in(obj: Any) -> Iterable[torch.Tensor]:
+    """Every tensor of a checkpoint-like object: nested dicts, lists and tuples."""
     if isinstance(obj, torch.Tensor):
         yield obj
     elif isinstance(obj, dict):
         for v in obj.values():
-            yield from _tensors(v)
+            yield from tensors_in(v)
     elif isinstance(obj, (list, tuple)):
         for v in obj:
-            yield from _tensors(v)
+            yield from tensors_in(v)
 
 
 # -- the profile of a replayed step ------------------------------------------------------------------

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from app.checkpoint import load_checkpoint
+from bench.levers import tensors_in
 from tests.support import run_main
 
 
@@ -32,17 +33,6 @@ def write_as_if_from_a_gpu(src: Path, dst: Path, monkeypatch: pytest.MonkeyPatch
         torch.save(checkpoint, dst)
 
 
-def _tensors(obj):
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _tensors(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _tensors(v)
-
-
 def test_a_gpu_checkpoint_loads_here_only_through_the_cpu(finished_run, tmp_path: Path, monkeypatch) -> None:
     run_dir = finished_run.run_dir
     gpu = tmp_path / "gpu.pt"
@@ -50,7 +40,7 @@ def test_a_gpu_checkpoint_loads_here_only_through_the_cpu(finished_run, tmp_path
     with pytest.raises(RuntimeError, match="CUDA"):
         torch.load(gpu, weights_only=True)  # where it was written: there is no GPU here
     checkpoint = load_checkpoint(gpu)
-    tensors = list(_tensors(checkpoint))
+    tensors = list(tensors_in(checkpoint))
     assert len(tensors) > 100 and {t.device.type for t in tensors} == {"cpu"}
     generators = checkpoint["augment"]["generators"]
     assert generators.dtype == torch.uint8 and generators.device.type == "cpu"
