@@ -114,7 +114,7 @@ class GeneratorStates:
 def data_fingerprint(data: Cifar100) -> str:
     """A hash of every image and label, so that a resume on other data is refused. Each tensor's bytes
     are hashed where they lie (a flat view; `tobytes` would copy the 184 MB of CIFAR-100 first, which
-    took as long as the hashing itself), the same bytes in the same order as ever: the fingerprints of
+    took longer than the hashing itself), the same bytes in the same order as ever: the fingerprints of
     existing checkpoints still match."""
     h = hashlib.sha256()
     for split in (data.train, data.test):
