@@ -1,8 +1,9 @@
 """The story of one training run, from the config to results.json, as every process tells it (one
 process, spawned ones, or torchrun's):
 
-1. `build_parts`: every part of the run from the config, in the order the data flows: device, data,
-   batches, model, optimizer and schedule, precision, augmentation, training step;
+1. `build_parts`: every part of the run from the config, in the order the data flows: data (its
+   fingerprint hashed meanwhile), device, batches, model, optimizer and schedule, precision,
+   augmentation, training step;
 2. the checkpoint to resume from (loaded once: by the launcher's check when that ran in this process),
    and rank 0 claims the run folder (app/runs.py), now that everything that can be refused has been;
 3. `wire_run`: the trainer and the evaluator with every handler, attached from one ordered list;
@@ -13,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import sys
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -26,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from app.augment import BatchAugment, build_augment
 from app.checkpoint import (TRAINING_KEYS, GeneratorStates, RunMeta, attach_checkpoints, best_model_checkpoint,
-                            data_fingerprint)
+                            data_fingerprint_in_background)
 from app.compiling import compile_cache_dir, compile_model
 from app.config import Config, to_dict
 from app.data import CifarData, load_dataset
@@ -58,6 +60,7 @@ class RunParts:
 
     device: torch.device
     data: CifarData
+    data_fingerprint: Future[str]  # app/checkpoint.py, hashed while the rest is built
     train_batches: ShardedBatches
     test_batches: ShardedBatches
     model: nn.Module  # the plain module: evaluated, checkpointed
@@ -71,10 +74,11 @@ class RunParts:
 
 def build_parts(cfg: Config, local_rank: int) -> RunParts:
     rank, world = idist.get_rank(), idist.get_world_size()
+    data = load_dataset(cfg.data.root, cfg.data.dataset)
+    fingerprint = data_fingerprint_in_background(data)  # first: the device's set-up runs meanwhile
     device = resolve_device(cfg.train.device, local_rank)
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
 
-    data = load_dataset(cfg.data.root, cfg.data.dataset)
     train_batches = ShardedBatches(data.train.images.to(device), data.train.labels.to(device),
                                    batch_size=cfg.train.batch_size, shuffle=True, seed=cfg.seed,
                                    rank=rank, world_size=world)
@@ -97,8 +101,8 @@ def build_parts(cfg: Config, local_rank: int) -> RunParts:
     scaler = LossScaler(device) if precision.scaler else None
     augment = build_augment(cfg.augment, torch.Generator(device).manual_seed(cfg.seed * 7919 + rank))
     step = build_train_step(cfg, model, train_model, optimizer, augment, device, precision, scaler, world, ema)
-    return RunParts(device, data, train_batches, test_batches, model, optimizer, scheduler, augment, step, scaler,
-                    ema)
+    return RunParts(device, data, fingerprint, train_batches, test_batches, model, optimizer, scheduler, augment, step,
+                    scaler, ema)
 
 
 @dataclass
@@ -264,7 +268,7 @@ def training(local_rank: int, cfg: Config, plan: RunPlan) -> None:
 
 def _train(cfg: Config, plan: RunPlan, local_rank: int, rank0: bool, stop: GracefulStop) -> None:
     parts = build_parts(cfg, local_rank)
-    fingerprint = data_fingerprint(parts.data)
+    fingerprint = parts.data_fingerprint.result()
     # Loaded on the CPU; each object then moves its state to its device (the model and optimizer to
     # the training device, generator states stay CPU byte tensors), so a checkpoint resumes anywhere.
     checkpoint = None

@@ -2,6 +2,8 @@
 the original archives are (Python 2, protocol 2) and as Python 3 pickles."""
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
 import pickle
 from pathlib import Path
@@ -10,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from app.data import ensure_dataset, load_dataset
+from app.checkpoint import data_fingerprint, data_fingerprint_in_background
+from app.data import Split, ensure_dataset, load_dataset
 from app.errors import UserError
 from tests.support import TEST_IMAGES, TRAIN_IMAGES, write_cifar10, write_cifar100
 
@@ -152,3 +155,22 @@ def test_truncated_file_is_named(tmp_path: Path) -> None:
     path.write_bytes(path.read_bytes()[:200])
     with pytest.raises(UserError, match=str(path)):
         load_cifar100(root)
+
+
+def test_the_fingerprint_hashes_every_byte_as_checkpoints_have_it_also_in_the_background(small_data: Path) -> None:
+    """Checkpoints hold the fingerprint, so hashing the tensors in place must give what hashing their
+    copies as bytes gave (train images, train labels, test images, test labels); the one computed in a
+    thread (while a run's device is set up) is the same, and what fails there is raised to the caller."""
+    data = load_cifar100(small_data)
+    copied = hashlib.sha256()
+    for split in (data.train, data.test):
+        copied.update(split.images.numpy().tobytes())
+        copied.update(split.labels.numpy().tobytes())
+    assert data_fingerprint(data) == copied.hexdigest()[:16]
+    assert data_fingerprint_in_background(data).result(timeout=60) == data_fingerprint(data)
+    images = data.test.images.clone()
+    images[-1, -1, -1, -1] ^= 1  # one bit of the last pixel hashed
+    assert data_fingerprint(dataclasses.replace(data, test=Split(images, data.test.labels))) != data_fingerprint(data)
+    broken = dataclasses.replace(data, test=Split(None, data.test.labels))  # type: ignore[arg-type]
+    with pytest.raises(AttributeError):
+        data_fingerprint_in_background(broken).result(timeout=60)
