@@ -2,8 +2,9 @@
 
 At the recipe's batch of 128 an eager ResNet18 step on an H200 is bound by Python and kernel launches,
 not by the GPU: 11.4 ms eager against 3.0 ms replayed from a graph (measured at commit 63fd933,
-docs/BENCHMARKS.md; `python -m bench.levers` measures it again). A replay runs the kernels the eager step launches, on the values each needs now;
-tests/test_cuda_graph.py checks graphed against eager steps under the real OneCycleLR schedule.
+docs/BENCHMARKS.md; `python -m bench.levers` measures it again). A replay runs the kernels the eager
+step launches, on the values each needs now; tests/test_cuda_graph.py checks graphed against eager
+steps under the real OneCycleLR schedule.
 
 What a replay needs, and how it gets it:
 - fixed addresses: the batch is copied into static input tensors; one graph per batch shape (the

@@ -441,7 +441,7 @@ class Bench:
         whole epochs: the training thread's time per iteration with and without a loss flush in it."""
         from ignite.engine import Events
 
-        from app.checkpoint import RunMeta, data_fingerprint
+        from app.checkpoint import RunMeta
         from app.runs import RunPlan
         from app.training import build_parts, wire_run
         from handlers.loss_buffer import LossEvents
@@ -451,7 +451,7 @@ class Bench:
         parts = build_parts(cfg, 0)
         stop = GracefulStop()
         try:
-            meta = RunMeta(cfg, parts.data.classes, data_fingerprint(parts.data))
+            meta = RunMeta(cfg, parts.data.classes, parts.data_fingerprint.result())  # build_parts hashed it
             run = wire_run(cfg, RunPlan(self.work / "runs" / "flushes"), parts, meta, stop, False, lambda _: None)
             marks: list[tuple[int, float]] = []
             logged: dict[int, float] = {}
