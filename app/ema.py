@@ -28,10 +28,12 @@ dtype as a Python scalar is.
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping, Optional
 
 import torch
 from torch import nn
+
+from app.config import EmaConfig
 
 Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # engines.TrainStep
 
@@ -100,3 +102,11 @@ class WeightEma:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.ema_model.load_state_dict(state["model"])
         self.updates.copy_(state["updates"])
+
+
+def build_ema(ema: EmaConfig, model: nn.Module) -> Optional[WeightEma]:
+    """The config's EMA of `model`'s weights (the plain module, before any DDP or compile wrapper); None when
+    `ema.decay` is off. Built right after the model, so that it starts at the initial weights."""
+    if not ema.decay:
+        return None
+    return WeightEma(model, ema.decay, ema.warmup_iters, ema.warmup_decay, ema.buffers)

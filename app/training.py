@@ -33,7 +33,7 @@ from app.compiling import compile_cache_dir, compile_model
 from app.config import Config, to_dict
 from app.data import CifarData, load_dataset
 from app.device import memory_format, resolve_device
-from app.ema import WeightEma
+from app.ema import WeightEma, build_ema
 from app.engines import Precision, TrainStep, build_train_step, create_evaluator, create_trainer, evaluation_batches
 from app.errors import UserError
 from app.hparams import hparams
@@ -86,8 +86,7 @@ def build_parts(cfg: Config, local_rank: int) -> RunParts:
 
     model = build_model(cfg.model.name, cfg.model.num_classes)
     model = model.to(device, memory_format=memory_format(cfg.train.channels_last))
-    ema = WeightEma(model, cfg.ema.decay, cfg.ema.warmup_iters, cfg.ema.warmup_decay, cfg.ema.buffers) \
-        if cfg.ema.decay else None
+    ema = build_ema(cfg.ema, model)
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, len(train_batches))
     train_model: nn.Module = model

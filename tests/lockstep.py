@@ -4,9 +4,11 @@ Comparing two whole trajectories of ResNet18 does not work: its training is chao
 and two correct SGD steps that round differently in the last bit (torch.optim.SGD and app/optim.py, say)
 are 1% apart in loss after 12 steps at batch 64 (measured on the CPU). So before every step the
 reference takes the candidate's whole state (weights, BatchNorm statistics, momentum buffers,
-augmentation generator, fp16's loss scale), both run one step on the same batch with lr and momentum from their own
-real schedule, and what each step did (the loss, the change of every weight, the momentum buffers) is
-compared. Differences cannot compound, so the tolerance can be tight; a value that a step gets wrong
+augmentation generator, fp16's loss scale, the weights' EMA), both run one step on the same batch with lr
+and momentum from their own real schedule, and what each step did (the loss, the change of every weight,
+the momentum buffers, the EMA) is compared. The generator's state is all two sides share of the draws, so
+Mixup/CutMix and Cutout compare too, and a draw from anywhere else (torch's global generator, the host)
+shows as a difference. Differences cannot compound, so the tolerance can be tight; a value that a step gets wrong
 (a momentum frozen at the moment of capture, say) shows at once.
 
 Used by tests/test_cuda_graph.py (candidate: the CUDA-graph step, on a GPU) and tests/test_lockstep.py
@@ -23,10 +25,18 @@ from torch import nn
 from app.augment import build_augment
 from app.compiling import compile_model
 from app.config import Config, override
-from app.engines import Precision, TrainStep, make_train_step
+from app.ema import WeightEma, build_ema
+from app.engines import Precision, TrainStep, build_train_step
 from app.loss_scale import LossScaler
 from app.model import cifar_resnet18
 from app.optim import CapturableSGD, build_optimizer, build_scheduler
+
+# Every option of issue 21 on at once, each where it draws or branches the most: both mixes with the switch
+# and batches left unmixed, Cutout, label smoothing, the EMA with its warm-up and its averaged BatchNorm
+# statistics. Shared by the CPU check of the comparison and the GPU graphed-vs-eager test.
+ALL_OPTIONS = {"loss.label_smoothing": 0.1, "augment.mixup_alpha": 0.8, "augment.cutmix_alpha": 1.0,
+               "augment.mix_prob": 0.75, "augment.mix_switch_prob": 0.5, "augment.cutout": 8,
+               "ema.decay": 0.9, "ema.warmup_iters": 5, "ema.warmup_decay": 0.5, "ema.buffers": "update"}
 
 
 @dataclass
@@ -37,31 +47,38 @@ class Side:
     generator: torch.Generator
     step: TrainStep
     scaler: Optional[LossScaler] = None
+    ema: Optional[WeightEma] = None
 
 
 def make_side(device: torch.device, precision: Precision, steps_per_epoch: int, epochs: int,
               wrap: Optional[Callable[[TrainStep, nn.Module, CapturableSGD, torch.Generator, list[torch.Tensor]],
                                       TrainStep]] = None,
               settings: Optional[dict] = None, loss_scale: Optional[dict] = None) -> Side:
-    """The application's parts, as a run builds them for the recipe: ResNet18 (channels_last), the
-    optimizer, OneCycleLR over `epochs` x `steps_per_epoch`, the augmentation and the training step
-    (with the loss scaler where `precision` scales, made with the arguments `loss_scale`). `wrap` also gets the
-    tensors the step changes besides the model's and the optimizer's (the scaler's), as CudaGraphStep does.
-    `settings`: config keys of the recipe changed for this side (train.fused_update, say); with
-    train.compile the step trains the compiled model, as a run's does (app/training.py)."""
-    cfg = override(Config(), {"train.epochs": epochs, "train.device": device.type, **(settings or {})})
+    """The application's parts, as a run builds them for the recipe: ResNet18 (channels_last), the weights' EMA
+    where `ema.decay` is set, the optimizer, OneCycleLR over `epochs` x `steps_per_epoch`, the augmentation and
+    the training step of app/engines.py's build_train_step (with the loss scaler where `precision` scales, made
+    with the arguments `loss_scale`): label smoothing, Mixup/CutMix and Cutout as the config says, and CUDA
+    graphs only where `settings` turns train.cuda_graphs on (off by default, so that a side is eager unless
+    asked). `wrap` also gets the tensors the step changes besides the model's and the optimizer's (the
+    scaler's and the EMA's), as CudaGraphStep does. `settings`: config keys of the recipe changed for this side
+    (train.fused_update, say); with train.compile the step trains the compiled model, as a run's does
+    (app/training.py)."""
+    cfg = override(Config(), {"train.epochs": epochs, "train.device": device.type, "train.cuda_graphs": False,
+                              **(settings or {})})
     torch.manual_seed(0)
     model = cifar_resnet18().to(device, memory_format=torch.channels_last)
+    ema = build_ema(cfg.ema, model)
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
     generator = torch.Generator(device).manual_seed(1)
     scaler = LossScaler(device, **(loss_scale or {})) if precision.scaler else None
     train_model = compile_model(model) if cfg.train.compile else model
-    step = make_train_step(train_model, optimizer, build_augment(cfg.augment, generator), device, precision, scaler,
-                           channels_last=True)
+    step = build_train_step(cfg, model, train_model, optimizer, build_augment(cfg.augment, generator), device,
+                            precision, scaler, world=1, ema=ema)
     if wrap is not None:
-        step = wrap(step, model, optimizer, generator, scaler.tensors() if scaler is not None else [])
-    return Side(model, optimizer, scheduler, generator, step, scaler)
+        changed = (scaler.tensors() if scaler is not None else []) + (ema.tensors() if ema is not None else [])
+        step = wrap(step, model, optimizer, generator, changed)
+    return Side(model, optimizer, scheduler, generator, step, scaler, ema)
 
 
 def _take_state(dst: Side, src: Side) -> None:
@@ -73,9 +90,14 @@ def _take_state(dst: Side, src: Side) -> None:
         if "momentum_buffer" in src.optimizer.state[ps]:
             dst.optimizer.state[pd]["momentum_buffer"] = src.optimizer.state[ps]["momentum_buffer"].clone()
     dst.generator.set_state(src.generator.get_state())
-    if src.scaler is not None:
-        for d, s in zip(dst.scaler.tensors(), src.scaler.tensors()):
-            d.copy_(s)
+    for d, s in zip(_extra(dst), _extra(src)):
+        d.copy_(s)
+
+
+def _extra(side: Side) -> list[torch.Tensor]:
+    """The step's state besides the model's and the optimizer's: fp16's loss scale, the EMA's tensors."""
+    return (side.scaler.tensors() if side.scaler is not None else []) + \
+        (side.ema.tensors() if side.ema is not None else [])
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, rtol: float) -> float:
@@ -106,6 +128,10 @@ def compare_steps(reference: Side, candidate: Side, epoch: list[tuple[torch.Tens
         for bc, br in zip(candidate.model.buffers(), reference.model.buffers()):  # BatchNorm statistics
             if bc.dtype.is_floating_point:
                 worst = max(worst, _close(bc, br, rtol))
+        if candidate.ema is not None:  # the EMA's weights and statistics; its update count exactly
+            for ec, er in zip(candidate.ema.tensors(), reference.ema.tensors()):
+                worst = max(worst, _close(ec, er, rtol) if ec.dtype.is_floating_point
+                            else (0.0 if torch.equal(ec, er) else float("inf")))
         momentum = candidate.optimizer.scheduled_tensors()["momentum"].item()
         scale = None
         if candidate.scaler is not None:  # both skipped the step or neither: the same scale, exactly

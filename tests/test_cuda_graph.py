@@ -22,7 +22,7 @@ from torch._dynamo.utils import counters
 from app.cuda_graph import CudaGraphStep
 from app.engines import Precision
 from app.optim import CapturableSGD
-from tests.lockstep import compare_steps, make_side
+from tests.lockstep import ALL_OPTIONS, compare_steps, make_side
 
 
 EPOCHS = 3
@@ -98,8 +98,7 @@ def test_graphed_steps_of_the_compiled_model_equal_eager_steps_over_a_whole_one_
     epoch = [(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g).to(device),
               torch.randint(0, 100, (n,), generator=g).to(device)) for n in SIZES]
     eager = make_side(device, precision, len(SIZES), EPOCHS)
-    graphed = make_side(device, precision, len(SIZES), EPOCHS, settings={"train.compile": True},
-                        wrap=lambda step, model, optimizer, generator: CudaGraphStep(step, model, optimizer, generator))
+    graphed = make_side(device, precision, len(SIZES), EPOCHS, settings={"train.compile": True}, wrap=CudaGraphStep)
     graphs = counters["stats"]["unique_graphs"]
 
     log = compare_steps(eager, graphed, epoch, EPOCHS, rtol)
@@ -109,6 +108,31 @@ def test_graphed_steps_of_the_compiled_model_equal_eager_steps_over_a_whole_one_
     assert {e["batch"] for e in log} == set(SIZES)
     momenta = [e["momentum"] for e in log]
     assert momenta[0] == pytest.approx(0.95) and min(momenta) < 0.86 and momenta[-1] == pytest.approx(0.95)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision,rtol", [(Precision(None, False), 1e-3), (Precision(torch.bfloat16, False), 1e-2)],
+                         ids=["fp32", "bf16"])
+def test_graphed_steps_with_every_option_on_equal_eager_steps_over_a_whole_one_cycle(
+        deterministic_cudnn, precision: Precision, rtol: float) -> None:
+    """Issue 21's options in the graph the application builds (build_train_step with train.cuda_graphs on,
+    tests/lockstep.ALL_OPTIONS): Mixup and CutMix with the switch between them and unmixed batches, Cutout,
+    label smoothing and the EMA with its warm-up. Every decision and draw of a replay comes from the
+    generator the graph advances: were one baked in at capture (a lambda, a box, mixed or not), the replayed
+    step would differ from the eager one given the same generator state at the next step already."""
+    device = torch.device("cuda")
+    g = torch.Generator().manual_seed(0)
+    epoch = [(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g).to(device),
+              torch.randint(0, 100, (n,), generator=g).to(device)) for n in SIZES]
+    eager = make_side(device, precision, len(SIZES), EPOCHS, settings=ALL_OPTIONS)
+    graphed = make_side(device, precision, len(SIZES), EPOCHS, settings={**ALL_OPTIONS, "train.cuda_graphs": True})
+    start = graphed.generator.get_state()
+
+    log = compare_steps(eager, graphed, epoch, EPOCHS, rtol)
+
+    assert isinstance(graphed.step, CudaGraphStep) and not graphed.step.failed and len(graphed.step._graphs) == 2
+    assert int(graphed.ema.updates) == len(log) == EPOCHS * len(SIZES)
+    assert not torch.equal(graphed.generator.get_state(), start)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="capture works here")

@@ -47,13 +47,16 @@ def test_the_gpu_command_runs_whole_on_a_cpu(tmp_path: Path) -> None:
     checks = report["checks"]
     status = {name: c["status"] for name, c in checks.items()}
     assert {status[n] for n in ("evaluate_cpu", "cross_device")} == {"SKIP"}, checks
-    for name in ("graphed_vs_eager", "kill_resume", "sigterm_resume", "evaluate_gpu", "predict_gpu", "tensorboard"):
+    for name in ("graphed_vs_eager", "options_graphed_vs_eager", "kill_resume", "sigterm_resume", "evaluate_gpu", "predict_gpu", "tensorboard"):
         assert status[name] == "PASS", (name, checks[name])
     # Not judged here: 8 iterations do not teach a 100-class head (the GPU check trains 4 x 391).
     assert status["learns"] in ("PASS", "SKIP"), checks["learns"]
     assert result.returncode == 0, log[-3000:]
     assert checks["kill_resume"]["killed_after_checkpoint"] == 6  # in the middle of epoch 2 (iterations 5-8)
     assert checks["graphed_vs_eager"]["graphed_vs_eager_max_top1_points"] == 0  # two eager runs on a CPU
+    for model in ("metrics", "ema"):  # with every option on too: bit for bit
+        found = checks["options_graphed_vs_eager"]
+        assert found[f"options_{model}_max_top1_points"] == found[f"options_{model}_max_loss_relative"] == 0, found
     lines = log.splitlines()
     table = lines[next(i for i, line in enumerate(lines) if line.split() == ["check", "result", "seconds"]):]
     rows = table[1:next(i for i, line in enumerate(table) if line.startswith("all "))]
