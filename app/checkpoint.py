@@ -3,9 +3,11 @@ how it is loaded (once), checked and decoded.
 
 A training checkpoint holds the trainer's position, the model, the optimizer, the schedule, every
 process's augmentation generator (`GeneratorStates`), the best-model tracker, results and the smoothed
-training loss (rank 0's), the loss scaler under fp16 (app/loss_scale.py), and `meta`: the run's config,
-class names and a fingerprint of its data, as JSON text, so that loading needs nothing but
-`weights_only=True`. A best-model checkpoint holds the model and `meta` with, besides, where in the run
+training loss (rank 0's), the loss scaler under fp16 (app/loss_scale.py), the weights' EMA with `ema.decay`
+(app/ema.py), and `meta`: the run's config, class names and a fingerprint of its data, as JSON text, so
+that loading needs nothing but `weights_only=True`. A best-model checkpoint holds one set of weights as
+"model" (the raw model's or the EMA's, as `ema.select_best` chose; `model_state` is the one place that
+picks the weights to load) and `meta` with, besides, where in the run
 it was found (its epoch and iteration) and the validation metrics that made it the best
 (`BestModelMeta`). The file names and the crash-safe saving are handlers/checkpoints.py's.
 
@@ -25,7 +27,7 @@ import zipfile
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Literal, Mapping, Optional
 
 import ignite.distributed as idist
 import torch
@@ -261,18 +263,64 @@ def read_meta(path: Path, ckpt: Mapping[str, Any]) -> CheckpointMeta:
     return CheckpointMeta(cfg, classes, meta["data"], epoch, iteration, metrics)
 
 
-def model_from_checkpoint(path: Path, ckpt: Mapping[str, Any], device: torch.device
-                          ) -> tuple[torch.nn.Module, CheckpointMeta]:
-    """The model of a best-model or training checkpoint, in eval mode on `device`, and its meta."""
+Weights = Literal["model", "ema"]  # the raw model's weights or their EMA's, as ema.select_best names them
+
+
+def weights_held(ckpt: Mapping[str, Any], meta: CheckpointMeta) -> Weights:
+    """Whose weights a checkpoint's "model" is, for a report to say what it evaluated: a training
+    checkpoint's are the raw model's (its EMA's lie beside them, under "ema"); a best model holds one set,
+    that of the evaluation its run chose the best by (`ema.select_best` in its meta's config; an older
+    version's config has no EMA, and the default is "model")."""
+    return "model" if "trainer" in ckpt else meta.config.ema.select_best
+
+
+def model_state(path: Path, ckpt: Mapping[str, Any], meta: CheckpointMeta, ema: bool = False
+                ) -> tuple[Mapping[str, Any], Weights]:
+    """The one place that says which state dict is the model: the checkpoint's "model" or, with `ema`,
+    the weights' EMA that a training checkpoint of a run with `ema.decay` holds (app/ema.py's state_dict),
+    and whose weights they are. A checkpoint without an EMA is refused with `--ema`, the flag that asked
+    for it, named (exit 2): what the file holds is fine, what was asked of it is not."""
+    if not ema:
+        return ckpt["model"], weights_held(ckpt, meta)
+    state = ckpt.get("ema")
+    if state is None:
+        raise ConfigError(f"{path}: --ema: {_without_ema(ckpt, meta)}")
+    if not (isinstance(state, dict) and isinstance(state.get("model"), dict)):
+        raise UserError(f"{path}: damaged EMA weights (a state dict expected under ema.model)")
+    return state["model"], "ema"
+
+
+def _without_ema(ckpt: Mapping[str, Any], meta: CheckpointMeta) -> str:
+    """Why a checkpoint has no EMA weights, and what it holds instead, as its meta's config tells."""
+    ema = meta.config.ema
+    if "trainer" in ckpt:
+        return "this training checkpoint holds no EMA weights" + ("" if ema.decay else
+                                                                  " (its run had no EMA: ema.decay off)")
+    if not ema.decay:
+        return "a best model holds no EMA weights, and this one's run had no EMA (ema.decay off)"
+    held = weights_held(ckpt, meta)
+    if held == "ema":
+        return f"a best model holds one set of weights, here the EMA's (ema.select_best \"{held}\"): evaluate it " \
+               f"without --ema"
+    return f"a best model holds one set of weights, here the raw model's (ema.select_best \"{held}\"): for the " \
+           f"EMA's, evaluate a training checkpoint of its run with --ema"
+
+
+def model_from_checkpoint(path: Path, ckpt: Mapping[str, Any], device: torch.device, ema: bool = False
+                          ) -> tuple[torch.nn.Module, CheckpointMeta, Weights]:
+    """The model of a best-model or training checkpoint (with `ema`, the weights' EMA a training
+    checkpoint holds), in eval mode on `device`, its meta, and whose weights it has (`model_state`)."""
     if "model" not in ckpt or "meta" not in ckpt:
         raise UserError(f"{path}: not a checkpoint of this application (no model or meta)")
     meta = read_meta(path, ckpt)
+    state, weights = model_state(path, ckpt, meta, ema)
     model = build_model(meta.config.model.name, meta.config.model.num_classes)
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(state)
     except RuntimeError as e:
-        raise UserError(f"{path}: model weights do not fit ResNet18 ({str(e).splitlines()[0]})") from None
-    return model.to(device).eval(), meta
+        what = "EMA weights" if ema else "model weights"
+        raise UserError(f"{path}: {what} do not fit ResNet18 ({str(e).splitlines()[0]})") from None
+    return model.to(device).eval(), meta, weights
 
 
 def position(ckpt: Mapping[str, Any], meta: CheckpointMeta) -> tuple[Optional[int], Optional[int]]:

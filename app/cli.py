@@ -136,6 +136,8 @@ def build_evaluate_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m app evaluate", description="Evaluate a checkpoint on the test set of its data set: "
                 "top-1, top-5, loss, per-class accuracy, the worst classes and the most confused pairs.")
     p.add_argument("--checkpoint", required=True, help="a best-model or training checkpoint")
+    p.add_argument("--ema", action="store_true", help="evaluate the weights' EMA that a training checkpoint of a run "
+                   "with ema.decay holds, instead of its model (a best model holds one set: see ema.select_best)")
     p.add_argument("--data-root", help="folder that holds the run's data set (default: the run's data.root)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a report")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -209,7 +211,8 @@ def _evaluate(argv: Sequence[str]) -> int:
 
     if args.nproc_per_node < 1:
         raise ConfigError("--nproc-per-node: must be >= 1")
-    return evaluate(args.checkpoint, args.data_root, args.device, args.nproc_per_node, args.backend, args.json)
+    return evaluate(args.checkpoint, args.data_root, args.device, args.nproc_per_node, args.backend, args.json,
+                    args.ema)
 
 
 def _predict(argv: Sequence[str]) -> int:

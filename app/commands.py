@@ -51,14 +51,15 @@ def train(cfg: Config, resume: Optional[str], dry_run: bool) -> int:
 
 
 def evaluate(checkpoint: str, data_root: Optional[str], device: str, nproc: int, backend: Optional[str],
-             as_json: bool) -> int:
-    """Check the checkpoint and the data, then evaluate in 1..N processes; rank 0 prints."""
+             as_json: bool, ema: bool = False) -> int:
+    """Check the checkpoint (with `ema`, that it holds the weights' EMA) and the data, then evaluate in
+    1..N processes; rank 0 prints."""
     from app.evaluate import check_evaluation_inputs, run_evaluate
 
     settings = launch_settings(device, nproc, backend)
-    contents = check_evaluation_inputs(Path(checkpoint), data_root)
+    contents = check_evaluation_inputs(Path(checkpoint), data_root, ema)
     run_processes(settings, run_evaluate, Path(checkpoint), None if settings.spawn else contents, data_root,
-                  device, as_json)
+                  device, as_json, ema)
     return 0
 
 

@@ -262,7 +262,7 @@ class Predictor:
 def load_predictor(checkpoint: Path, device: str) -> Predictor:
     """`device`: auto (a GPU if there is one), cpu or cuda."""
     dev = resolve_device(device)
-    model, meta = model_from_checkpoint(checkpoint, load_checkpoint(checkpoint), dev)
+    model, meta, _ = model_from_checkpoint(checkpoint, load_checkpoint(checkpoint), dev)
     augment = meta.config.augment
     return Predictor(model, Normalize(augment.mean, augment.std, dev), meta.classes, dev)
 

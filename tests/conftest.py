@@ -1,6 +1,6 @@
 """Fixtures: small data sets in the real on-disk format, and one finished run that many tests read
-(and copy, where they change it); the `--acceptance-*` options of the GPU acceptance check and the
-rule that skips `gpu` tests without CUDA."""
+(and copy, where they change it), and one with the weights' EMA; the `--acceptance-*` options of the GPU
+acceptance check and the rule that skips `gpu` tests without CUDA."""
 from __future__ import annotations
 
 import json
@@ -12,8 +12,8 @@ from typing import Iterator
 
 import pytest
 
-from tests.support import (TEST_IMAGES, TRAIN_IMAGES, answer_stop_signals, run_config, run_main, write_cifar10,
-                           write_cifar100)
+from tests.support import (EMA_SETTINGS, TEST_IMAGES, TRAIN_IMAGES, answer_stop_signals, run_config, run_main,
+                           write_cifar10, write_cifar100)
 
 pytest_plugins = ["tests.gpu_report"]  # the table of `gpu` tests, and their JSON report
 
@@ -90,6 +90,17 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory, small_data: Path) -> 
         ran = run_main("--config", str(cfg), "--run-name", "r")
     finally:
         os.umask(previous)
+    assert ran.returncode == 0, ran.stderr
+    return FinishedRun(tmp / "runs" / "r", cfg, ran.stdout, ran.stderr)
+
+
+@pytest.fixture(scope="session")
+def ema_run(tmp_path_factory: pytest.TempPathFactory, small_data: Path) -> FinishedRun:
+    """The finished run's config with the weights' EMA (EMA_SETTINGS), the best model chosen by it: trained
+    once for the EMA's tests and evaluate's. Do not change it either."""
+    tmp = tmp_path_factory.mktemp("ema")
+    cfg = run_config(tmp / "c.json", small_data, tmp / "runs", logging={"progress_every_iters": 2}, ema=EMA_SETTINGS)
+    ran = run_main("--config", str(cfg), "--run-name", "r")
     assert ran.returncode == 0, ran.stderr
     return FinishedRun(tmp / "runs" / "r", cfg, ran.stdout, ran.stderr)
 

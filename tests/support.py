@@ -30,6 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # The finished run: 80 images in batches of 16 (5 iterations per epoch), 2 epochs, 20 test images.
 TRAIN_IMAGES, TEST_IMAGES, BATCH, EPOCHS = 80, 20, 16, 2
+# The EMA run's (tests/conftest.py `ema_run`): the non-default choices, a warm-up, the best model by the EMA.
+EMA_SETTINGS = {"decay": 0.9, "warmup_iters": 4, "warmup_decay": 0.5, "buffers": "update", "select_best": "ema"}
 
 
 def write_config(path: Path, **sections: Any) -> Path:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from app.evaluate import evaluate_checkpoint
+from handlers.metrics_csv import read_metrics_csv
 from tests.support import ROOT, app_env, run_app, run_lines, write_cifar100, write_config
 
 pytestmark = pytest.mark.slow
@@ -20,19 +21,23 @@ def uneven_data(tmp_path_factory) -> Path:
     return write_cifar100(tmp_path_factory.mktemp("uneven"), 128, 51, seed=3)
 
 
-def _config(tmp_path: Path, data: Path, epochs: int = 1) -> Path:
+def _config(tmp_path: Path, data: Path, epochs: int = 1, **sections: dict) -> Path:
     return write_config(tmp_path / "c.json", data={"root": str(data), "download": False},
                         train={"epochs": epochs, "batch_size": 32},
                         eval={"batch_size": 10},
                         logging={"output_dir": str(tmp_path / "runs"), "log_every_iters": 2,
                                  # a progress line off the loss intervals: its flush is a collective, which
                                  # every process must join, not only rank 0, which writes the line
-                                 "progress_every_iters": 3})
+                                 "progress_every_iters": 3}, **sections)
 
 
 def test_two_spawned_processes_give_the_one_process_metrics_of_the_same_checkpoint(tmp_path: Path,
                                                                                     uneven_data: Path) -> None:
-    result = run_app("--config", str(_config(tmp_path, uneven_data)), "--run-name", "ddp",
+    """The model's figures and, beside them, the weights' EMA's: each process keeps its own EMA, whose BatchNorm
+    statistics (averaged, ema.buffers "update", after a warm-up) come from its own batches, so the logged figures
+    are the checkpoint's only if every process evaluated rank 0's EMA."""
+    ema = {"decay": 0.9, "warmup_iters": 3, "warmup_decay": 0.5, "buffers": "update"}
+    result = run_app("--config", str(_config(tmp_path, uneven_data, ema=ema)), "--run-name", "ddp",
                      "--nproc-per-node", "2", "--backend", "gloo")
     assert result.returncode == 0, result.stderr
     run_dir = tmp_path / "runs" / "ddp"
@@ -48,6 +53,11 @@ def test_two_spawned_processes_give_the_one_process_metrics_of_the_same_checkpoi
     assert logged["loss"] == pytest.approx(alone["loss"], rel=1e-5)
     # 51 images counted once each: accuracies are multiples of 1/51
     assert round(alone["top5"] * 51, 6) == round(alone["top5"] * 51)
+    [row] = read_metrics_csv(run_dir / "metrics.csv")  # rank 0's, of the one epoch
+    ema_alone = evaluate_checkpoint(checkpoint, str(uneven_data), ema=True)
+    assert (float(row["ema_top1"]), float(row["ema_top5"])) == (ema_alone["top1"], ema_alone["top5"])
+    assert float(row["ema_loss"]) == pytest.approx(ema_alone["loss"], rel=1e-5)
+    assert ema_alone["loss"] != pytest.approx(alone["loss"], rel=1e-5)  # the EMA's figures, not the model's again
 
 
 def test_torchrun_runs_the_same_code_path(tmp_path: Path, uneven_data: Path) -> None:

@@ -18,7 +18,7 @@ from app.ema import WeightEma
 from app.hparams import hparams
 from handlers.metrics_csv import read_metrics_csv
 from tests.conftest import FinishedRun
-from tests.support import metrics_rows, one_error_line, run_config, run_lines, run_main, scalars
+from tests.support import EMA_SETTINGS, metrics_rows, one_error_line, run_config, run_lines, run_main, scalars
 
 
 def tiny_model() -> nn.Module:
@@ -79,19 +79,6 @@ def test_the_warm_up_moves_the_decay_from_warmup_decay_to_decay_on_the_device() 
     assert decays == pytest.approx([0.5, 0.6, 0.7, 0.8, 0.9, 0.9, 0.9])
     ema.load_state_dict(ema.state_dict() | {"updates": torch.tensor(2)})
     assert 1 - float(ema.momentum()) == pytest.approx(0.6)
-
-
-EMA_SETTINGS = {"decay": 0.9, "warmup_iters": 4, "warmup_decay": 0.5, "buffers": "update", "select_best": "ema"}
-
-
-@pytest.fixture(scope="module")
-def ema_run(tmp_path_factory: pytest.TempPathFactory, small_data: Path) -> FinishedRun:
-    """The finished run's config (tests/conftest.py) with the weights' EMA, the best model chosen by it."""
-    tmp = tmp_path_factory.mktemp("ema")
-    cfg = run_config(tmp / "c.json", small_data, tmp / "runs", logging={"progress_every_iters": 2}, ema=EMA_SETTINGS)
-    ran = run_main("--config", str(cfg), "--run-name", "r")
-    assert ran.returncode == 0, ran.stderr
-    return FinishedRun(tmp / "runs" / "r", cfg, ran.stdout, ran.stderr)
 
 
 @pytest.mark.slow

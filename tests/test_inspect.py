@@ -14,7 +14,10 @@ from PIL import Image
 from app.augment import Normalize
 from app.checkpoint import load_checkpoint, model_from_checkpoint
 from app.errors import UserError
+from app.evaluate import format_report
 from app.predict import load_image
+from handlers.metrics_csv import read_metrics_csv
+from tests.conftest import FinishedRun
 from tests.support import ROOT, TEST_IMAGES, one_error_line, run_app, run_main
 from tests.test_cli_errors import run_into_closed_pipe
 
@@ -36,6 +39,7 @@ def test_evaluate_gives_the_numbers_training_logged(run_dir: Path) -> None:
     for checkpoint, logged in ((best, results["best"]),
                                (run_dir / "checkpoints" / "training_checkpoint_10.pt", results["final"])):
         report = _evaluate("--checkpoint", str(checkpoint))
+        assert report["weights"] == "model"
         assert report["top1"] == logged["top1"] and report["top5"] == logged["top5"]
         assert report["loss"] == pytest.approx(logged["loss"], rel=1e-6)
         assert (report["epoch"], report["iteration"]) == (logged["epoch"], 5 * logged["epoch"])
@@ -44,13 +48,48 @@ def test_evaluate_gives_the_numbers_training_logged(run_dir: Path) -> None:
     assert report["saved_metrics"] is None and report["images"] == TEST_IMAGES
     text = run_main("evaluate", "--checkpoint", str(best), "--device", "cpu").stdout
     assert text.splitlines()[0] == f"{best} (epoch {results['best']['epoch']}, iteration " \
-                                   f"{5 * results['best']['epoch']}), {TEST_IMAGES} test images"
+                                   f"{5 * results['best']['epoch']}), model weights, {TEST_IMAGES} test images"
     per_class = report["per_class_accuracy"]
     assert all(name.startswith("class_") for name in per_class)
     worst = [w["accuracy"] for w in report["worst_classes"]]
     assert len(worst) == 10 and worst == sorted(worst)
     counts = [c["count"] for c in report["most_confused"]]
     assert counts == sorted(counts, reverse=True) and all(c["true"] != c["predicted"] for c in report["most_confused"])
+
+
+@pytest.mark.slow  # the EMA run's training, which tests/test_ema.py's slow tests share
+def test_evaluate_ema_gives_the_figures_the_emas_evaluation_logged(ema_run: FinishedRun) -> None:
+    """`--ema` of each epoch's training checkpoint: metrics.csv's ema_* figures of that epoch (those of the EMA's
+    evaluator in training), which are not the raw model's val_*; the report says it evaluated the EMA. The best
+    model of a run that chose it by the EMA holds the EMA's weights, says so, and refuses `--ema` in one line."""
+    rows = read_metrics_csv(ema_run.run_dir / "metrics.csv")
+    assert all(row["ema_loss"] != row["val_loss"] for row in rows)  # two models: the flag picks one
+    for row in rows:
+        checkpoint = ema_run.run_dir / "checkpoints" / f"training_checkpoint_{row['iteration']}.pt"
+        report = _evaluate("--checkpoint", str(checkpoint), "--ema")
+        assert (report["weights"], report["epoch"]) == ("ema", int(row["epoch"]))
+        assert (report["top1"], report["top5"]) == (float(row["ema_top1"]), float(row["ema_top5"]))
+        assert report["loss"] == pytest.approx(float(row["ema_loss"]), rel=1e-6)
+        assert format_report(report).splitlines()[0] == \
+            f"{checkpoint} (epoch {row['epoch']}, iteration {row['iteration']}), EMA weights, {TEST_IMAGES} test images"
+    best = ema_run.run_dir / "checkpoints" / "best.pt"
+    assert model_from_checkpoint(best, load_checkpoint(best), torch.device("cpu"))[2] == "ema"
+    refused = run_main("evaluate", "--checkpoint", str(best), "--ema", "--device", "cpu")
+    assert (refused.returncode, refused.stdout) == (2, "")
+    assert one_error_line(refused.stderr) == f"error: {best}: --ema: a best model holds one set of weights, here " \
+                                             f"the EMA's (ema.select_best \"ema\"): evaluate it without --ema"
+
+
+def test_evaluate_ema_of_a_checkpoint_without_an_ema_is_one_line(run_dir: Path) -> None:
+    """A run without the EMA: neither its training checkpoint nor its best model holds one; exit 2, nothing
+    evaluated, the file and the flag named."""
+    for name, why in (("training_checkpoint_10.pt", "this training checkpoint holds no EMA weights (its run had "
+                                                    "no EMA: ema.decay off)"),
+                      ("best.pt", "a best model holds no EMA weights, and this one's run had no EMA (ema.decay off)")):
+        checkpoint = run_dir / "checkpoints" / name
+        refused = run_main("evaluate", "--checkpoint", str(checkpoint), "--ema", "--json", "--device", "cpu")
+        assert (refused.returncode, refused.stdout) == (2, "")
+        assert one_error_line(refused.stderr) == f"error: {checkpoint}: --ema: {why}"
 
 
 def readme_block(after: str) -> str:
@@ -69,7 +108,7 @@ def test_the_readmes_plain_torchvision_recipe_loads_the_best_model_as_trained(ru
     code = code.replace("runs/NAME/checkpoints/best.pt", str(best))
     pixels = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     images = pixels.float() / 255  # what the README's predict() takes
-    ours, meta = model_from_checkpoint(best, load_checkpoint(best), torch.device("cpu"))
+    ours, meta, _ = model_from_checkpoint(best, load_checkpoint(best), torch.device("cpu"))
     x = Normalize(meta.config.augment.mean, meta.config.augment.std)(pixels)  # what evaluate and predict feed it
     readme: dict = {}
     exec(code, readme)  # noqa: S102 - the README's own block, as a user would paste it
