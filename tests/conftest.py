@@ -11,14 +11,17 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+import torch
 
 from tests.support import (EMA_SETTINGS, TEST_IMAGES, TRAIN_IMAGES, answer_stop_signals, run_config, run_main,
-                           write_cifar10, write_cifar100)
+                           threads_per_worker, write_cifar10, write_cifar100)
 
 pytest_plugins = ["tests.gpu_report"]  # the table of `gpu` tests, and their JSON report
 
+
 def pytest_configure(config: pytest.Config) -> None:
     answer_stop_signals()  # the suite's signals reach its runs however the suite was started
+    torch.set_num_threads(threads_per_worker())  # in-process training shares the cores with the other worker
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -75,9 +75,17 @@ def run_main(*args: str) -> Ran:
     return Ran(code, out.getvalue(), err.getvalue())
 
 
+def threads_per_worker() -> int:
+    """The machine's cores shared out among the pytest workers that run side by side (`pytest -n`,
+    pytest-xdist): every test process and every application process a test starts gets this many threads.
+    Two workers of two threads each on two cores made a 5.6 s test take 57 s (OpenMP threads that wait
+    for one another while the other worker holds the core)."""
+    return max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+
+
 def app_env(**extra: str) -> dict[str, str]:
-    """The environment of an application process: two threads (this machine's cores), unbuffered."""
-    return {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1", **extra}
+    """The environment of an application process: the worker's threads (threads_per_worker), unbuffered."""
+    return {**os.environ, "OMP_NUM_THREADS": str(threads_per_worker()), "PYTHONUNBUFFERED": "1", **extra}
 
 
 def answer_stop_signals() -> None:
