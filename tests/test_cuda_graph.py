@@ -111,21 +111,25 @@ def test_graphed_steps_of_the_compiled_model_equal_eager_steps_over_a_whole_one_
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("precision,rtol", [(Precision(None, False), 1e-3), (Precision(torch.bfloat16, False), 1e-2)],
-                         ids=["fp32", "bf16"])
+@pytest.mark.parametrize("precision,rtol", [(Precision(None, False), 1e-3), (Precision(torch.bfloat16, False), 1e-2),
+                                            (Precision(torch.float16, True), 1e-2)], ids=["fp32", "bf16", "fp16"])
 def test_graphed_steps_with_every_option_on_equal_eager_steps_over_a_whole_one_cycle(
         deterministic_cudnn, precision: Precision, rtol: float) -> None:
     """Issue 21's options in the graph the application builds (build_train_step with train.cuda_graphs on,
     tests/lockstep.ALL_OPTIONS): Mixup and CutMix with the switch between them and unmixed batches, Cutout,
-    label smoothing and the EMA with its warm-up. Every decision and draw of a replay comes from the
-    generator the graph advances: were one baked in at capture (a lambda, a box, mixed or not), the replayed
-    step would differ from the eager one given the same generator state at the next step already."""
+    label smoothing and the EMA with its warm-up; under fp16, the loss scale's skipped steps and growth too
+    (the EMA updates after a skipped step, as Ignite's does after every iteration). Every decision and draw
+    of a replay comes from the generator the graph advances: were one baked in at capture (a lambda, a box,
+    mixed or not), the replayed step would differ from the eager one given the same generator state at the
+    next step already."""
     device = torch.device("cuda")
     g = torch.Generator().manual_seed(0)
     epoch = [(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g).to(device),
               torch.randint(0, 100, (n,), generator=g).to(device)) for n in SIZES]
-    eager = make_side(device, precision, len(SIZES), EPOCHS, settings=ALL_OPTIONS)
-    graphed = make_side(device, precision, len(SIZES), EPOCHS, settings={**ALL_OPTIONS, "train.cuda_graphs": True})
+    loss_scale = {"init_scale": 2.0**24, "growth_interval": 2}
+    eager = make_side(device, precision, len(SIZES), EPOCHS, settings=ALL_OPTIONS, loss_scale=loss_scale)
+    graphed = make_side(device, precision, len(SIZES), EPOCHS, settings={**ALL_OPTIONS, "train.cuda_graphs": True},
+                        loss_scale=loss_scale)
     start = graphed.generator.get_state()
 
     log = compare_steps(eager, graphed, epoch, EPOCHS, rtol)
