@@ -6,9 +6,10 @@ columns), and the epoch lines and the summary's best line that the user saw.
 The dimensions a user varies are a `Case`: processes (1, 2, 4), background checkpoint writes on or
 off, the log interval (1, or longer than the run), the moment of the signal (start-up, a training
 step, an evaluation, a checkpoint write, teardown), the signal (TERM to the launcher as a scheduler
-sends it, INT to the process group as Ctrl-C does, HUP as a closed terminal, KILL to the group), and
-whether the run folder is moved before it is resumed; it is resumed with `python -m app --resume
-RUN` alone (the run's own config), from another folder. A graceful stop must end with 128+N and one
+sends it, INT to the process group as Ctrl-C does, HUP as a closed terminal, KILL to the group),
+whether the run folder is moved before it is resumed, and whether every option of README's "Beyond the
+recipe" is on (Mixup/CutMix, Cutout, label smoothing, the weights' EMA, whose weights are compared too).
+It is resumed with `python -m app --resume RUN` alone (the run's own config), from another folder. A graceful stop must end with 128+N and one
 line that says how to resume, with the checkpoint it names complete and results.json saying
 interrupted at it (or, in teardown, that the run had finished); SIGKILL only has to resume.
 
@@ -50,6 +51,10 @@ MOMENTS = ("startup", "step", "evaluation", "checkpoint", "teardown")
 SIGNALS = ("TERM", "INT", "HUP", "KILL")
 N_TRAIN, N_TEST, BATCH, EPOCHS, EVAL_BATCH, EVERY_ITERS = 48, 160, 16, 2, 10, 2  # 3 iterations per epoch
 WALL_CLOCK_TAGS = ("system/",)  # logged values that measure time, not the run
+# Label smoothing, Mixup/CutMix, Cutout and the weights' EMA (picking the best model): what a resume must
+# also restore exactly (the EMA's tensors, the mixes' draws from the augmentation generator).
+OPTIONS = {"loss": {"label_smoothing": 0.1}, "augment": {"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "cutout": 8},
+           "ema": {"decay": 0.9, "warmup_iters": 2, "buffers": "update", "select_best": "ema"}}
 
 
 @dataclass(frozen=True)
@@ -60,11 +65,12 @@ class Case:
     moment: str = "step"
     signal: str = "TERM"
     move: bool = False
+    options: bool = False  # every option of README's "Beyond the recipe" on (OPTIONS)
 
     @property
     def name(self) -> str:
         return (f"p{self.nproc}-{'bg' if self.background else 'fg'}-log{self.log_every}-{self.moment}-"
-                f"{self.signal}{'-moved' if self.move else ''}")
+                f"{self.signal}{'-moved' if self.move else ''}{'-options' if self.options else ''}")
 
 
 @dataclass
@@ -94,7 +100,8 @@ def _config(work: Path, case: Case, data: Path) -> Path:
     return write_config(work / f"{case.name}.json", data={"root": str(data), "download": False},
                         train={"epochs": EPOCHS, "batch_size": BATCH}, eval={"batch_size": EVAL_BATCH},
                         checkpoint={"every_iters": EVERY_ITERS, "background_write": case.background},
-                        logging={"output_dir": str(work / "runs"), "log_every_iters": case.log_every})
+                        logging={"output_dir": str(work / "runs"), "log_every_iters": case.log_every},
+                        **(OPTIONS if case.options else {}))
 
 
 def _start(args: list[str], nproc: int, cwd: Optional[Path] = None) -> subprocess.Popen:
@@ -133,16 +140,17 @@ class Lines:
         return "".join(line for _, line in self.lines), "".join(self._err)
 
 
-def reference(work: Path, data: Path, nproc: int) -> Reference:
-    case = Case(nproc=nproc)
+def reference(work: Path, data: Path, nproc: int, options: bool = False) -> Reference:
+    case = Case(nproc=nproc, options=options)
     cfg = _config(work, case, data)
+    name = f"reference-{nproc}{'-options' if options else ''}"
     started = time.monotonic()
-    proc = _start(["--config", str(cfg), "--run-name", f"reference-{nproc}"], nproc)
+    proc = _start(["--config", str(cfg), "--run-name", name], nproc)
     lines = Lines(proc)
     stdout, err = lines.wait(timeout=900)
     assert proc.returncode == 0, err
     run_line, epoch_line = lines.first("run "), lines.first("epoch 1/")
-    return Reference(work / "runs" / f"reference-{nproc}", run_line - started, epoch_line - run_line, stdout)
+    return Reference(work / "runs" / name, run_line - started, epoch_line - run_line, stdout)
 
 
 def _wait(proc: subprocess.Popen, until, timeout: float = 300) -> bool:
@@ -271,7 +279,13 @@ def _results(run_dir: Path) -> dict:
 
 
 def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(training_checkpoints(run_dir / "checkpoints")[0], map_location="cpu", weights_only=True)["model"]
+    """The newest training checkpoint's model and, where the run has one, its weights' EMA (and update count)."""
+    ckpt = torch.load(training_checkpoints(run_dir / "checkpoints")[0], map_location="cpu", weights_only=True)
+    weights = dict(ckpt["model"])
+    if "ema" in ckpt:
+        weights.update({f"ema.{k}": v for k, v in ckpt["ema"]["model"].items()})
+        weights["ema.updates"] = ckpt["ema"]["updates"]
+    return weights
 
 
 def tensorboard_log(run_dir: Path) -> dict[str, list]:
@@ -341,18 +355,19 @@ def all_cases() -> list[Case]:
 
 def random_cases(n: int, rng: random.Random) -> list[Case]:
     return [Case(rng.choice((1, 2, 4)), rng.random() < 0.5, rng.choice((1, 50)), rng.choice(MOMENTS),
-                 rng.choice(SIGNALS), rng.random() < 0.3) for _ in range(n)]
+                 rng.choice(SIGNALS), rng.random() < 0.3, rng.random() < 0.3) for _ in range(n)]
 
 
 def run_cases(work: Path, cases: list[Case], seed: int = 0, report=None) -> list[Outcome]:
     data = write_cifar100(work / "data", N_TRAIN, N_TEST, seed=seed)
     rng = random.Random(seed)
-    refs: dict[int, Reference] = {}
+    refs: dict[tuple[int, bool], Reference] = {}
     outcomes = []
     for i, case in enumerate(cases):
-        if case.nproc not in refs:
-            refs[case.nproc] = reference(work, data, case.nproc)
-        outcome = stop_and_resume(work, data, case, refs[case.nproc], rng, f"{i:03d}-{case.name}")
+        key = case.nproc, case.options
+        if key not in refs:
+            refs[key] = reference(work, data, *key)
+        outcome = stop_and_resume(work, data, case, refs[key], rng, f"{i:03d}-{case.name}")
         outcomes.append(outcome)
         if report is not None:
             report(outcome)
@@ -362,7 +377,7 @@ def run_cases(work: Path, cases: list[Case], seed: int = 0, report=None) -> list
 def summary(outcomes: list[Outcome]) -> dict:
     """Stops tried and survived, per dimension."""
     table: dict = {}
-    for dim in ("nproc", "background", "log_every", "moment", "signal", "move"):
+    for dim in ("nproc", "background", "log_every", "moment", "signal", "move", "options"):
         counts: dict = {}
         for o in outcomes:
             if not o.signalled and o.ok:

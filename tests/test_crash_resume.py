@@ -18,7 +18,7 @@ SAMPLE = [
     Case(nproc=1, background=True, log_every=50, moment="checkpoint", signal="INT", move=True),
     Case(nproc=2, background=False, log_every=1, moment="startup", signal="HUP"),
     Case(nproc=1, background=False, log_every=1, moment="teardown", signal="TERM"),
-    Case(nproc=2, background=True, log_every=1, moment="step", signal="KILL", move=True),
+    Case(nproc=2, background=True, log_every=1, moment="step", signal="KILL", move=True, options=True),
 ]
 
 
