@@ -115,9 +115,14 @@ def build_train_step(cfg: Config, model: nn.Module, train_model: nn.Module, opti
     if ema is not None:
         step = ema.after(step)
     if use_cuda_graphs(cfg, device, world):
-        changed = (scaler.tensors() if scaler is not None else []) + (ema.tensors() if ema is not None else [])
-        step = CudaGraphStep(step, model, optimizer, augment.generator, changed)
+        step = CudaGraphStep(step, model, optimizer, augment.generator, step_state(scaler, ema))
     return step
+
+
+def step_state(scaler: Optional[LossScaler], ema: Optional[WeightEma]) -> list[torch.Tensor]:
+    """What a step changes besides the model's and the optimizer's tensors: fp16's loss scale and the weights'
+    EMA, which CudaGraphStep snapshots and restores around a capture's warm-up steps."""
+    return (scaler.tensors() if scaler is not None else []) + (ema.tensors() if ema is not None else [])
 
 
 def create_trainer(step: TrainStep, device: torch.device) -> Engine:

@@ -9,9 +9,10 @@ step, an evaluation, a checkpoint write, teardown), the signal (TERM to the laun
 sends it, INT to the process group as Ctrl-C does, HUP as a closed terminal, KILL to the group),
 whether the run folder is moved before it is resumed, and whether every option of README's "Beyond the
 recipe" is on (Mixup/CutMix, Cutout, label smoothing, the weights' EMA, whose weights are compared too).
-It is resumed with `python -m app --resume RUN` alone (the run's own config), from another folder. A graceful stop must end with 128+N and one
-line that says how to resume, with the checkpoint it names complete and results.json saying
-interrupted at it (or, in teardown, that the run had finished); SIGKILL only has to resume.
+It is resumed with `python -m app --resume RUN` alone (the run's own config), from another folder. A
+graceful stop must end with 128+N and one line that says how to resume, with the checkpoint it names
+complete and results.json saying interrupted at it (or, in teardown, that the run had finished);
+SIGKILL only has to resume.
 
 Moments are found from what the run shows: start-up and steps by the times an uninterrupted run of
 the same process count took to print its first lines, an evaluation by a test set that takes most of

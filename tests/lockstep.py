@@ -8,8 +8,8 @@ augmentation generator, fp16's loss scale, the weights' EMA), both run one step 
 and momentum from their own real schedule, and what each step did (the loss, the change of every weight,
 the momentum buffers, the EMA) is compared. The generator's state is all two sides share of the draws, so
 Mixup/CutMix and Cutout compare too, and a draw from anywhere else (torch's global generator, the host)
-shows as a difference. Differences cannot compound, so the tolerance can be tight; a value that a step gets wrong
-(a momentum frozen at the moment of capture, say) shows at once.
+shows as a difference. Differences cannot compound, so the tolerance can be tight; a value that a step
+gets wrong (a momentum frozen at the moment of capture, say) shows at once.
 
 Used by tests/test_cuda_graph.py (candidate: the CUDA-graph step, on a GPU) and tests/test_lockstep.py
 (on the CPU: that the comparison passes for equal steps and catches a frozen momentum).
@@ -26,7 +26,7 @@ from app.augment import build_augment
 from app.compiling import compile_model
 from app.config import Config, override
 from app.ema import WeightEma, build_ema
-from app.engines import Precision, TrainStep, build_train_step
+from app.engines import Precision, TrainStep, build_train_step, step_state
 from app.loss_scale import LossScaler
 from app.model import cifar_resnet18
 from app.optim import CapturableSGD, build_optimizer, build_scheduler
@@ -76,8 +76,7 @@ def make_side(device: torch.device, precision: Precision, steps_per_epoch: int, 
     step = build_train_step(cfg, model, train_model, optimizer, build_augment(cfg.augment, generator), device,
                             precision, scaler, world=1, ema=ema)
     if wrap is not None:
-        changed = (scaler.tensors() if scaler is not None else []) + (ema.tensors() if ema is not None else [])
-        step = wrap(step, model, optimizer, generator, changed)
+        step = wrap(step, model, optimizer, generator, step_state(scaler, ema))
     return Side(model, optimizer, scheduler, generator, step, scaler, ema)
 
 
@@ -90,14 +89,8 @@ def _take_state(dst: Side, src: Side) -> None:
         if "momentum_buffer" in src.optimizer.state[ps]:
             dst.optimizer.state[pd]["momentum_buffer"] = src.optimizer.state[ps]["momentum_buffer"].clone()
     dst.generator.set_state(src.generator.get_state())
-    for d, s in zip(_extra(dst), _extra(src)):
+    for d, s in zip(step_state(dst.scaler, dst.ema), step_state(src.scaler, src.ema)):
         d.copy_(s)
-
-
-def _extra(side: Side) -> list[torch.Tensor]:
-    """The step's state besides the model's and the optimizer's: fp16's loss scale, the EMA's tensors."""
-    return (side.scaler.tensors() if side.scaler is not None else []) + \
-        (side.ema.tensors() if side.ema is not None else [])
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, rtol: float) -> float:

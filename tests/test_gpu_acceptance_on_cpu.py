@@ -47,7 +47,8 @@ def test_the_gpu_command_runs_whole_on_a_cpu(tmp_path: Path) -> None:
     checks = report["checks"]
     status = {name: c["status"] for name, c in checks.items()}
     assert {status[n] for n in ("evaluate_cpu", "cross_device")} == {"SKIP"}, checks
-    for name in ("graphed_vs_eager", "options_graphed_vs_eager", "kill_resume", "sigterm_resume", "evaluate_gpu", "predict_gpu", "tensorboard"):
+    for name in ("graphed_vs_eager", "options_graphed_vs_eager", "kill_resume", "sigterm_resume", "evaluate_gpu",
+                 "predict_gpu", "tensorboard"):
         assert status[name] == "PASS", (name, checks[name])
     # Not judged here: 8 iterations do not teach a 100-class head (the GPU check trains 4 x 391).
     assert status["learns"] in ("PASS", "SKIP"), checks["learns"]
